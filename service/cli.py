@@ -1,0 +1,127 @@
+"""The ``multigen`` command: ``serve``, ``models init``, ``users add``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .config import Config, check_model_files, load_config
+from .errors import ConfigError
+from .logs import setup_logging
+
+log = logging.getLogger("multigen.service.cli")
+
+
+def _models_init(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from multigen.pipes.model_builder import build_default_models
+
+    if args.dir:
+        out = Path(args.dir)
+    else:
+        out = load_config(args.config, check_models_exist=False).model_dir
+    steps = ["SD pipeline", "SDXL pipeline", "ControlNet", "LoRA files", "single-file checkpoint"]
+    with tqdm(total=len(steps), desc="models init", unit="part", file=sys.stderr) as bar:
+        def tick(label: str) -> None:
+            if bar.n or label != steps[0]:
+                bar.update(1)
+            bar.set_postfix_str(label)
+
+        _quiet_libraries()
+        paths = build_default_models(out, seed=args.seed, full_size=args.full_size, progress=tick)
+        bar.update(bar.total - bar.n)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+
+
+def ensure_models(config: Config) -> None:
+    """Build the default models into ``model_dir`` when that folder does not exist yet (first run)."""
+    if not config.model_dir.exists():
+        from multigen.pipes.model_builder import build_default_models
+
+        log.info("model folder %s is missing: building the default models (first run)", config.model_dir)
+        _quiet_libraries()
+        build_default_models(config.model_dir)
+    check_model_files(config.models)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config, check_models_exist=False)
+    if args.host:
+        config.server.host = args.host
+    if args.port is not None:
+        config.server.port = args.port
+    if args.threads:
+        config.server.threads = args.threads
+    logfile = setup_logging(config.logging_folder)
+    ensure_models(config)
+    from .server import run_server
+
+    log.info("logging to %s", logfile)
+    return run_server(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="multigen", description="Session-based image generation server.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the HTTP server")
+    s.add_argument("--config", help="config.yaml (default: $MULTIGEN_CONFIG or the embedded one)")
+    s.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default from config: 8000; 0 picks a free one)")
+    s.add_argument("--threads", type=int, help="waitress worker threads")
+    s.set_defaults(func=_serve)
+
+    m = sub.add_parser("models", help="manage models")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    mi = msub.add_parser("init", help="build the small default models locally (no download)")
+    mi.add_argument("--dir", help="destination (default: model_dir of the config)")
+    mi.add_argument("--config", help="config.yaml whose model_dir to use")
+    mi.add_argument("--full-size", action="store_true",
+                    help="SD 1.5- and SDXL-shaped random weights (GBs; for GPU benchmarks)")
+    mi.add_argument("--seed", type=int, default=1234, help="same seed, byte-identical files")
+    mi.set_defaults(func=_models_init)
+
+    u = sub.add_parser("users", help="manage API users")
+    usub = u.add_subparsers(dest="users_command", required=True)
+    ua = usub.add_parser("add", help="create a user and print a new token (last line)")
+    ua.add_argument("name")
+    ua.add_argument("--config", help="config.yaml to add the user to")
+    ua.set_defaults(func=_users_add)
+    return p
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    from .users import add_user
+
+    token = add_user(args.config, args.name)
+    print(f"user {args.name} added; keep this token, it is shown only once:")
+    print(token)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"multigen: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.exit(main())

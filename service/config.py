@@ -1,0 +1,252 @@
+"""Loading and checking ``config.yaml`` and ``models.yaml``.
+
+metafusion's keys (``model_list``, ``model_dir``, ``logging_folder``; ``base``,
+``lora``, ``pipes``) are read as they are; paths are relative to the file that
+names them. Every problem is a :class:`ConfigError` naming the file, the key and
+the fix, raised at start-up rather than at the first job.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+#: where ``multigen`` looks when neither ``--config`` nor ``MULTIGEN_CONFIG`` is given
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
+MODEL_TYPES = ("SD", "SDXL")
+KNOWN_PIPE_CLASSES = ("Prompt2ImPipe", "Im2ImPipe", "MaskedIm2ImPipe", "InpaintingPipe",
+                      "Cond2ImPipe", "CIm2ImPipe")
+
+
+@dataclass
+class ModelEntry:
+    """One entry of ``base``, ``lora`` or ``controlnet`` in models.yaml."""
+
+    name: str
+    path: Path
+    type: str | None = None
+    config: Path | None = None  # local diffusers config folder for single-file checkpoints
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipeEntry:
+    name: str
+    classname: str
+    title: str
+    need_imgs: bool = False
+    needs_cnet: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelsConfig:
+    file: Path
+    base: dict[str, ModelEntry]
+    lora: dict[str, ModelEntry]
+    controlnet: dict[str, ModelEntry]
+    pipes: dict[str, PipeEntry]
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int = 8
+    max_event_streams: int = 4  # SSE streams hold a waitress thread each: cap them below `threads`
+    allow_anonymous: bool = False
+
+
+@dataclass
+class Limits:
+    max_count: int = 100  # images per job
+    max_queued_jobs: int = 1000  # whole queue; past it queue_gen fails with "queue full"
+    max_queued_jobs_per_user: int = 200
+    max_open_sessions_per_user: int = 100
+    upload_max_bytes: int = 20 * 1024 * 1024
+    upload_max_pixels: int = 4096 * 4096
+    max_width: int = 4096
+    max_height: int = 4096
+
+
+@dataclass
+class Config:
+    file: Path
+    model_dir: Path
+    logging_folder: Path
+    data_dir: Path
+    output_dir: Path
+    models: ModelsConfig
+    devices: str | list[str] = "auto"
+    threads: int | None = None  # torch threads per worker; None = all cores for a lone CPU worker
+    cache_budget_gb: float = 8.0
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: Limits = field(default_factory=Limits)
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(str(path), None, f"{what} not found",
+                          "create it (see config/ in the repository) or pass --config / MULTIGEN_CONFIG")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), None, f"not valid YAML ({e})".replace("\n", " "),
+                          "correct the YAML syntax at the line shown") from e
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), None, "the top level is not a mapping", "write `key: value` lines")
+    return data
+
+
+def _typed(data: dict, key: str, kind: type | tuple, file: Path, default: Any, fix: str) -> Any:
+    if key not in data or data[key] is None:
+        return default
+    value = data[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise ConfigError(str(file), key, f"expected {getattr(kind, '__name__', kind)}, got {value!r}", fix)
+    return value
+
+
+def _section(data: dict, key: str, file: Path) -> dict:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(str(file), key, f"expected a mapping, got {type(value).__name__}",
+                          f"write `{key}:` followed by indented `name: value` entries")
+    return value
+
+
+def _dataclass_section(cls, data: dict, key: str, file: Path):
+    section = _section(data, key, file)
+    obj = cls()
+    for k, v in section.items():
+        if not hasattr(obj, k):
+            known = ", ".join(obj.__dataclass_fields__)
+            raise ConfigError(str(file), f"{key}.{k}", "unknown key", f"use one of: {known}")
+        default = getattr(obj, k)
+        setattr(obj, k, _typed(section, k, type(default), file, default,
+                               f"set {key}.{k} to a {type(default).__name__}"))
+    return obj
+
+
+def _model_entries(data: dict, section: str, file: Path, model_dir: Path,
+                   require_type: bool) -> dict[str, ModelEntry]:
+    out = {}
+    for name, entry in _section(data, section, file).items():
+        key = f"{section}.{name}"
+        if isinstance(entry, str):
+            entry = {"id": entry}
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise ConfigError(str(file), key, "entry has no `id`",
+                              "give `id:` a path relative to model_dir (a diffusers folder or a .safetensors file)")
+        mtype = entry.get("type")
+        if mtype is not None and str(mtype).upper() not in MODEL_TYPES:
+            raise ConfigError(str(file), f"{key}.type", f"unknown model type {mtype!r}",
+                              f"use one of {', '.join(MODEL_TYPES)} or leave it out to detect it")
+        path = (model_dir / str(entry["id"])).resolve()
+        cfg = entry.get("config")
+        out[str(name)] = ModelEntry(
+            name=str(name), path=path, type=str(mtype).upper() if mtype else None,
+            config=(model_dir / str(cfg)).resolve() if cfg else None,
+            extra={k: v for k, v in entry.items() if k not in ("id", "type", "config")})
+    return out
+
+
+def load_models(path: Path, model_dir: Path) -> ModelsConfig:
+    """Read models.yaml; model ids are relative to ``model_dir``."""
+    data = _read_yaml(path, "models list")
+    base = _model_entries(data, "base", path, model_dir, True)
+    if not base:
+        raise ConfigError(str(path), "base", "no base model is listed",
+                          "add at least one entry under `base:` (run `multigen models init` for the defaults)")
+    lora = _model_entries(data, "lora", path, model_dir, False)
+    controlnet = _model_entries(data, "controlnet", path, model_dir, False)
+    pipes = {}
+    for name, entry in _section(data, "pipes", path).items():
+        key = f"pipes.{name}"
+        if not isinstance(entry, dict) or "classname" not in entry:
+            raise ConfigError(str(path), key, "entry has no `classname`",
+                              f"set classname to one of {', '.join(KNOWN_PIPE_CLASSES)}")
+        if entry["classname"] not in KNOWN_PIPE_CLASSES:
+            raise ConfigError(str(path), f"{key}.classname", f"unknown pipe class {entry['classname']!r}",
+                              f"use one of {', '.join(KNOWN_PIPE_CLASSES)}")
+        pipes[str(name)] = PipeEntry(
+            name=str(name), classname=entry["classname"], title=str(entry.get("name", name)),
+            need_imgs=bool(entry.get("need_imgs", False)), needs_cnet=bool(entry.get("needs_cnet", False)),
+            extra={k: v for k, v in entry.items() if k not in ("name", "classname", "need_imgs", "needs_cnet")})
+    if not pipes:
+        raise ConfigError(str(path), "pipes", "no pipe is listed",
+                          "add an entry such as `prompt2image: {classname: Prompt2ImPipe}` under `pipes:`")
+    return ModelsConfig(file=path, base=base, lora=lora, controlnet=controlnet, pipes=pipes)
+
+
+def load_config(path: str | os.PathLike | None = None, check_models_exist: bool = True) -> Config:
+    """Read and check config.yaml and the models list it names.
+
+    Args:
+        path: config file; defaults to ``$MULTIGEN_CONFIG`` or the embedded ``config/config.yaml``.
+        check_models_exist: fail when a listed model's files are missing.
+
+    Raises:
+        ConfigError: naming the file, the key and the fix.
+    """
+    file = Path(path or os.environ.get("MULTIGEN_CONFIG") or DEFAULT_CONFIG).resolve()
+    data = _read_yaml(file, "config file")
+    here = file.parent
+    known = {"model_list", "model_dir", "logging_folder", "data_dir", "output_dir", "devices", "threads",
+             "cache", "server", "limits", "users"}
+    for key in data:
+        if key not in known:
+            raise ConfigError(str(file), str(key), "unknown key", f"remove it or use one of: {', '.join(sorted(known))}")
+
+    def folder(key: str, default: str) -> Path:
+        value = _typed(data, key, str, file, default, f"set {key} to a folder path (relative to {file.name})")
+        return (here / value).resolve()
+
+    model_list = _typed(data, "model_list", str, file, None, "set model_list to the models.yaml path")
+    if model_list is None:
+        raise ConfigError(str(file), "model_list", "missing", "add `model_list: models.yaml` (path relative to this file)")
+    model_dir = folder("model_dir", "../models")
+    models = load_models((here / model_list).resolve(), model_dir)
+    if check_models_exist:
+        check_model_files(models)
+    devices = data.get("devices", "auto")
+    if not (devices == "auto" or (isinstance(devices, list) and all(isinstance(d, str) for d in devices))):
+        raise ConfigError(str(file), "devices", f"expected `auto` or a list like [cuda:0, cuda:1], got {devices!r}",
+                          "write `devices: auto` or a list of torch device names")
+    threads = _typed(data, "threads", int, file, None, "set threads to a whole number of torch threads per worker")
+    cache = _section(data, "cache", file)
+    budget = _typed(cache, "memory_budget_gb", (int, float), file, 8.0, "set cache.memory_budget_gb to a number of GiB")
+    users = _section(data, "users", file)
+    for name, entry in users.items():
+        if not isinstance(entry, dict) or "token_sha256" not in entry:
+            raise ConfigError(str(file), f"users.{name}", "user has no token_sha256",
+                              "create users with `multigen users add NAME`")
+    return Config(file=file, model_dir=model_dir, logging_folder=folder("logging_folder", "../logs"),
+                  data_dir=folder("data_dir", "../data"), output_dir=folder("output_dir", "../outputs"),
+                  models=models, devices=devices, threads=threads, cache_budget_gb=float(budget),
+                  server=_dataclass_section(ServerConfig, data, "server", file),
+                  limits=_dataclass_section(Limits, data, "limits", file), users=users, raw=data)
+
+
+def check_model_files(models: ModelsConfig) -> None:
+    """Fail when a listed model's files are missing, naming the entry and how to get them."""
+    for section, entries in (("base", models.base), ("lora", models.lora), ("controlnet", models.controlnet)):
+        for entry in entries.values():
+            if not entry.path.exists():
+                raise ConfigError(str(models.file), f"{section}.{entry.name}.id", f"{entry.path} does not exist",
+                                  "run `multigen models init` for the default models, or correct the path")
+            if entry.path.is_file() and section == "base" and entry.config is None:
+                raise ConfigError(str(models.file), f"{section}.{entry.name}.config",
+                                  "a single-file checkpoint needs a local config folder (nothing is fetched from a hub)",
+                                  "set `config:` to a diffusers folder of the same architecture (JSON configs, tokenizer, scheduler)")
+            if entry.config is not None and not entry.config.is_dir():
+                raise ConfigError(str(models.file), f"{section}.{entry.name}.config",
+                                  f"{entry.config} is not a folder", "point config at a diffusers config folder")

@@ -1,0 +1,38 @@
+"""Shared fixtures: the default models (built by scripts/test), configs in temp folders."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "config"
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The default models, built once (scripts/test builds them before pytest starts)."""
+    path = ROOT / "models"
+    if not (path / ".complete").exists():
+        from multigen.pipes.model_builder import build_default_models
+
+        build_default_models(path)
+        (path / ".complete").touch()
+    return path
+
+
+@pytest.fixture()
+def config_file(tmp_path: Path, models_dir: Path) -> Path:
+    """A copy of the embedded config whose data, output and log folders are in tmp_path."""
+    cfg = tmp_path / "config"
+    cfg.mkdir()
+    shutil.copy(CONFIG_DIR / "models.yaml", cfg / "models.yaml")
+    text = (CONFIG_DIR / "config.yaml").read_text()
+    text = text.replace("model_dir: ../models", f"model_dir: {models_dir}")
+    (cfg / "config.yaml").write_text(text)
+    return cfg / "config.yaml"

@@ -1,0 +1,75 @@
+"""Bad or missing config files fail at start-up naming the file, the key and the fix."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from multigen.service.config import load_config
+from multigen.service.errors import ConfigError
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def test_embedded_config_loads(config_file: Path):
+    cfg = load_config(config_file)
+    assert {"tiny-sd", "tiny-sdxl", "tiny-sd-single"} <= set(cfg.models.base)
+    assert cfg.models.base["tiny-sd-single"].config is not None
+    assert cfg.models.pipes["prompt2image"].classname == "Prompt2ImPipe"
+    assert cfg.server.port == 8000 and cfg.server.host == "127.0.0.1"
+
+
+def test_missing_config_file(tmp_path: Path):
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_bad_yaml_names_file(config_file: Path):
+    config_file.write_text("model_list: [unclosed\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(config_file)
+    assert str(config_file) in str(e.value) and "YAML" in str(e.value)
+
+
+@pytest.mark.parametrize("old,new,key,fix", [
+    ("port: 8000", "port: eight", "server.port", "int"),
+    ("devices: auto", "devices: 3", "devices", "auto"),
+    ("model_list: models.yaml", "model_lst: models.yaml", "model_lst", "unknown key"),
+    ("  threads: 8", "  threads: 8\n  colour: red", "server.colour", "one of"),
+])
+def test_bad_config_values(config_file: Path, old, new, key, fix):
+    _edit(config_file, old, new)
+    with pytest.raises(ConfigError) as e:
+        load_config(config_file)
+    msg = str(e.value)
+    assert str(config_file) in msg and key in msg and fix in msg and "Fix:" in msg
+
+
+@pytest.mark.parametrize("old,new,key", [
+    ("classname: Prompt2ImPipe", "classname: Prompt2ImgPipe", "pipes.prompt2image.classname"),
+    ("id: tiny-sdxl\n", "id: no-such-folder\n", "base.tiny-sdxl.id"),
+    ("    type: SDXL\n  tiny-sd-single", "    type: SD3\n  tiny-sd-single", "base.tiny-sdxl.type"),
+    ("    config: single/tiny-sd-config         # ...with the local config folder it needs\n", "",
+     "base.tiny-sd-single.config"),
+])
+def test_bad_models_entries(config_file: Path, old, new, key):
+    models = config_file.parent / "models.yaml"
+    _edit(models, old, new)
+    with pytest.raises(ConfigError) as e:
+        load_config(config_file)
+    assert str(models) in str(e.value) and key in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_serve_with_bad_config_exits_with_message(config_file: Path):
+    _edit(config_file, "port: 8000", "port: [1]")
+    proc = subprocess.run([sys.executable, "-m", "multigen.service.cli", "serve", "--config", str(config_file)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "server.port" in proc.stderr and str(config_file) in proc.stderr and "Fix:" in proc.stderr
