@@ -1,0 +1,251 @@
+"""Prompt grammar and the prompt/seed iterator (metafusion's ``Cfgen``).
+
+A prompt *grammar* describes a family of prompts:
+
+- a ``str`` is itself;
+- a ``list`` at the top level is a concatenation of its items joined with ``", "``
+  (a leading ``"+"`` is allowed there and ignored);
+- a nested ``list`` is a random choice of one of its items;
+- a nested ``list`` whose first item is ``"+"`` is the concatenation of the other items,
+  joined with a space;
+- a ``dict`` ``{"w": grammar, "p": probability}`` is ``w`` with probability ``p`` and is
+  left out otherwise.
+
+Items nest freely. Every random choice is made with ``random.Random(seed)``, so the same
+seed always gives the same prompt (``expand_prompt(grammar, seed)``), and a server can
+re-create the prompt of any image from its seed.
+
+Example::
+
+    >>> grammar = ["a photo of a", ["cat", "dog"], {"w": "at night", "p": 0.5}]
+    >>> expand_prompt(grammar, 1) in {"a photo of a, cat", "a photo of a, dog",
+    ...                               "a photo of a, cat, at night", "a photo of a, dog, at night"}
+    True
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any, Union
+
+from .errors import InvalidValueError
+
+logger = logging.getLogger(__name__)
+
+#: A prompt grammar: a string, a list (concatenation at the top, choice below) or a
+#: ``{"w": ..., "p": ...}`` optional item.
+Grammar = Union[str, list, dict]
+
+#: Seeds are drawn from [0, MAX_SEED]: the range a ``torch.Generator`` seed and a JSON
+#: number both hold exactly.
+MAX_SEED = 2**32 - 1
+
+CONCAT_MARK = "+"
+ALLOWED_SHAPES = (
+    'a string; a list (top level: parts joined with ", "; nested: one item chosen at random; '
+    'nested and starting with "+": the other items joined with a space); '
+    'or {"w": <grammar>, "p": <probability 0..1>}'
+)
+
+
+def validate_grammar(grammar: Any, param: str = "prompt") -> None:
+    """Check that ``grammar`` has only the shapes the prompt grammar allows.
+
+    Args:
+        grammar: The grammar to check.
+        param: Parameter name used in error messages (``prompt`` or ``negative_prompt``).
+
+    Raises:
+        InvalidValueError: Naming the parameter and the path of the first bad item.
+    """
+    _validate(grammar, param, top=True)
+
+
+def _validate(node: Any, path: str, top: bool) -> None:
+    if isinstance(node, str):
+        return
+    if isinstance(node, (list, tuple)):
+        if not top and not node:
+            raise _shape_error(path, "an empty list: a random choice needs at least one item")
+        for i, item in enumerate(node):
+            if i == 0 and item == CONCAT_MARK:
+                continue
+            _validate(item, f"{path}[{i}]", top=False)
+        return
+    if isinstance(node, dict):
+        unknown = sorted(set(node) - {"w", "p"})
+        if unknown or "w" not in node or "p" not in node:
+            raise _shape_error(path, f"a dict with keys {sorted(node)}: it needs exactly 'w' and 'p'")
+        p = node["p"]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+            raise _shape_error(f"{path}.p", f"{p!r}: a probability must be a number from 0 to 1")
+        _validate(node["w"], f"{path}.w", top=False)
+        return
+    raise _shape_error(path, f"a {type(node).__name__} ({node!r})")
+
+
+def _shape_error(path: str, what: str) -> InvalidValueError:
+    param = path.split("[", 1)[0].split(".", 1)[0]
+    return InvalidValueError(
+        f"Invalid value for '{param}': {path} is {what}. Allowed: {ALLOWED_SHAPES}.",
+        param=param,
+        allowed=ALLOWED_SHAPES,
+    )
+
+
+def expand_prompt(grammar: Grammar, seed: int, param: str = "prompt") -> str:
+    """Expand a prompt grammar into one prompt, with every random choice made by ``seed``.
+
+    Args:
+        grammar: A string, list or ``{"w", "p"}`` dict (see the module docstring).
+        seed: Seeds ``random.Random``; the same seed always gives the same prompt.
+        param: Parameter name used in error messages.
+
+    Returns:
+        The prompt text.
+
+    Raises:
+        InvalidValueError: If the grammar has a shape that is not allowed.
+    """
+    validate_grammar(grammar, param)
+    return _expand_top(grammar, random.Random(seed))
+
+
+def _expand_top(grammar: Grammar, rng: random.Random) -> str:
+    if isinstance(grammar, (list, tuple)):
+        items = list(grammar)
+        if items and items[0] == CONCAT_MARK:
+            items = items[1:]
+        return _concat(items, rng, ", ")
+    return _expand(grammar, rng) or ""
+
+
+def _concat(items: Sequence[Any], rng: random.Random, delim: str) -> str:
+    parts = [_expand(item, rng) for item in items]
+    return delim.join(p for p in parts if p)
+
+
+def _expand(node: Any, rng: random.Random) -> str | None:
+    """Expand one nested item; None means "left out" (an optional item not drawn)."""
+    if isinstance(node, str):
+        return node
+    if isinstance(node, (list, tuple)):
+        if node and node[0] == CONCAT_MARK:
+            return _concat(node[1:], rng, " ")
+        return _expand(node[rng.randrange(len(node))], rng)
+    # A dict {"w", "p"}: draw even when p is 0 or 1, so that changing p does not shift
+    # every later choice of the same seed.
+    if rng.random() < float(node["p"]):
+        return _expand(node["w"], rng)
+    return None
+
+
+class Cfgen:
+    """Iterator of generation inputs: a prompt from the grammar and a seed per image.
+
+    Iterating yields ``(inputs, seed)`` where ``inputs`` is
+    ``{"prompt": str, "negative_prompt": str, "seed": int}`` (plus any extra ``inputs``
+    given to the constructor). The prompt of a given seed is always the same
+    (``expand_prompt(prompt, seed)``).
+
+    Seeds: with ``seeds`` given they are used in order and cycled if more images are
+    asked for; without, each seed is drawn at random from [0, 2**32 - 1].
+    Count: ``max_count`` images; if it is None, one round through ``seeds`` when given,
+    and no limit otherwise (stop the iteration yourself). ``count`` is the number yielded
+    so far; raise ``max_count`` to generate more (``GenSession`` does).
+
+    Args:
+        prompt: Prompt grammar (see the module docstring).
+        negative_prompt: Negative prompt grammar.
+        seeds: Seeds to use, in order; None to draw them.
+        max_count: Number of items to yield, or None (see above).
+        rng: Random source for drawn seeds (tests pass a seeded one); default a fresh
+            ``random.Random()`` seeded from the OS.
+        **inputs: Extra keys copied into every ``inputs`` dict.
+
+    Raises:
+        InvalidValueError: On a bad grammar, seed list or count.
+    """
+
+    def __init__(
+        self,
+        prompt: Grammar,
+        negative_prompt: Grammar = "",
+        seeds: Sequence[int] | None = None,
+        max_count: int | None = None,
+        rng: random.Random | None = None,
+        **inputs: Any,
+    ) -> None:
+        validate_grammar(prompt, "prompt")
+        validate_grammar("" if negative_prompt is None else negative_prompt, "negative_prompt")
+        self.prompt = prompt
+        self.negative_prompt = "" if negative_prompt is None else negative_prompt
+        self.seeds = _check_seeds(seeds)
+        if max_count is not None and (isinstance(max_count, bool) or not isinstance(max_count, int)
+                                      or max_count < 0):
+            raise InvalidValueError(
+                f"Invalid value for 'max_count': {max_count!r}. Allowed: an integer >= 0 or None.",
+                param="max_count", allowed="an integer >= 0 or None")
+        self.max_count = max_count
+        self.count = 0
+        self.start_count = 0  # metafusion's GenSession records where a run started
+        self.inputs = inputs
+        self._rng = rng if rng is not None else random.Random()
+
+    @property
+    def limit(self) -> int | None:
+        """How many items this iterator yields in all (None: no limit)."""
+        if self.max_count is not None:
+            return self.max_count
+        if self.seeds:
+            return len(self.seeds)
+        return None
+
+    def next_seed(self) -> int:
+        """The seed of the next item (from ``seeds`` in turn, or drawn)."""
+        if self.seeds:
+            return self.seeds[self.count % len(self.seeds)]
+        return self._rng.randint(0, MAX_SEED)
+
+    def make_inputs(self, seed: int) -> dict[str, Any]:
+        """The inputs for one image with this seed (does not advance the iterator)."""
+        result: dict[str, Any] = dict(self.inputs)
+        result.update(
+            prompt=expand_prompt(self.prompt, seed, "prompt"),
+            negative_prompt=expand_prompt(self.negative_prompt, seed, "negative_prompt"),
+            seed=seed,
+        )
+        return result
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], int]]:
+        return self
+
+    def __next__(self) -> tuple[dict[str, Any], int]:
+        limit = self.limit
+        if limit is not None and self.count >= limit:
+            raise StopIteration
+        seed = self.next_seed()
+        self.count += 1
+        logger.debug("cfgen item %d seed %d", self.count, seed)
+        return self.make_inputs(seed), seed
+
+    def __repr__(self) -> str:
+        return (f"Cfgen(prompt={self.prompt!r}, negative_prompt={self.negative_prompt!r}, "
+                f"seeds={self.seeds!r}, max_count={self.max_count!r}, count={self.count})")
+
+
+def _check_seeds(seeds: Sequence[int] | None) -> list[int] | None:
+    if seeds is None:
+        return None
+    allowed = f"a list of integers from 0 to {MAX_SEED}"
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
+        raise InvalidValueError(f"Invalid value for 'seeds': {seeds!r}. Allowed: {allowed}.",
+                                param="seeds", allowed=allowed)
+    out = []
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise InvalidValueError(f"Invalid value for 'seeds': seeds[{i}] is {s!r}. Allowed: {allowed}.",
+                                    param="seeds", allowed=allowed)
+        out.append(int(s))
+    return out
