@@ -1,0 +1,381 @@
+"""``BasePipe``: what every pipe class shares (loading or sharing a base, setup, gen, config).
+
+A pipe object wraps one diffusers pipeline built with ``from_pipe`` from a base pipeline
+(shared weights) and owns its scheduler. ``setup(**params)`` validates and stores the
+parameters; ``gen(inputs)`` runs the diffusers pipeline and returns PIL images;
+``get_config()`` records everything that changes pixels.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import numbers
+import os
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from PIL import Image
+
+from . import lora as lora_mod
+from .errors import Cancelled, InvalidValueError, UnknownParameterError
+from .images import check_side, padded
+from .loading import ModelType, check_declared_type, dtype_name, load_base, pipeline_type
+
+logger = logging.getLogger(__name__)
+
+COMMON_PARAMS: tuple[str, ...] = ("width", "height", "steps", "guidance_scale", "clip_skip", "scheduler",
+                                  "timestep_spacing", "lpw", "vae_tiling")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+#: images with more pixels than this are decoded with VAE tiling when ``vae_tiling`` is None
+VAE_TILING_PIXELS = 1536 * 1536
+MAX_STEPS = 1000
+MAX_CLIP_SKIP = 10
+
+StepCallback = Callable[[int, int, torch.Tensor], Any]
+
+
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warning about casting modules "that should be kept in float32: []"
+    (from_pipe and ``.to(dtype)`` emit it even when nothing is cast)."""
+    from diffusers.utils import logging as dlog
+
+    log = dlog.get_logger("diffusers.models.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _number(value: Any, param: str, low: float, high: float, integer: bool = False) -> float | int:
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and isinstance(value, float)
+                                                                        and not value.is_integer()):
+        raise InvalidValueError(f"{param} must be {kind} from {low} to {high}, not {value!r}", param,
+                                f"{kind} from {low} to {high}")
+    if not low <= value <= high:
+        raise InvalidValueError(f"{param} {value} is out of range; allowed: {low} to {high}", param,
+                                f"{low} to {high}")
+    return int(value) if integer else float(value)
+
+
+def _make_scheduler(name: str | None, config: dict[str, Any], spacing: str | None) -> Any:
+    if name is None:  # the model's own scheduler class, fresh object
+        from diffusers import schedulers as dsched
+
+        cls = getattr(dsched, config["_class_name"])
+        cfg = dict(config)
+        if spacing:
+            cfg["timestep_spacing"] = spacing
+        return cls.from_config(cfg)
+    from . import schedulers
+
+    return schedulers.make_scheduler(name, config, timestep_spacing=spacing)
+
+
+class BasePipe:
+    """Common machinery of the pipe classes (not used directly).
+
+    Args:
+        model_id: a diffusers folder or a single-file checkpoint; ignored when ``pipe`` is given
+            (except as the recorded model name).
+        pipe: a base diffusers pipeline from ``load_base`` (as the model cache holds it); its
+            weights are shared, the scheduler is not.
+        model_type: declared type; a disagreement with the weights raises ``ModelTypeMismatchError``.
+        device: device to load onto (default: CUDA if available, else CPU); ignored with ``pipe``.
+        dtype: precision (default ``loading.default_dtype``); ignored with ``pipe``.
+        config_dir: local config folder for single-file checkpoints.
+        controlnets: ControlNet paths or models (ControlNet pipes only).
+        ctypes: condition types (``CIm2ImPipe`` only).
+        condition_models: paths of the models of model-based conditions (``CIm2ImPipe`` only).
+    """
+
+    #: names ``setup`` accepts
+    PARAMS: ClassVar[tuple[str, ...]] = COMMON_PARAMS
+    #: aliases accepted by ``setup`` (metafusion names)
+    ALIASES: ClassVar[dict[str, str]] = {}
+    #: diffusers classes for SD and SDXL, by name
+    SD_CLASS: ClassVar[str] = "StableDiffusionPipeline"
+    SDXL_CLASS: ClassVar[str] = "StableDiffusionXLPipeline"
+    #: extra pipeline defaults of this class
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, model_id: str | os.PathLike[str] | None = None, *, pipe: Any = None,
+                 model_type: ModelType | str | None = None, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, config_dir: str | os.PathLike[str] | None = None,
+                 controlnets: Any = None, ctypes: Any = None, condition_models: dict[str, Any] | None = None
+                 ) -> None:
+        if pipe is None:
+            if model_id is None:
+                raise InvalidValueError("model_id or pipe is required", "model_id", "a model path or pipe=")
+            if device is None:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            base, found = load_base(model_id, model_type, config_dir, device, dtype)
+        else:
+            base = pipe
+            found = check_declared_type(pipeline_type(pipe), model_type, str(model_id or type(pipe).__name__))
+        self.base = base
+        self.model_type: ModelType = found
+        self.model_id = str(model_id) if model_id is not None else str(base.config.get("_name_or_path") or "")
+        self.device = base.unet.device
+        self.dtype = base.unet.dtype
+        self._init_extra(controlnets=controlnets, ctypes=ctypes, condition_models=condition_models)
+        self._scheduler_config = dict(base.scheduler.config)
+        self.pipe = self._build_pipeline(base, _make_scheduler(None, self._scheduler_config, None))
+        self.pipe.set_progress_bar_config(disable=True)
+        self._loras: list[lora_mod.LoraSpec] = []
+        self.params: dict[str, Any] = {}
+        self._last_inputs: dict[str, Any] = {}
+        self._is_setup = False
+
+    # ---- construction hooks -------------------------------------------------------------
+    def _init_extra(self, **kwargs: Any) -> None:
+        """Subclass hook for constructor extras (ControlNets, condition types)."""
+        for key, value in kwargs.items():
+            if value:
+                raise InvalidValueError(f"{key} is not accepted by {type(self).__name__}", key,
+                                        "only ControlNet pipes take it")
+
+    def _pipeline_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.SDXL_CLASS if self.model_type == ModelType.SDXL else self.SD_CLASS)
+
+    def _build_pipeline(self, base: Any, scheduler: Any, **extra: Any) -> Any:
+        cls = self._pipeline_class()
+        # dtype must be given: from_pipe casts the (shared) modules to fp32 otherwise
+        with quiet_diffusers():
+            return cls.from_pipe(base, scheduler=scheduler, dtype=self.dtype, **extra)
+
+    # ---- setup ------------------------------------------------------------------------------
+    def default_params(self) -> dict[str, Any]:
+        """Defaults of every parameter (native size of the model)."""
+        native = int(self.base.unet.config.sample_size) * int(getattr(self.base, "vae_scale_factor", 8))
+        return {"width": native, "height": native, "steps": 50, "guidance_scale": 7.5, "clip_skip": 0,
+                "scheduler": None, "timestep_spacing": None, "lpw": True, "vae_tiling": None,
+                **self.DEFAULTS}
+
+    def setup(self, *args: Any, **params: Any) -> None:
+        """Validate and store generation parameters (replacing earlier ones).
+
+        Args:
+            *args: image pipes accept the input image (or its path) positionally, as metafusion.
+            **params: names from ``PARAMS`` (and ``ALIASES``).
+
+        Raises:
+            UnknownParameterError: a name that this pipe does not accept.
+            PipeError: a subclass naming the bad parameter and the allowed values.
+        """
+        if args:
+            if len(args) > 1 or "image" not in self.PARAMS:
+                raise InvalidValueError(f"{type(self).__name__}.setup takes keyword parameters only; allowed: "
+                                        f"{', '.join(self.PARAMS)}", None, ", ".join(self.PARAMS))
+            params.setdefault("image", args[0])
+        for alias, name in self.ALIASES.items():
+            if alias in params:
+                value = params.pop(alias)
+                if params.get(name) is None:
+                    params[name] = value
+        unknown = sorted(set(params) - set(self.PARAMS))
+        if unknown:
+            raise UnknownParameterError(
+                f"{type(self).__name__}.setup does not accept {', '.join(unknown)}; allowed: "
+                f"{', '.join(self.PARAMS)}", unknown[0], ", ".join(self.PARAMS))
+        merged = self.default_params()
+        merged.update({k: v for k, v in params.items() if v is not None})
+        self._validate_common(merged)
+        self._setup_inputs(merged, params)
+        self.pipe.scheduler = _make_scheduler(merged["scheduler"], self._scheduler_config,
+                                              merged["timestep_spacing"])
+        self.params = merged
+        self._is_setup = True
+
+    def _validate_common(self, p: dict[str, Any]) -> None:
+        p["width"] = check_side(p["width"], "width")
+        p["height"] = check_side(p["height"], "height")
+        p["steps"] = _number(p["steps"], "steps", 1, MAX_STEPS, integer=True)
+        p["guidance_scale"] = _number(p["guidance_scale"], "guidance_scale", 0.0, 100.0)
+        p["clip_skip"] = _number(p["clip_skip"], "clip_skip", 0, MAX_CLIP_SKIP, integer=True)
+        if p["timestep_spacing"] is not None and p["timestep_spacing"] not in TIMESTEP_SPACINGS:
+            raise InvalidValueError(f"timestep_spacing {p['timestep_spacing']!r} is not known; allowed: "
+                                    f"{', '.join(TIMESTEP_SPACINGS)}", "timestep_spacing", ", ".join(TIMESTEP_SPACINGS))
+        for flag in ("lpw",):
+            if not isinstance(p[flag], bool):
+                raise InvalidValueError(f"{flag} must be true or false, not {p[flag]!r}", flag, "true, false")
+        if p["vae_tiling"] is not None and not isinstance(p["vae_tiling"], bool):
+            raise InvalidValueError(f"vae_tiling must be true, false or null (automatic), not {p['vae_tiling']!r}",
+                                    "vae_tiling", "true, false, null")
+        if p["scheduler"] is not None and not isinstance(p["scheduler"], str):
+            raise InvalidValueError(f"scheduler must be a name, not {p['scheduler']!r}", "scheduler",
+                                    "a name from list_schedulers()")
+
+    def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
+        """Subclass hook: validate and preprocess pipe-specific parameters and images."""
+
+    # ---- LoRAs --------------------------------------------------------------------------------
+    def set_loras(self, loras: Any) -> None:
+        """Activate exactly ``loras`` (``[(path, weight), ...]``) on the shared modules.
+
+        Files not loaded yet are loaded; ``[]`` disables every adapter. Never fuses.
+        """
+        self._loras = lora_mod.set_loras(self.pipe, loras)
+
+    def unload_loras(self, paths: Any = None) -> None:
+        """Delete LoRA adapters (all when ``paths`` is None) from the shared modules."""
+        lora_mod.unload_loras(self.pipe, paths)
+        self._loras = list(lora_mod.active_state(self.pipe))
+
+    @property
+    def loras(self) -> list[lora_mod.LoraSpec]:
+        """The LoRAs this pipe object runs with."""
+        return list(self._loras)
+
+    # ---- gen ------------------------------------------------------------------------------------
+    def _generators(self, inputs: dict[str, Any]) -> tuple[Any, list[int] | None]:
+        gen = inputs.get("generator")
+        if gen is not None:
+            return gen, None
+        seed = inputs.get("seed")
+        if seed is None:
+            seed = int(torch.randint(0, 2**32 - 1, (1,)).item())
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < 2**64:
+                raise InvalidValueError(f"seed must be a non-negative integer (or a list of them), not {s!r}",
+                                        "seed", "integers from 0 to 2**64-1")
+        seeds = [int(s) for s in seeds]
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        return (gens if isinstance(seed, (list, tuple)) else gens[0]), seeds
+
+    def _prompt_kwargs(self, prompt: str, negative_prompt: str) -> dict[str, Any]:
+        clip_skip = self.params["clip_skip"]
+        from .prompting import encode_prompts
+
+        # lpw off: diffusers' own encoding (no weights, truncated at 77 tokens), through our encoder,
+        # because diffusers 0.42's clip_skip path expects the text_model attribute transformers 5 dropped
+        plain = {} if self.params["lpw"] else {"parse_weights": False, "max_chunks": 1}
+        return encode_prompts(self.pipe, prompt, negative_prompt, self.model_type, clip_skip=clip_skip,
+                              device=self.device, **plain)
+
+    def _call_kwargs(self) -> dict[str, Any]:
+        """Subclass hook: the size/image arguments of the diffusers call."""
+        return {"width": padded(self.params["width"]), "height": padded(self.params["height"])}
+
+    def _postprocess(self, images: list[Image.Image]) -> list[Image.Image]:
+        """Subclass hook: crop padding, composite onto the original."""
+        size = (self.params["width"], self.params["height"])
+        return [im if im.size == size else im.crop((0, 0, *size)) for im in images]
+
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the images ``gen`` returns with the current setup."""
+        return self.params["width"], self.params["height"]
+
+    def _vae_tiling(self) -> bool:
+        flag = self.params.get("vae_tiling")
+        if flag is None:
+            w, h = self.output_size()
+            return padded(w) * padded(h) > VAE_TILING_PIXELS
+        return bool(flag)
+
+    def gen(self, inputs: dict[str, Any]) -> list[Image.Image]:
+        """Generate images.
+
+        Args:
+            inputs: ``prompt``, ``negative_prompt``, ``seed`` (int, or a list for a batch) or
+                ``generator``; optional ``callback(step, steps, latents)`` called after every
+                step and ``cancel()`` checked before every step end (True raises ``Cancelled``).
+
+        Returns:
+            A list of PIL images (one per seed).
+
+        Raises:
+            Cancelled: ``cancel()`` returned True; nothing is returned.
+        """
+        if not self._is_setup:
+            self.setup()
+        if tuple(self._loras) != lora_mod.active_state(self.pipe):
+            lora_mod.set_loras(self.pipe, self._loras)  # another pipe object changed the shared set
+        callback: StepCallback | None = inputs.get("callback")
+        cancel: Callable[[], bool] | None = inputs.get("cancel")
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled before the first step")
+        prompt = inputs.get("prompt") or ""
+        negative = inputs.get("negative_prompt") or ""
+        generator, seeds = self._generators(inputs)
+        batch = len(generator) if isinstance(generator, list) else 1
+        kwargs = self._call_kwargs()
+        kwargs.update(self._prompt_kwargs(prompt, negative))
+        kwargs.update(num_inference_steps=self.params["steps"], guidance_scale=self.params["guidance_scale"],
+                      generator=generator, num_images_per_prompt=batch, output_type="pil")
+        if callback is not None or cancel is not None:
+            kwargs["callback_on_step_end"] = self._step_hook(callback, cancel)
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+        self.pipe.vae.use_tiling = self._vae_tiling()
+        self._last_inputs = {"prompt": prompt, "negative_prompt": negative, "batch_size": batch,
+                             "seed": None if seeds is None else (seeds if batch > 1 or isinstance(
+                                 inputs.get("seed"), (list, tuple)) else seeds[0])}
+        with torch.inference_mode():
+            images = self.pipe(**kwargs).images
+        return self._postprocess(images)
+
+    @staticmethod
+    def _step_hook(callback: StepCallback | None, cancel: Callable[[], bool] | None) -> Callable[..., dict]:
+        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
+            if cancel is not None and cancel():
+                raise Cancelled(f"cancelled after step {step + 1}")
+            if callback is not None:
+                callback(step + 1, int(getattr(pipe, "num_timesteps", 0) or 0), tensors.get("latents"))
+            return {}
+
+        return on_step_end
+
+    # ---- config ----------------------------------------------------------------------------------
+    def _param_for_config(self, name: str, value: Any) -> Any:
+        if isinstance(value, Image.Image):
+            return f"<image {value.size[0]}x{value.size[1]}>"
+        if isinstance(value, (list, tuple)):
+            return [self._param_for_config(name, v) for v in value]
+        if isinstance(value, os.PathLike):
+            return str(value)
+        return value
+
+    def get_config(self) -> dict[str, Any]:
+        """Everything that changes pixels, JSON-serializable.
+
+        Model, type, dtype, device type, torch thread count, batch size, scheduler, every
+        setup parameter, LoRAs with weights, and the prompt and seed of the last ``gen``.
+        """
+        import diffusers
+
+        params = self.params or self.default_params()
+        cfg: dict[str, Any] = {
+            "pipe": type(self).__name__,
+            "model_id": self.model_id,
+            "model_type": self.model_type.value,
+            "dtype": dtype_name(self.dtype),
+            "device_type": self.device.type,
+            "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "diffusers_version": diffusers.__version__,
+            "scheduler": type(self.pipe.scheduler).__name__,
+            "scheduler_config": {k: v for k, v in dict(self.pipe.scheduler.config).items()
+                                 if not k.startswith("_")},
+            "loras": [[p, w] for p, w in self._loras],
+            "batch_size": self._last_inputs.get("batch_size", 1),
+        }
+        for name, value in params.items():
+            cfg[name] = self._param_for_config(name, value)
+        cfg["scheduler"] = params.get("scheduler") or type(self.pipe.scheduler).__name__
+        cfg["scheduler_class"] = type(self.pipe.scheduler).__name__
+        cfg["vae_tiling"] = self._vae_tiling() if self.params else params.get("vae_tiling")
+        for key in ("prompt", "negative_prompt", "seed"):
+            if key in self._last_inputs:
+                cfg[key] = self._last_inputs[key]
+        cfg.update(self._extra_config())
+        return cfg
+
+    def _extra_config(self) -> dict[str, Any]:
+        """Subclass hook: more config entries (source image paths, ControlNets)."""
+        return {}

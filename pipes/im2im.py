@@ -1,0 +1,166 @@
+"""Image-to-image pipes: ``Im2ImPipe``, ``MaskedIm2ImPipe``, ``InpaintingPipe``.
+
+Input images are converted to RGB (RGBA onto white), scaled (``scale``) or resized
+(``width``/``height``), padded to multiples of 8 by repeating edge pixels, and the output is
+cropped back to the requested size. The masked pipes composite the result onto the original
+with the (blurred) mask, so pixels outside it are exactly the original's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from PIL import Image
+
+from .base import COMMON_PARAMS, BasePipe, _number
+from .errors import InvalidValueError, MissingImageError
+from .images import (blur_mask, check_image_size, check_same_size, composite, crop, load_image, load_mask,
+                     mask_from_difference, pad_image, padded, scale_image)
+
+logger = logging.getLogger(__name__)
+
+MAX_BLUR = 256
+
+
+def _source(value: Any) -> str | None:
+    """What get_config records for an image parameter: the path, or None for an in-memory image."""
+    return str(value) if isinstance(value, (str, os.PathLike)) else None
+
+
+class Im2ImPipe(BasePipe):
+    """Generate an image from another image (``StableDiffusion(XL)Img2ImgPipeline``).
+
+    Setup parameters (besides the common ones): ``image`` (PIL image or path; ``fimage`` is
+    metafusion's alias), ``strength`` (0-1, default 0.75: how much is redrawn), ``scale``
+    (factor or ``[width, height]``). ``width``/``height``, when given, resize the input;
+    otherwise the output has the (scaled) input's size.
+    """
+
+    PARAMS = COMMON_PARAMS + ("image", "strength", "scale")
+    ALIASES = {"fimage": "image"}
+    SD_CLASS = "StableDiffusionImg2ImgPipeline"
+    SDXL_CLASS = "StableDiffusionXLImg2ImgPipeline"
+    DEFAULTS = {"strength": 0.75, "scale": None, "image": None}
+
+    def _sized(self, image: Image.Image, merged: dict[str, Any], given: dict[str, Any], param: str) -> Image.Image:
+        image = scale_image(image, merged.get("scale"))
+        if given.get("width") is not None or given.get("height") is not None:
+            w = merged["width"] if given.get("width") is not None else image.size[0]
+            h = merged["height"] if given.get("height") is not None else image.size[1]
+            if (w, h) != image.size:
+                image = image.resize((w, h), Image.LANCZOS)
+        check_image_size(image, param)
+        return image
+
+    def _check_strength(self, merged: dict[str, Any]) -> None:
+        merged["strength"] = _number(merged["strength"], "strength", 0.0, 1.0)
+        if int(merged["steps"] * merged["strength"]) < 1:
+            low = 1.0 / merged["steps"]
+            raise InvalidValueError(f"strength {merged['strength']} with steps {merged['steps']} runs no step; "
+                                    f"allowed: strength from {low:.3g} to 1 (or more steps)", "strength",
+                                    f"{low:.3g} to 1")
+
+    def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
+        self._check_strength(merged)
+        source = given.get("image")
+        image = self._sized(load_image(source, "image"), merged, given, "image")
+        merged["width"], merged["height"] = image.size
+        self._input_image = image
+        self._padded_input = pad_image(image)
+        self._sources = {"image": _source(source)}
+
+    def _call_kwargs(self) -> dict[str, Any]:
+        return {"image": self._padded_input, "strength": self.params["strength"]}
+
+    def _postprocess(self, images: list[Image.Image]) -> list[Image.Image]:
+        return [crop(im, self.output_size()) for im in images]
+
+    def _extra_config(self) -> dict[str, Any]:
+        out = {k: v for k, v in self._sources.items()} if self._is_setup else {}
+        out["source_image"] = out.get("image")
+        return out
+
+
+class MaskedIm2ImPipe(Im2ImPipe):
+    """Redraw only a masked part of an image, with any (non-inpainting) checkpoint.
+
+    The mask is the difference between ``original_image`` (= ``image``) and ``image_painted``
+    (the original with the mask painted over it; its colours steer the result), or an
+    explicit ``mask`` (white = redraw). ``blur`` softens the mask used while denoising,
+    ``blur_compose`` the mask used to composite the result onto the original: pixels outside
+    it are exactly the original's.
+    """
+
+    PARAMS = COMMON_PARAMS + ("image", "image_painted", "mask", "blur", "blur_compose", "strength", "scale")
+    ALIASES = {"fimage": "image", "original_image": "image"}
+    SD_CLASS = "StableDiffusionInpaintPipeline"
+    SDXL_CLASS = "StableDiffusionXLInpaintPipeline"
+    DEFAULTS = {"strength": 0.75, "scale": None, "image": None, "image_painted": None, "mask": None,
+                "blur": 4, "blur_compose": 4}
+
+    def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
+        self._check_strength(merged)
+        for name in ("blur", "blur_compose"):
+            if name in merged:
+                merged[name] = _number(merged[name], name, 0, MAX_BLUR)
+        source = given.get("image")
+        original = load_image(source, "image")
+        painted_src, mask_src = given.get("image_painted"), given.get("mask")
+        painted = load_image(painted_src, "image_painted", required=False)
+        if painted is not None:
+            check_same_size(original, painted, "image_painted", "image")
+            mask = mask_from_difference(original, painted)
+        elif mask_src is not None:
+            mask = load_mask(mask_src, "mask")
+            check_same_size(original, mask, "mask", "image")
+        else:
+            raise MissingImageError(f"{type(self).__name__} needs image_painted or mask to know what to redraw",
+                                    "mask", "image_painted (the image with the mask painted) or mask")
+        original = self._sized(original, merged, given, "image")
+        size = original.size
+        painted = painted.resize(size, Image.LANCZOS) if painted is not None and painted.size != size else painted
+        if mask.size != size:
+            mask = mask.resize(size, Image.BILINEAR)
+        merged["width"], merged["height"] = size
+        self._input_image = original
+        self._mask = mask
+        self._denoise_mask = pad_image(blur_mask(mask, merged.get("blur", 0)))
+        self._compose_mask = blur_mask(mask, merged.get("blur_compose", merged.get("blur", 0)))
+        self._padded_input = pad_image(painted if painted is not None else original)
+        self._sources = {"image": _source(source), "image_painted": _source(painted_src),
+                         "mask": _source(mask_src)}
+
+    def _call_kwargs(self) -> dict[str, Any]:
+        w, h = self._padded_input.size
+        return {"image": self._padded_input, "mask_image": self._denoise_mask, "strength": self.params["strength"],
+                "width": padded(w), "height": padded(h)}
+
+    def _postprocess(self, images: list[Image.Image]) -> list[Image.Image]:
+        size = self.output_size()
+        return [composite(crop(im, size), self._input_image, self._compose_mask) for im in images]
+
+    @property
+    def mask(self) -> Image.Image:
+        """The mask (mode L, 255 = redraw) before blurring."""
+        return self._mask
+
+
+class InpaintingPipe(MaskedIm2ImPipe):
+    """Inpaint the masked part of ``image`` (white in ``mask`` = redraw).
+
+    Works with inpainting checkpoints and with ordinary ones (4-channel UNet: the unmasked
+    latents are re-noised from the original every step). ``strength`` defaults to 1 (the
+    masked part is drawn from noise); ``blur`` softens the mask edge; the result is
+    composited onto the original, so unmasked pixels are unchanged.
+    """
+
+    PARAMS = COMMON_PARAMS + ("image", "mask", "blur", "strength", "scale")
+    ALIASES = {"fimage": "image", "mask_image": "mask"}
+    DEFAULTS = {"strength": 1.0, "scale": None, "image": None, "mask": None, "blur": 4}
+
+    def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
+        if given.get("mask") is None:
+            raise MissingImageError("InpaintingPipe needs mask (white = redraw), the size of image", "mask",
+                                    "a PIL image, array or path the size of image")
+        super()._setup_inputs(merged, given)

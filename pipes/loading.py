@@ -1,0 +1,244 @@
+"""Loading base pipelines: model type detection, precision choice, single-file checkpoints.
+
+``load_base`` returns one diffusers text-to-image pipeline per model; the pipe classes derive
+their own pipelines from it with ``from_pipe`` so weights are shared.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InvalidValueError, ModelTypeMismatchError, PipeError
+
+logger = logging.getLogger(__name__)
+
+#: dtype names accepted by ``dtype=`` arguments and the ``MULTIGEN_DTYPE`` variable
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+class ModelType(str, Enum):
+    """Model family of a base checkpoint (room for ``FLUX`` later)."""
+
+    SD = "SD"
+    SDXL = "SDXL"
+
+    @classmethod
+    def parse(cls, value: "ModelType | str | None") -> "ModelType | None":
+        """Turn ``"SD"``/``"sdxl"``/a ``ModelType``/None into a ``ModelType`` or None.
+
+        Raises:
+            InvalidValueError: the name is not a known model type.
+        """
+        if value is None or isinstance(value, ModelType):
+            return value
+        name = str(value).upper().replace("MODELTYPE.", "")
+        try:
+            return cls(name)
+        except ValueError:
+            raise InvalidValueError(f"model_type {value!r} is not known; allowed: "
+                                    f"{', '.join(m.value for m in cls)}", "model_type",
+                                    ", ".join(m.value for m in cls)) from None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - older or unusual builds
+        pass
+    try:  # pragma: no cover - fallback on Linux
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def parse_dtype(value: "str | torch.dtype", param: str = "dtype") -> torch.dtype:
+    """A ``torch.dtype`` from a name such as ``"bf16"`` or ``"float32"`` (or a dtype).
+
+    Raises:
+        InvalidValueError: the name is not one of ``DTYPES``.
+    """
+    if isinstance(value, torch.dtype):
+        if value not in DTYPES.values():
+            raise InvalidValueError(f"{param} {value} is not supported; allowed: float32, bfloat16, float16",
+                                    param, "float32, bfloat16, float16")
+        return value
+    key = str(value).lower().replace("torch.", "")
+    if key not in DTYPES:
+        raise InvalidValueError(f"{param} {value!r} is not supported; allowed: {', '.join(DTYPES)}",
+                                param, ", ".join(DTYPES))
+    return DTYPES[key]
+
+
+def default_dtype(device: "str | torch.device" = "cpu", dtype: "str | torch.dtype | None" = None) -> torch.dtype:
+    """The precision to run on ``device``.
+
+    Order: the ``dtype`` argument, the ``MULTIGEN_DTYPE`` environment variable, then per
+    device: fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise.
+    """
+    if dtype is not None:
+        return parse_dtype(dtype)
+    env = os.environ.get("MULTIGEN_DTYPE")
+    if env:
+        return parse_dtype(env, "MULTIGEN_DTYPE")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.float16
+    if dev.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).replace("torch.", "")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def detect_folder_type(folder: Path) -> ModelType:
+    """Model type of a diffusers folder, from its UNet config (SDXL has text_time embeddings)."""
+    unet_cfg = _read_json(folder / "unet" / "config.json")
+    if not unet_cfg:
+        if (folder / "transformer").is_dir():
+            raise InvalidValueError(f"{folder} holds a transformer (Flux-like) model, which is not supported "
+                                    "yet; allowed: SD, SDXL", "model_type", "SD, SDXL")
+        raise PipeError(f"model {folder} is not a diffusers folder with a unet/config.json", "model_id")
+    if unet_cfg.get("addition_embed_type") == "text_time" or (folder / "text_encoder_2").is_dir():
+        return ModelType.SDXL
+    return ModelType.SD
+
+
+def detect_checkpoint_type(path: Path) -> ModelType:
+    """Model type of a single-file checkpoint, from its tensor names."""
+    keys: list[str]
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd)
+        keys = list(sd.keys())
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return ModelType.SDXL
+    if any(k.startswith(("cond_stage_model.", "model.diffusion_model.")) for k in keys):
+        return ModelType.SD
+    if any(k.startswith(("double_blocks.", "transformer_blocks.")) for k in keys):
+        raise InvalidValueError(f"{path} looks like a Flux checkpoint, not supported yet; allowed: SD, SDXL",
+                                "model_type", "SD, SDXL")
+    raise PipeError(f"cannot tell the model type of {path}: no SD or SDXL tensor names found", "model_id")
+
+
+def pipeline_type(pipe: Any) -> ModelType:
+    """Model type of a loaded diffusers pipeline (from its components, not its class name)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise InvalidValueError(f"pipeline {type(pipe).__name__} has no UNet; allowed: SD, SDXL pipelines",
+                                "pipe", "SD, SDXL")
+    if getattr(pipe, "text_encoder_2", None) is not None or unet.config.get("addition_embed_type") == "text_time":
+        return ModelType.SDXL
+    return ModelType.SD
+
+
+def check_declared_type(found: ModelType, declared: "ModelType | str | None", where: str) -> ModelType:
+    """Return ``found``; raise ``ModelTypeMismatchError`` if ``declared`` disagrees."""
+    want = ModelType.parse(declared)
+    if want is not None and want != found:
+        raise ModelTypeMismatchError(f"model_type {want.value} was declared for {where}, but its weights are "
+                                     f"{found.value}; allowed: {found.value} (or leave model_type out)",
+                                     "model_type", found.value)
+    return found
+
+
+def _check_no_meta(pipe: Any, path: Path) -> None:
+    missing = []
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        missing += [f"{name}.{n}" for n, p in module.named_parameters() if p.device.type == "meta"]
+    if missing:
+        shown = ", ".join(missing[:8]) + (" …" if len(missing) > 8 else "")
+        raise PipeError(f"checkpoint {path} lacks {len(missing)} weights: {shown}", "model_id")
+
+
+def load_base(path: "str | os.PathLike[str]", model_type: "ModelType | str | None" = None,
+              config_dir: "str | os.PathLike[str] | None" = None, device: "str | torch.device" = "cpu",
+              dtype: "str | torch.dtype | None" = None) -> tuple[Any, ModelType]:
+    """Load a base text-to-image pipeline from a diffusers folder or a single-file checkpoint.
+
+    Args:
+        path: a diffusers folder, or a ``.safetensors``/``.ckpt`` file in LDM layout.
+        model_type: the declared type; when given and the weights disagree, an error says so.
+        config_dir: for single files, a local diffusers folder with the JSON configs and
+            tokenizers (no weights needed); nothing is fetched from a hub.
+        device: where to put the weights.
+        dtype: precision (see ``default_dtype``).
+
+    Returns:
+        ``(pipeline, model_type)``: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+
+    Raises:
+        ModelTypeMismatchError: ``model_type`` disagrees with the weights.
+        PipeError: the path is missing, not a model, or the checkpoint lacks weights.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    p = Path(path).expanduser()
+    torch_dtype = default_dtype(device, dtype)
+    if not p.exists():
+        raise PipeError(f"model_id {str(p)!r} does not exist", "model_id")
+    if p.is_dir():
+        found = check_declared_type(detect_folder_type(p), model_type, str(p))
+        cls = StableDiffusionXLPipeline if found == ModelType.SDXL else StableDiffusionPipeline
+        pipe = cls.from_pretrained(str(p), dtype=torch_dtype, local_files_only=True,
+                                   safety_checker=None, requires_safety_checker=False) \
+            if found == ModelType.SD else cls.from_pretrained(str(p), dtype=torch_dtype, local_files_only=True)
+    else:
+        if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise PipeError(f"model_id {str(p)!r} is neither a diffusers folder nor a checkpoint file; "
+                            f"allowed suffixes: {', '.join(SINGLE_FILE_SUFFIXES)}", "model_id",
+                            ", ".join(SINGLE_FILE_SUFFIXES))
+        found = check_declared_type(detect_checkpoint_type(p), model_type, str(p))
+        if config_dir is None or not Path(config_dir).is_dir():
+            raise PipeError(f"config_dir is needed to load the single-file checkpoint {p} offline: a local "
+                            f"diffusers folder with the JSON configs and tokenizers (got {config_dir!r})",
+                            "config_dir")
+        cls = StableDiffusionXLPipeline if found == ModelType.SDXL else StableDiffusionPipeline
+        pipe = cls.from_single_file(str(p), config=str(config_dir), dtype=torch_dtype,
+                                    local_files_only=True)
+        _check_no_meta(pipe, p)
+    prepare_pipeline(pipe, device)
+    logger.info("loaded %s model %s (%s on %s)", found.value, p, dtype_name(torch_dtype), torch.device(device))
+    return pipe, found
+
+
+def prepare_pipeline(pipe: Any, device: "str | torch.device") -> None:
+    """Move ``pipe`` to ``device``, use PyTorch SDPA attention, hide the progress bars."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe.to(torch.device(device))
+    for name in ("unet", "vae"):
+        module = getattr(pipe, name, None)
+        if module is not None and hasattr(module, "set_attn_processor"):
+            module.set_attn_processor(AttnProcessor2_0())
+    pipe.set_progress_bar_config(disable=True)
