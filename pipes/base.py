@@ -249,7 +249,7 @@ class BasePipe:
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         return (gens if isinstance(seed, (list, tuple)) else gens[0]), seeds
 
-    def _prompt_kwargs(self, prompt: str, negative_prompt: str) -> dict[str, Any]:
+    def _prompt_kwargs(self, prompt: str, negative_prompt: str | None) -> dict[str, Any]:
         clip_skip = self.params["clip_skip"]
         from .prompting import encode_prompts
 
@@ -306,7 +306,9 @@ class BasePipe:
         generator, seeds = self._generators(inputs)
         batch = len(generator) if isinstance(generator, list) else 1
         kwargs = self._call_kwargs()
-        kwargs.update(self._prompt_kwargs(prompt, negative))
+        # an empty negative prompt is None to the encoder: SDXL models with force_zeros_for_empty_prompt
+        # then use zero embeddings, as diffusers does
+        kwargs.update(self._prompt_kwargs(prompt, negative or None))
         kwargs.update(num_inference_steps=self.params["steps"], guidance_scale=self.params["guidance_scale"],
                       generator=generator, num_images_per_prompt=batch, output_type="pil")
         if callback is not None or cancel is not None:

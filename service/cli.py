@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, check_model_files, load_config
-from .errors import ConfigError
+from .errors import ConfigError, MultigenError
 from .logs import setup_logging
 
 log = logging.getLogger("multigen.service.cli")
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"multigen: configuration error: {e}", file=sys.stderr)
+        return 2
+    except MultigenError as e:  # e.g. a bad user name for `users add`
+        print(f"multigen: {e}", file=sys.stderr)
         return 2
 
 

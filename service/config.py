@@ -19,6 +19,7 @@ from .errors import ConfigError
 #: where ``multigen`` looks when neither ``--config`` nor ``MULTIGEN_CONFIG`` is given
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
 MODEL_TYPES = ("SD", "SDXL")
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 KNOWN_PIPE_CLASSES = ("Prompt2ImPipe", "Im2ImPipe", "MaskedIm2ImPipe", "InpaintingPipe",
                       "Cond2ImPipe", "CIm2ImPipe")
 
@@ -89,6 +90,8 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None  # model precision (float32, bfloat16, float16); None = best for the device
+    drain_on_exit: bool = True  # a script that queues jobs and ends waits for them (metafusion's use)
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
@@ -201,7 +204,7 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     data = _read_yaml(file, "config file")
     here = file.parent
     known = {"model_list", "model_dir", "logging_folder", "data_dir", "output_dir", "devices", "threads",
-             "cache", "server", "limits", "users"}
+             "cache", "server", "limits", "users", "dtype", "drain_on_exit"}
     for key in data:
         if key not in known:
             raise ConfigError(str(file), str(key), "unknown key", f"remove it or use one of: {', '.join(sorted(known))}")
@@ -225,6 +228,10 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     cache = _section(data, "cache", file)
     budget = _typed(cache, "memory_budget_gb", (int, float), file, 8.0, "set cache.memory_budget_gb to a number of GiB")
     users = _section(data, "users", file)
+    dtype = _typed(data, "dtype", str, file, None, "set dtype to float32, bfloat16 or float16, or leave it out")
+    if dtype is not None and dtype.lower().replace("torch.", "") not in DTYPE_NAMES:
+        raise ConfigError(str(file), "dtype", f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPE_NAMES)}")
+    drain_on_exit = _typed(data, "drain_on_exit", bool, file, True, "set drain_on_exit to true or false")
     for name, entry in users.items():
         if not isinstance(entry, dict) or "token_sha256" not in entry:
             raise ConfigError(str(file), f"users.{name}", "user has no token_sha256",
@@ -233,7 +240,8 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
                   data_dir=folder("data_dir", "../data"), output_dir=folder("output_dir", "../outputs"),
                   models=models, devices=devices, threads=threads, cache_budget_gb=float(budget),
                   server=_dataclass_section(ServerConfig, data, "server", file),
-                  limits=_dataclass_section(Limits, data, "limits", file), users=users, raw=data)
+                  limits=_dataclass_section(Limits, data, "limits", file), users=users, raw=data,
+                  dtype=dtype, drain_on_exit=drain_on_exit)
 
 
 def check_model_files(models: ModelsConfig) -> None:
