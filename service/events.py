@@ -1,0 +1,144 @@
+"""Publish/subscribe of service events (``job.queued``, ``image.created``, ...).
+
+Each subscriber has its own bounded queue: a slow reader (an SSE client on a bad
+network) loses its oldest events, never blocks a worker and never grows memory without
+bound. Events carry increasing integer ids, and the bus keeps a short history so that a
+reconnecting reader can pass ``last_event_id`` and receive what it missed.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Any, Iterator
+
+log = logging.getLogger(__name__)
+
+#: events each subscriber may have waiting; past it the oldest are dropped
+DEFAULT_SUBSCRIBER_QUEUE = 1000
+#: events kept for replay to readers that reconnect with ``last_event_id``
+DEFAULT_HISTORY = 2000
+
+
+class Subscription:
+    """One reader's stream of events: iterate it, or call :meth:`get` with a timeout.
+
+    Events are dicts ``{"type", "data", "id", "session_id", "time"}``.
+    """
+
+    def __init__(self, bus: EventBus, session_id: str | None, maxsize: int) -> None:
+        self.session_id = session_id
+        self.dropped = 0  # events lost because this reader was too slow
+        self._bus = bus
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize)
+        self._closed = threading.Event()
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        return self.session_id is None or event.get("session_id") == self.session_id
+
+    def _put(self, event: dict[str, Any]) -> None:
+        while True:
+            try:
+                self._queue.put_nowait(event)
+                return
+            except queue.Full:
+                try:  # drop the oldest: the newest state matters most to a reader
+                    self._queue.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+
+    def get(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event, or None after ``timeout`` seconds or once closed."""
+        if self._closed.is_set() and self._queue.empty():
+            return None
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        """Stop receiving events; a reader blocked in :meth:`get` wakes up with None."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self._bus._remove(self)
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while not self._closed.is_set():
+            event = self.get(timeout=0.5)
+            if event is not None:
+                yield event
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventBus:
+    """Fan-out of events to subscribers, filtered by session."""
+
+    def __init__(self, subscriber_queue: int = DEFAULT_SUBSCRIBER_QUEUE, history: int = DEFAULT_HISTORY) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[Subscription] = []
+        self._ids = itertools.count(1)
+        self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=history)
+        self._subscriber_queue = subscriber_queue
+
+    def publish(self, type: str, data: dict[str, Any], session_id: str | None = None) -> dict[str, Any]:
+        """Send an event to every subscriber that wants it; returns the event."""
+        with self._lock:
+            event = {"id": next(self._ids), "type": type, "data": data,
+                     "session_id": session_id, "time": time.time()}
+            self._history.append(event)
+            targets = [s for s in self._subscribers if s.wants(event)]
+        for sub in targets:
+            sub._put(event)
+        return event
+
+    def subscribe(self, session_id: str | None = None, last_event_id: int | None = None,
+                  maxsize: int | None = None) -> Subscription:
+        """A new subscription to all events (``session_id=None``) or one session's.
+
+        Args:
+            session_id: only this session's events.
+            last_event_id: replay the kept events after this id first (SSE ``Last-Event-ID``).
+            maxsize: queue size for this reader.
+        """
+        sub = Subscription(self, session_id, maxsize or self._subscriber_queue)
+        with self._lock:
+            if last_event_id is not None:
+                for event in self._history:
+                    if event["id"] > last_event_id and sub.wants(event):
+                        sub._put(event)
+            self._subscribers.append(sub)
+        return sub
+
+    def _remove(self, sub: Subscription) -> None:
+        with self._lock:
+            if sub in self._subscribers:
+                self._subscribers.remove(sub)
+
+    @property
+    def subscriber_count(self) -> int:
+        with self._lock:
+            return len(self._subscribers)
+
+    def close_all(self) -> None:
+        """Close every subscription (on service stop): readers wake up and end."""
+        with self._lock:
+            subs = list(self._subscribers)
+        for sub in subs:
+            sub.close()

@@ -1,0 +1,114 @@
+"""Job parameters as stored: input images saved as files, everything else as JSON.
+
+A job must survive a restart, so its input images (PIL images, numpy arrays or file paths
+given to ``queue_gen``) are copied as lossless PNGs into the data folder when the job is
+queued, and the stored parameters refer to them as ``{"$image": "<path>"}``. Copying also
+checks them: a file that does not decode is an error at queue time, not at run time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InvalidInput
+
+#: setup parameters that hold images (or lists of images)
+IMAGE_PARAMS = ("image", "fimage", "mask", "mask_image", "original_image", "image_painted")
+IMAGE_REF = "$image"
+
+
+def to_pil(value: Any, field: str) -> Image.Image:
+    """A PIL image from a PIL image, a numpy array or a file path.
+
+    Raises:
+        InvalidInput: naming ``field`` when the value is none of these or does not decode.
+    """
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            with Image.open(value) as im:
+                im.load()
+                return im.copy()
+        except FileNotFoundError:
+            raise InvalidInput(f"{field}: file {value} does not exist", field=field) from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise InvalidInput(f"{field}: {value} is not a readable image (PNG, JPEG, WebP...): {e}",
+                               field=field) from None
+    if hasattr(value, "__array_interface__"):
+        try:
+            return Image.fromarray(value)
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(f"{field}: the array is not an image (HxW or HxWx3/4 of uint8): {e}",
+                               field=field) from None
+    raise InvalidInput(f"{field}: expected a PIL image, a numpy array or a file path, got {type(value).__name__}",
+                       field=field)
+
+
+def save_params(params: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The JSON form of ``params``, with images written as PNG files into ``folder``.
+
+    Raises:
+        InvalidInput: an image that does not decode, or a value JSON cannot hold (naming it).
+    """
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is not None and (key in IMAGE_PARAMS or _is_image(value)):
+            if isinstance(value, (list, tuple)):
+                out[key] = [_save_image(to_pil(v, f"{key}[{i}]"), folder, f"{key}_{i}") for i, v in enumerate(value)]
+            else:
+                out[key] = _save_image(to_pil(value, key), folder, key)
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"{key}: a value of type {type(value).__name__} cannot be stored; "
+                               "use numbers, strings, lists or dicts", field=key) from None
+        out[key] = value
+    return out
+
+
+def _is_image(value: Any) -> bool:
+    """A PIL image or an array (or a non-empty list of them), under whatever parameter name."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_is_image(v) for v in value)
+    return isinstance(value, Image.Image) or hasattr(value, "__array_interface__")
+
+
+def _save_image(image: Image.Image, folder: Path, name: str) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", compress_level=1)
+    os.replace(tmp, path)
+    return {IMAGE_REF: str(path)}
+
+
+def load_params(stored: dict[str, Any]) -> dict[str, Any]:
+    """The parameters for ``pipe.setup``: stored image references opened as PIL images."""
+    def load(value: Any) -> Any:
+        if isinstance(value, dict) and set(value) == {IMAGE_REF}:
+            with Image.open(value[IMAGE_REF]) as im:
+                im.load()
+                return im.copy()
+        if isinstance(value, list):
+            return [load(v) for v in value]
+        return value
+
+    return {k: load(v) for k, v in stored.items()}
+
+
+def public_params(stored: dict[str, Any]) -> dict[str, Any]:
+    """Stored parameters as shown to clients: image files by name only (no server paths)."""
+    def show(value: Any) -> Any:
+        if isinstance(value, dict) and set(value) == {IMAGE_REF}:
+            return f"<image {Path(value[IMAGE_REF]).name}>"
+        if isinstance(value, list):
+            return [show(v) for v in value]
+        return value
+
+    return {k: show(v) for k, v in stored.items()}

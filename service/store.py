@@ -1,0 +1,274 @@
+"""Persistent state: sessions, jobs (every parameter and seed) and images.
+
+:class:`Store` is the small interface the service uses; :class:`SQLiteStore` is the
+embedded implementation (one file in the data folder, WAL mode, one connection per
+thread), so a server database can replace it when a lab outgrows one machine. The
+schema is versioned (``schema_version``); :data:`MIGRATIONS` lists the steps, and opening
+a store applies the ones it has not seen yet.
+
+Image rows are *reserved* (state ``writing``) before their files are written and marked
+``done`` after: the reservation fixes the session index of a job's n-th image, so a job
+resumed after a crash writes that image under the same index again, never a second one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: list[str] = [
+    # 1: sessions, jobs, images
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY, user TEXT NOT NULL, project TEXT NOT NULL, pipe TEXT NOT NULL,
+        model TEXT NOT NULL, loras TEXT NOT NULL, state TEXT NOT NULL, folder TEXT NOT NULL,
+        created_at TEXT NOT NULL, closed_at TEXT);
+    CREATE INDEX sessions_user ON sessions(user, project);
+    CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+        session_id TEXT NOT NULL REFERENCES sessions(id), user TEXT NOT NULL, model TEXT NOT NULL,
+        state TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, count INTEGER NOT NULL,
+        seeds TEXT NOT NULL, prompt TEXT NOT NULL, negative_prompt TEXT, params TEXT NOT NULL,
+        error TEXT, device TEXT, created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT);
+    CREATE INDEX jobs_state ON jobs(state);
+    CREATE INDEX jobs_session ON jobs(session_id);
+    CREATE TABLE images (
+        id TEXT PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
+        job_id TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL, pos INTEGER NOT NULL,
+        seed INTEGER NOT NULL, width INTEGER, height INTEGER, path TEXT NOT NULL,
+        state TEXT NOT NULL, created_at TEXT,
+        UNIQUE (session_id, idx), UNIQUE (job_id, pos));
+    """,
+    # 2: where a job's time went (model load/setup vs generation)
+    """
+    ALTER TABLE jobs ADD COLUMN timings TEXT;
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_JSON_COLUMNS = {"loras", "seeds", "prompt", "params", "error", "timings"}
+
+
+def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out = dict(row)
+    for k in _JSON_COLUMNS & out.keys():
+        if out[k] is not None:
+            out[k] = json.loads(out[k])
+    return out
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in fields.items()}
+
+
+class Store(Protocol):
+    """What the service needs from persistent storage (see :class:`SQLiteStore`).
+
+    Rows are plain dicts with the columns of :data:`MIGRATIONS`, JSON columns decoded.
+    """
+
+    def create_session(self, session: dict[str, Any]) -> None: ...
+    def get_session(self, session_id: str) -> dict[str, Any] | None: ...
+    def list_sessions(self, user: str | None = None, project: str | None = None,
+                      state: str | None = None) -> list[dict[str, Any]]: ...
+    def update_session(self, session_id: str, **fields: Any) -> None: ...
+    def count_sessions(self, user: str, state: str) -> int: ...
+    def create_job(self, job: dict[str, Any]) -> None: ...
+    def get_job(self, job_id: str) -> dict[str, Any] | None: ...
+    def update_job(self, job_id: str, **fields: Any) -> None: ...
+    def list_jobs(self, session_id: str | None = None, states: Iterable[str] | None = None) -> list[dict[str, Any]]: ...
+    def job_counts(self, session_id: str) -> dict[str, int]: ...
+    def reserve_image(self, image: dict[str, Any]) -> dict[str, Any]: ...
+    def complete_image(self, image_id: str, created_at: str) -> None: ...
+    def get_image(self, image_id: str) -> dict[str, Any] | None: ...
+    def list_images(self, session_id: str | None = None, job_id: str | None = None,
+                    after: int | None = None, state: str | None = "done") -> list[dict[str, Any]]: ...
+    def image_count(self, session_id: str) -> int: ...
+    def image_by_index(self, session_id: str, index: int) -> dict[str, Any] | None: ...
+    def close(self) -> None: ...
+
+
+class SQLiteStore(Store):
+    """The embedded store: SQLite in WAL mode, one connection per thread.
+
+    Args:
+        path: the database file (its folder is created).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._migrate()
+
+    # -- connections ------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")  # in WAL: safe against a killed process
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def _write(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
+        return self._conn().execute(sql, tuple(args))
+
+    def _one(self, sql: str, args: Iterable[Any] = ()) -> dict[str, Any] | None:
+        return _decode(self._conn().execute(sql, tuple(args)).fetchone())
+
+    def _all_rows(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        return [_decode(r) for r in self._conn().execute(sql, tuple(args)).fetchall()]  # type: ignore[misc]
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            current = row[0] or 0
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path}: schema version {current} is newer than this "
+                                   f"multigen knows ({SCHEMA_VERSION}); upgrade multigen")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for stmt in MIGRATIONS[version - 1].split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                log.info("store %s: schema migrated to version %d", self.path, version)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._conn().execute("SELECT MAX(version) FROM schema_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for c in conns:
+            try:
+                c.close()
+            except sqlite3.Error:  # pragma: no cover
+                pass
+        self._local = threading.local()
+
+    # -- sessions ---------------------------------------------------------------------
+    def create_session(self, session: dict[str, Any]) -> None:
+        f = _encode(session)
+        self._write(f"INSERT INTO sessions ({', '.join(f)}) VALUES ({', '.join('?' * len(f))})", f.values())
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM sessions WHERE id = ?", (session_id,))
+
+    def list_sessions(self, user: str | None = None, project: str | None = None,
+                      state: str | None = None) -> list[dict[str, Any]]:
+        where, args = self._where(user=user, project=project, state=state)
+        return self._all_rows(f"SELECT * FROM sessions{where} ORDER BY created_at, rowid", args)
+
+    def update_session(self, session_id: str, **fields: Any) -> None:
+        self._update("sessions", session_id, fields)
+
+    def count_sessions(self, user: str, state: str) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM sessions WHERE user = ? AND state = ?",
+                                        (user, state)).fetchone()[0])
+
+    # -- jobs -------------------------------------------------------------------------
+    def create_job(self, job: dict[str, Any]) -> None:
+        f = _encode(job)
+        self._write(f"INSERT INTO jobs ({', '.join(f)}) VALUES ({', '.join('?' * len(f))})", f.values())
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        self._update("jobs", job_id, fields)
+
+    def list_jobs(self, session_id: str | None = None, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        where, args = self._where(session_id=session_id)
+        if states is not None:
+            states = [str(s) for s in states]
+            where += (" AND " if where else " WHERE ") + f"state IN ({', '.join('?' * len(states))})"
+            args.extend(states)
+        return self._all_rows(f"SELECT * FROM jobs{where} ORDER BY seq", args)
+
+    def job_counts(self, session_id: str) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs WHERE session_id = ? GROUP BY state",
+                                    (session_id,)).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    # -- images -----------------------------------------------------------------------
+    def reserve_image(self, image: dict[str, Any]) -> dict[str, Any]:
+        """Reserve the next session index for a job's image ``pos``, or return the existing reservation.
+
+        ``image`` has ``id, session_id, job_id, pos, seed, width, height`` and ``path``, a
+        template in which ``{index}`` becomes the 5-digit index. Idempotent per ``(job_id, pos)``.
+        """
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute("SELECT * FROM images WHERE job_id = ? AND pos = ?",
+                               (image["job_id"], image["pos"])).fetchone()
+            if row is None:
+                index = conn.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM images WHERE session_id = ?",
+                                     (image["session_id"],)).fetchone()[0]
+                fields = dict(image, idx=index, state="writing", path=image["path"].replace("{index}", f"{index:05d}"))
+                conn.execute(f"INSERT INTO images ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+                             tuple(fields.values()))
+                row = conn.execute("SELECT * FROM images WHERE id = ?", (image["id"],)).fetchone()
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return _decode(row)  # type: ignore[return-value]
+
+    def complete_image(self, image_id: str, created_at: str) -> None:
+        self._write("UPDATE images SET state = 'done', created_at = ? WHERE id = ?", (created_at, image_id))
+
+    def get_image(self, image_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM images WHERE id = ? AND state = 'done'", (image_id,))
+
+    def list_images(self, session_id: str | None = None, job_id: str | None = None,
+                    after: int | None = None, state: str | None = "done") -> list[dict[str, Any]]:
+        where, args = self._where(session_id=session_id, job_id=job_id, state=state)
+        if after is not None:
+            where += (" AND " if where else " WHERE ") + "idx > ?"
+            args.append(after)
+        return self._all_rows(f"SELECT * FROM images{where} ORDER BY session_id, idx", args)
+
+    def image_count(self, session_id: str) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM images WHERE session_id = ? AND state = 'done'",
+                                        (session_id,)).fetchone()[0])
+
+    def image_by_index(self, session_id: str, index: int) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM images WHERE session_id = ? AND idx = ? AND state = 'done'",
+                         (session_id, index))
+
+    # -- helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _where(**filters: Any) -> tuple[str, list[Any]]:
+        parts = [(k, v) for k, v in filters.items() if v is not None]
+        if not parts:
+            return "", []
+        return " WHERE " + " AND ".join(f"{k} = ?" for k, _ in parts), [str(v) for _, v in parts]
+
+    def _update(self, table: str, row_id: str, fields: dict[str, Any]) -> None:
+        if not fields:
+            return
+        f = _encode(fields)
+        self._write(f"UPDATE {table} SET {', '.join(f'{k} = ?' for k in f)} WHERE id = ?", [*f.values(), row_id])

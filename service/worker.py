@@ -1,0 +1,134 @@
+"""Device workers: one loop per device taking jobs from the service, and their supervisor.
+
+Like huey's consumer, a worker is ``initialize()`` / ``loop()`` (one unit of work) /
+``shutdown()`` run as ``while not stop.is_set(): loop()``. The job boundary catches every
+exception (the job fails, the loop goes on). Should the loop itself die, the
+:class:`Supervisor` notices and starts it again.
+
+Each worker fixes its torch thread count in its own thread (OpenMP's setting is per
+thread, and the count changes pixels), and records it with every image.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .runner import RunningJob
+    from .serviceThread import ServiceThread
+
+log = logging.getLogger(__name__)
+
+#: how long an idle worker waits for work before checking its stop flag again
+IDLE_WAIT_SECONDS = 0.5
+#: how often the supervisor checks that every worker thread is alive
+SUPERVISE_SECONDS = 0.5
+
+
+class DeviceWorker:
+    """The loop that runs jobs on one device.
+
+    Args:
+        service: the owning service (gives jobs, runs them, records results).
+        device: torch device name (``cpu``, ``cuda:0``).
+        threads: torch intra-op threads to use in this worker.
+        dtype: precision of the models this worker loads.
+    """
+
+    def __init__(self, service: ServiceThread, device: str, threads: int, dtype: Any) -> None:
+        self.service = service
+        self.device = device
+        self.threads = threads
+        self.dtype = dtype
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.current: RunningJob | None = None
+        self.restarts = 0
+        self.state = "idle"
+        self.last_model: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"multigen-worker-{self.device}"
+
+    def start(self) -> None:
+        """Start (or restart) the loop in a new thread."""
+        self.thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def run(self) -> None:
+        self.initialize()
+        try:
+            while not self.stop_event.is_set():
+                self.loop()
+        except Exception:  # a bug outside any job: the supervisor restarts the loop
+            log.exception("worker %s: loop died", self.device)
+        finally:
+            self.shutdown()
+
+    def initialize(self) -> None:
+        """Fix this thread's torch thread count (it changes pixels: recorded with each image)."""
+        try:
+            import torch
+
+            torch.set_num_threads(self.threads)
+            self.threads = torch.get_num_threads()
+        except ImportError:  # pragma: no cover
+            pass
+        log.info("worker %s started (%d threads, %s)", self.device, self.threads,
+                 str(self.dtype).replace("torch.", ""))
+
+    def loop(self) -> None:
+        """One unit of work: take the next job (or wait a little) and run it."""
+        job = self.service._next_job(self, timeout=IDLE_WAIT_SECONDS)
+        if job is None:
+            return
+        self.current, self.state = job, "running"
+        try:
+            self.service._run_job(self, job)  # catches at the job boundary
+        finally:
+            self.current, self.state = None, "idle"
+            self.last_model = job.model
+
+    def shutdown(self) -> None:
+        self.state = "stopped"
+        log.info("worker %s stopped", self.device)
+
+    def info(self) -> dict[str, Any]:
+        job = self.current
+        return {"device": self.device, "state": self.state if self.alive() or self.state == "stopped" else "dead",
+                "job_id": job.job_id if job else None, "model": job.model if job else self.last_model,
+                "threads": self.threads, "dtype": str(self.dtype).replace("torch.", ""), "restarts": self.restarts}
+
+
+class Supervisor:
+    """Restarts worker loops that died (a bug, not a failing job: those never kill a loop)."""
+
+    def __init__(self, workers: list[DeviceWorker], stop_event: threading.Event) -> None:
+        self.workers = workers
+        self.stop_event = stop_event
+        self.thread = threading.Thread(target=self.run, name="multigen-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(SUPERVISE_SECONDS):
+            self.check()
+
+    def check(self) -> int:
+        """Restart every dead worker; returns how many were restarted."""
+        n = 0
+        for w in self.workers:
+            if not w.alive() and not w.stop_event.is_set() and not self.stop_event.is_set():
+                w.restarts += 1
+                log.error("worker %s died; restarting it (restart %d)", w.device, w.restarts)
+                w.start()
+                n += 1
+                time.sleep(0)  # let it start before checking the next
+        return n

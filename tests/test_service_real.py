@@ -1,0 +1,235 @@
+"""ServiceThread on the real pipes and the tiny default models: the whole path."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multigen.service import ServiceThread
+from multigen.service.cache import module_bytes
+from multigen.service.devices import cpu_cores
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def service(config_file):
+    svc = ServiceThread(config_file).start()
+    yield svc
+    svc.stop()
+    svc.store.close()
+
+
+def _direct(model_dir: Path, seed: int, loras=(), **setup):
+    """The same image made by calling the pipe directly in this thread, with the worker's thread count."""
+    from multigen.pipes import Prompt2ImPipe
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(cpu_cores())
+    try:
+        pipe = Prompt2ImPipe(str(model_dir / "tiny-sd"), device="cpu")
+        pipe.set_loras(list(loras))
+        pipe.setup(**setup)
+        return pipe.gen({"prompt": "a red cube", "negative_prompt": "", "seed": seed})[0]
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_whole_path_matches_direct_pipe_and_loras_and_schedulers_do_not_leak(service, models_dir):
+    with_lora = service.open_session("alice", "cubes", "prompt2image", "tiny-sd", [{"name": "tiny-sd-lora",
+                                                                                    "weight": 0.8}])
+    plain = service.open_session("alice", "cubes", "prompt2image", "tiny-sd")
+    settings = dict(width=64, height=64, steps=2, guidance_scale=5.0)
+    # the first job also uses another scheduler: neither it nor the LoRA may leak into the next job
+    a = service.queue_gen(with_lora["session_id"], prompt="a red cube", seeds=[7, 8], scheduler="euler_a",
+                          **settings)
+    b = service.queue_gen(plain["session_id"], prompt="a red cube", seeds=[7], **settings)
+    assert service.wait_idle(300)
+    ja, jb = service.get_job(a["job_id"]), service.get_job(b["job_id"])
+    assert ja["state"] == "succeeded" and jb["state"] == "succeeded", (ja["error"], jb["error"])
+    png = Path(service.get_image_pathname(plain["session_id"], 0))
+    assert png.name == "00000.png" and png.parent.parts[-3:] == ("alice", "cubes", plain["session_id"])
+    got = np.asarray(Image.open(png).convert("RGB"))
+    # the job after a LoRA job is pixel-identical to a direct call that never loaded the LoRA
+    want = np.asarray(_direct(models_dir, 7, **settings))
+    assert np.array_equal(got, want)
+    lora_png = Path(service.get_image_pathname(with_lora["session_id"], 0))
+    lora_img = np.asarray(Image.open(lora_png).convert("RGB"))
+    assert not np.array_equal(lora_img, got)
+    lora_path = str(models_dir / "loras" / "tiny-sd-lora.safetensors")
+    assert np.array_equal(lora_img, np.asarray(_direct(models_dir, 7, loras=[(lora_path, 0.8)], scheduler="euler_a",
+                                                       **settings)))
+    with Image.open(png) as im:
+        meta = json.loads(im.text["multigen"])
+        assert "Seed: 7" in im.text["parameters"] and "Steps: 2" in im.text["parameters"]
+    assert meta == json.loads(png.with_suffix(".json").read_text())
+    assert meta["threads"] == cpu_cores() == meta["pipe_config"]["torch_threads"]
+    assert meta["batch_size"] == 1 and meta["pipe_config"]["seed"] == 7 and meta["seed"] == 7
+
+
+def test_three_pipe_classes_share_one_model(service):
+    sessions = {p: service.open_session("bob", "share", p, "tiny-sd")["session_id"]
+                for p in ("prompt2image", "image2image", "inpainting")}
+    red = Image.new("RGB", (64, 64), (200, 20, 20))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    jobs = [service.queue_gen(sessions["prompt2image"], prompt="x", width=64, height=64, steps=2),
+            service.queue_gen(sessions["image2image"], prompt="x", images=[red], strength=0.5, steps=4),
+            service.queue_gen(sessions["inpainting"], prompt="x", images=[red, mask], steps=2)]
+    assert service.wait_idle(300)
+    for j in jobs:
+        job = service.get_job(j["job_id"])
+        assert job["state"] == "succeeded", job["error"]
+    entries = service.cache.entries()
+    assert len(entries) == 1 and entries[0]["pipes"] == ["Im2ImPipe", "InpaintingPipe", "Prompt2ImPipe"]
+    entry = next(iter(service.cache._entries.values()))
+    pipes = list(entry.pipes.values())
+    assert all(p.pipe.unet is entry.base.unet for p in pipes)
+
+    class All:  # every module of the three pipes together, shared tensors counted once
+        components = {f"{i}-{k}": v for i, p in enumerate(pipes) for k, v in p.pipe.components.items()}
+
+    assert module_bytes(All) <= 1.1 * module_bytes(entry.base)
+    assert service.stats()["cache"]["loads"] == 1
+
+
+def test_controlnet_pipes_through_the_service(service):
+    from PIL import ImageDraw
+
+    square = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(square).rectangle((16, 16, 48, 48), fill="black")
+    jobs = []
+    for pipe, extra in (("cimage2image", {"ctypes": ["canny"], "strength": 0.8}), ("cond2image", {"cscales": [0.7]})):
+        sid = service.open_session("erin", "cn", pipe, "tiny-sd")["session_id"]
+        jobs.append(service.queue_gen(sid, images=[square], prompt="a box", steps=2, width=64, height=64, **extra))
+    assert service.wait_idle(300)
+    for j in jobs:
+        job = service.get_job(j["job_id"])
+        assert job["state"] == "succeeded", job["error"]
+        assert service.image_metadata(job["images"][0]["id"])["pipe_config"]["controlnets"]
+
+
+def test_cancel_a_running_real_job(service):
+    sid = service.open_session("carol", "long", "prompt2image", "tiny-sd")["session_id"]
+    out = service.queue_gen(sid, prompt="x", width=64, height=64, steps=200, count=3)
+    import time
+
+    deadline = time.monotonic() + 120
+    while service.get_job(out["job_id"])["progress"]["step"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    preview = service.preview(out["job_id"])  # the first step always makes one (then one every 0.5 s)
+    assert preview[:2] == b"\xff\xd8"
+    with Image.open(io.BytesIO(preview)) as im:
+        assert im.size == (8, 8)  # latent size: 64 / 8
+    service.cancel_job(out["job_id"])
+    assert service.wait_idle(60)
+    job = service.get_job(out["job_id"])
+    assert job["state"] == "cancelled" and job["done"] == 0 and service.get_image_count(sid) == 0
+
+
+def test_bad_input_found_by_the_pipe_fails_the_job_only(service):
+    sid = service.open_session("dave", "bad", "prompt2image", "tiny-sd")["session_id"]
+    bad = service.queue_gen(sid, prompt="x", scheduler="NoSuchScheduler", width=64, height=64, steps=2)
+    good = service.queue_gen(sid, prompt="x", width=64, height=64, steps=2)
+    assert service.wait_idle(300)
+    err = service.get_job(bad["job_id"])["error"]
+    assert err["type"] == "UnknownSchedulerError" and err["field"] == "scheduler" and "euler" in err["message"]
+    assert service.get_job(good["job_id"])["state"] == "succeeded"
+
+
+METAFUSION_EXAMPLE = '''
+from multigen.service import ServiceThread
+prompt = "bio-tech lab with computers and exotic flowers, artwork"
+seed = 42
+
+cfg_file = 'config.yaml'
+
+worker = ServiceThread(cfg_file)
+worker.start()
+
+pipe = "prompt2image"
+model = 'sdxl1'
+result = worker.open_session(
+    user='test',
+    project="results",
+    model=model,
+    pipe=pipe,
+    loras=['hypersd4steps'],
+)
+
+count = 5
+c = 0
+def on_new_image(*args, **kwargs):
+    print(args, kwargs)
+    global c
+    c += 1
+
+if 'error' not in result:
+    sess_id = result['session_id']
+    worker.queue_gen(session_id=sess_id,
+                    images=None,
+                    prompt=prompt,
+                    image_callback=on_new_image,
+                    lpw=True,
+                    width=1024, height=1024, steps=4,
+                    timestep_spacing='trailing',
+                    guidance_scale=0,
+                    scheduler='EulerAncestralDiscreteScheduler',
+                    count=count,
+                    seeds=[seed + i for i in range(count)],
+                    )
+'''
+
+
+def test_metafusion_example_runs_as_written(tmp_path, models_dir):
+    """The README's full example, with our import line and its model entries pointing at our models.
+
+    Only the image size is made smaller here (1024 -> 128) to keep the suite fast on a CPU;
+    the unmodified text (1024x1024) was run by hand the same way and wrote the same 5 images.
+    """
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "config.yaml").write_text(f"model_list: models.yaml\nmodel_dir: {models_dir}/\nlogging_folder: ./logs/\n")
+    (work / "models.yaml").write_text(textwrap.dedent("""\
+        base:
+          sdxl1:
+            id: tiny-sdxl
+            type: SDXL
+        lora:
+          hypersd4steps:
+            id: loras/tiny-sdxl-lora.safetensors
+            type: SDXL
+
+        pipes:
+            prompt2image:
+                name: "Prompt to Image"
+                classname: Prompt2ImPipe
+                need_imgs: False
+                needs_cnet: False
+        """))
+    example = METAFUSION_EXAMPLE.replace("width=1024, height=1024", "width=128, height=128")
+    assert example != METAFUSION_EXAMPLE
+    (work / "example.py").write_text(example)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "example.py"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("(")]
+    assert len(printed) == 5, proc.stdout
+    folder = next((tmp_path / "outputs" / "test" / "results").iterdir())
+    metas = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    assert [m["seed"] for m in metas] == [42, 43, 44, 45, 46]
+    assert all(m["width"] == 128 and m["loras"] == [{"name": "hypersd4steps", "weight": 1.0}] for m in metas)
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:05d}.png" for i in range(5)]
+    assert all(str(folder / f"{i:05d}.png") in proc.stdout for i in range(5))

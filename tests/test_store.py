@@ -1,0 +1,117 @@
+"""The SQLite store: schema versioning, WAL, rows, image reservations, threads."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from multigen.service.store import SCHEMA_VERSION, SQLiteStore
+
+
+def _session(store: SQLiteStore, sid: str = "s1", user: str = "alice") -> None:
+    store.create_session({"id": sid, "user": user, "project": "p", "pipe": "prompt2image", "model": "m",
+                          "loras": [{"name": "l", "weight": 0.5}], "state": "open", "folder": f"/out/{sid}",
+                          "created_at": "2026-01-01T00:00:00Z"})
+
+
+def _job(store: SQLiteStore, jid: str, sid: str = "s1", count: int = 2) -> None:
+    store.create_job({"id": jid, "session_id": sid, "user": "alice", "model": "m", "state": "queued",
+                      "priority": 0, "count": count, "seeds": list(range(count)), "prompt": ["a", ["b", "c"]],
+                      "negative_prompt": None, "params": {"steps": 3}, "created_at": "2026-01-01T00:00:00Z"})
+
+
+def _reserve(store: SQLiteStore, jid: str, pos: int, sid: str = "s1", iid: str | None = None) -> dict:
+    return store.reserve_image({"id": iid or f"{jid}-{pos}", "session_id": sid, "job_id": jid, "pos": pos,
+                                "seed": pos, "width": 8, "height": 8, "path": f"/out/{sid}/{{index}}.png"})
+
+
+def test_schema_is_versioned_and_reopening_keeps_data(tmp_path):
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    assert store.schema_version == SCHEMA_VERSION
+    _session(store)
+    store.close()
+    again = SQLiteStore(tmp_path / "db.sqlite3")
+    assert again.schema_version == SCHEMA_VERSION
+    assert again.get_session("s1")["loras"] == [{"name": "l", "weight": 0.5}]
+    mode = sqlite3.connect(tmp_path / "db.sqlite3").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    rows = sqlite3.connect(tmp_path / "db.sqlite3").execute("SELECT version FROM schema_version").fetchall()
+    assert rows == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+
+
+def test_newer_schema_is_refused(tmp_path):
+    SQLiteStore(tmp_path / "db.sqlite3").close()
+    conn = sqlite3.connect(tmp_path / "db.sqlite3")
+    conn.execute("INSERT INTO schema_version VALUES (99)")
+    conn.commit()
+    with pytest.raises(RuntimeError, match="newer"):
+        SQLiteStore(tmp_path / "db.sqlite3")
+
+
+def test_jobs_keep_every_parameter_and_seed(tmp_path):
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    _session(store)
+    _job(store, "j1", count=3)
+    job = store.get_job("j1")
+    assert job["seeds"] == [0, 1, 2] and job["prompt"] == ["a", ["b", "c"]] and job["params"] == {"steps": 3}
+    store.update_job("j1", state="failed", error={"type": "X", "message": "m"})
+    assert store.get_job("j1")["error"] == {"type": "X", "message": "m"}
+    assert store.job_counts("s1") == {"failed": 1}
+    assert [j["id"] for j in store.list_jobs(states=["failed"])] == ["j1"]
+    assert store.list_jobs(states=["queued"]) == []
+
+
+def test_image_reservations_are_idempotent_and_indices_grow(tmp_path):
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    _session(store)
+    _job(store, "j1")
+    _job(store, "j2")
+    a = _reserve(store, "j1", 0)
+    b = _reserve(store, "j2", 0)
+    again = _reserve(store, "j1", 0, iid="other-id")  # a resumed job asks again: same row, same index
+    assert (a["idx"], b["idx"], again["idx"]) == (0, 1, 0)
+    assert again["id"] == a["id"] and a["path"] == "/out/s1/00000.png"
+    assert store.image_count("s1") == 0  # reserved, not written yet
+    store.complete_image(a["id"], "t")
+    assert store.image_count("s1") == 1
+    assert [i["idx"] for i in store.list_images(session_id="s1")] == [0]
+    assert [i["idx"] for i in store.list_images(session_id="s1", state="writing")] == [1]
+    assert store.image_by_index("s1", 0)["id"] == a["id"]
+    assert store.get_image(b["id"]) is None  # not done
+    store.complete_image(b["id"], "t")
+    assert [i["idx"] for i in store.list_images(session_id="s1", after=0)] == [1]
+
+
+def test_concurrent_reservations_from_threads_get_distinct_indices(tmp_path):
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    _session(store)
+    for t in range(4):
+        _job(store, f"j{t}", count=10)
+    errors = []
+
+    def worker(t: int) -> None:
+        try:
+            for pos in range(10):
+                _reserve(store, f"j{t}", pos)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    idx = sorted(i["idx"] for i in store.list_images(session_id="s1", state=None))
+    assert idx == list(range(40))
+
+
+def test_session_filters_and_counts(tmp_path):
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    _session(store, "s1", "alice")
+    _session(store, "s2", "bob")
+    store.update_session("s2", state="closed")
+    assert [s["id"] for s in store.list_sessions(user="alice")] == ["s1"]
+    assert [s["id"] for s in store.list_sessions(state="closed")] == ["s2"]
+    assert store.count_sessions("alice", "open") == 1 and store.count_sessions("bob", "open") == 0
