@@ -38,6 +38,7 @@ def setup_logging(folder: Path, level: int = logging.INFO, console: bool = True)
         diffusers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.disable_progress_bar()
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
     return path
