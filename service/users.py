@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 
 import yaml
@@ -52,5 +54,9 @@ def add_user(config_path: str | None, name: str) -> str:
             break
     else:
         lines.append(("" if text.endswith("\n") or not text else "\n") + "users:\n" + entry)
-    path.write_text("".join(lines))
+    # temp file + rename: a crash never leaves a half-written config (the server would not start)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text("".join(lines))
+    shutil.copymode(path, tmp)
+    os.replace(tmp, path)
     return token

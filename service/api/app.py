@@ -1,39 +1,132 @@
-"""``create_app(config)``: builds the Flask app, registers blueprints and the JSON error handler."""
+"""``create_app(config, service)``: builds the Flask app, registers blueprints and the JSON error handlers."""
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, jsonify
+from flask import Blueprint, Flask, Response, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__
 from ..config import Config
 from ..errors import MultigenError
+from . import auth, events, images, jobs, metrics, sessions, uploads
+from .docs_page import DOCS_HTML
+from .openapi import build_document
+from .schemas import Schemas
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("service", __name__, url_prefix="/api/v1")
 
+#: werkzeug's error names, as the API's error codes
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
+              429: "too_many_requests", 503: "service_unavailable"}
+#: room for the multipart envelope or a JSON body with an inline data: URL around an upload
+BODY_OVERHEAD = 64 * 1024
+
 
 @bp.get("/health")
 def health() -> dict[str, Any]:
-    from flask import current_app
-
     service = current_app.extensions.get("multigen.service")
-    info: dict[str, Any] = {"status": "ok", "version": __version__, "devices": [], "queue": {}}
+    info: dict[str, Any] = {"status": "ok", "version": __version__, "devices": [], "queue": {},
+                            "auth": auth.auth_enabled()}
     if service is not None:
         info["devices"] = service.devices()
-        info["queue"] = service.queue_info()
+        queue = dict(service.queue_info())
+        if info["auth"]:  # public route: no job ids of anyone
+            queue["workers"] = [{k: v for k, v in w.items() if k != "job_id"} for w in queue.get("workers", [])]
+        info["queue"] = queue
     return info
 
 
-def _error_response(code: str, message: str, status: int, field: str | None = None):
+@bp.get("/models")
+def models() -> dict[str, Any]:
+    """What a session can be opened with: models, LoRAs, pipes, schedulers."""
+    cfg: Config = current_app.extensions["multigen.config"]
+    try:
+        from multigen.pipes import list_schedulers
+
+        schedulers = list(list_schedulers())
+    except ImportError:
+        schedulers = []
+    return {
+        "models": [{"name": e.name, "type": e.type} for e in cfg.models.base.values()],
+        "loras": [{"name": e.name, "type": e.type} for e in cfg.models.lora.values()],
+        "pipes": [{"name": p.name, "title": p.title, "classname": p.classname, "need_imgs": p.need_imgs,
+                   "needs_cnet": p.needs_cnet, "schema": f"#/components/schemas/JobCreate_{p.name}"}
+                  for p in cfg.models.pipes.values()],
+        "controlnets": [{"name": e.name, "type": e.type} for e in cfg.models.controlnet.values()],
+        "schedulers": schedulers,
+    }
+
+
+@bp.get("/openapi.json")
+def openapi() -> dict[str, Any]:
+    return current_app.extensions["multigen.openapi"]
+
+
+@bp.get("/docs")
+def docs() -> Response:
+    return Response(DOCS_HTML, mimetype="text/html")
+
+
+def error_response(code: str, message: str, status: int, field: str | None = None) -> tuple[Response, int]:
+    """The one JSON error shape of API.md."""
     err: dict[str, Any] = {"code": code, "message": message}
     if field:
         err["field"] = field
     return jsonify({"error": err}), status
+
+
+def _pipe_error_class() -> type[Exception] | None:
+    try:
+        from multigen.pipes.errors import PipeError
+    except ImportError:
+        return None
+    return PipeError
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(MultigenError)
+    def _multigen_error(e: MultigenError):
+        if e.http_status >= 500:
+            log.warning("%s: %s", e.code, e.message)
+        response = jsonify(e.to_dict())
+        if e.http_status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="multigen"'
+        return response, e.http_status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        status = e.code or 500
+        code = HTTP_CODES.get(status) or (e.name or "error").lower().replace(" ", "_")
+        response, status = error_response(code, e.description or e.name, status)
+        if status == 405 and getattr(e, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(e.valid_methods)
+        return response, status
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception):
+        pipe_error = _pipe_error_class()
+        if pipe_error is not None and isinstance(e, pipe_error):  # bad input found by a pipe
+            allowed = f"; allowed: {e.allowed}" if getattr(e, "allowed", None) else ""
+            return error_response("invalid", f"{e}{allowed}", 400, getattr(e, "param", None))
+        log.exception("unexpected error")
+        return error_response("internal_error", "internal server error (logged)", 500)
+
+
+def _stream_cap(config: Config) -> int:
+    """Event streams allowed at once: each holds a waitress thread, so two always stay for the rest."""
+    cap = min(config.server.max_event_streams, max(1, config.server.threads - 2))
+    if cap < config.server.max_event_streams:
+        log.warning("server.max_event_streams %d lowered to %d: %d waitress threads must leave room for "
+                    "other requests", config.server.max_event_streams, cap, config.server.threads)
+    return cap
 
 
 def create_app(config: Config, service: Any = None) -> Flask:
@@ -42,30 +135,33 @@ def create_app(config: Config, service: Any = None) -> Flask:
     Args:
         config: the loaded configuration.
         service: a started ServiceThread (kept in ``app.extensions["multigen.service"]``).
+
+    Returns:
+        the Flask app; ``app.extensions["multigen.stopping"]`` is set to end event streams on shutdown.
     """
     here = Path(__file__).resolve().parent
     # explicit paths: Flask cannot search for the package path of `multigen`, which has no folder of its own
     app = Flask(__name__, root_path=str(here), instance_path=str(config.data_dir / "instance"),
                 static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = int(config.limits.upload_max_bytes * 4 / 3) + BODY_OVERHEAD
+    app.json.sort_keys = False
+    app.config["MULTIGEN_HEARTBEAT_SECONDS"] = float(os.environ.get("MULTIGEN_HEARTBEAT_SECONDS",
+                                                                    events.HEARTBEAT_SECONDS))
     app.extensions["multigen.config"] = config
     app.extensions["multigen.service"] = service
-    app.register_blueprint(bp)
+    app.extensions["multigen.schemas"] = schemas = Schemas(config)
+    app.extensions["multigen.uploads"] = uploads.UploadStore(
+        config.data_dir / "uploads", config.limits.upload_max_bytes, config.limits.upload_max_pixels)
+    app.extensions["multigen.event_streams"] = events.StreamLimiter(_stream_cap(config))
+    app.extensions["multigen.stopping"] = threading.Event()
+    app.extensions["multigen.openapi"] = build_document(schemas, auth=bool(config.users))
+    # metrics first: its before_request times the whole request, auth failures included
+    app.extensions["multigen.metrics"] = metrics.HttpMetrics(app)
+    app.before_request(auth.authenticate)
+    for blueprint in (bp, sessions.bp, jobs.bp, images.bp, uploads.bp, events.bp, metrics.bp):
+        app.register_blueprint(blueprint)
     from .web import bp as web_bp
 
     app.register_blueprint(web_bp)
-
-    @app.errorhandler(MultigenError)
-    def _multigen_error(e: MultigenError):
-        return jsonify(e.to_dict()), e.http_status
-
-    @app.errorhandler(HTTPException)
-    def _http_error(e: HTTPException):
-        code = (e.name or "error").lower().replace(" ", "_")
-        return _error_response(code, e.description or e.name, e.code or 500)
-
-    @app.errorhandler(Exception)
-    def _unexpected(e: Exception):
-        log.exception("unexpected error")
-        return _error_response("internal_error", "internal server error (logged)", 500)
-
+    _register_errors(app)
     return app

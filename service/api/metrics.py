@@ -1,0 +1,189 @@
+"""``GET /metrics``: Prometheus text format, from a registry of the app's own.
+
+- HTTP requests are counted and timed by route template and status as they happen.
+- Queue depth and workers come from ``service.queue_info()``; jobs by state and images
+  written from the sessions' counts (``list_sessions()``: the store, so restarts are counted
+  right), read at scrape time by :class:`ServiceCollector`.
+- Model loads, cache hits and per-image time come from ``service.stats()`` when the service
+  has it (``{"cache": {"loads", "hits"}, "image_seconds": {"count", "sum"}}``).
+- Step times: the service does not time single steps for others to read, so
+  :class:`StepTimer` listens to the ``job.progress`` events and observes, for each event,
+  the time since the previous one of the same image divided by the steps done in between.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("metrics", __name__)
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServiceCollector:
+    """Reads the service's figures at scrape time (a custom collector: nothing to keep in sync)."""
+
+    def __init__(self, app: Flask):
+        self.app = app
+
+    def describe(self):  # no samples at registration: do not call the service then
+        return []
+
+    def collect(self):
+        service = self.app.extensions.get("multigen.service")
+        if service is None:
+            return
+        try:
+            yield from self._collect(service)
+        except Exception:  # a scrape must not fail because the service is busy or stopping
+            log.exception("metrics: reading the service failed")
+
+    def _collect(self, service: Any):
+        info = service.queue_info() or {}
+        depth = GaugeMetricFamily("multigen_queue_jobs", "jobs waiting or running", labels=["state"])
+        depth.add_metric(["queued"], float(info.get("queued", 0)))
+        depth.add_metric(["running"], float(info.get("running", 0)))
+        yield depth
+        workers = GaugeMetricFamily("multigen_workers", "device workers by state", labels=["device", "state"])
+        for w in info.get("workers", []) or []:
+            workers.add_metric([str(w.get("device")), str(w.get("state"))], 1.0)
+        yield workers
+
+        jobs, images = self._counts_from_sessions(service)
+        family = GaugeMetricFamily("multigen_jobs", "jobs in the store by state", labels=["state"])
+        for state in JOB_STATES:
+            family.add_metric([state], float(jobs.get(state, 0)))
+        yield family
+        stats = service.stats() if callable(getattr(service, "stats", None)) else None
+        stats = stats if isinstance(stats, dict) else {}
+        written = stats.get("images_written")
+        yield CounterMetricFamily("multigen_images_written", "images written (since start when the service "
+                                  "counts them, else all in the store)",
+                                  value=float(images if written is None else written))
+        cache = stats.get("cache") or {}
+        for key, name, help_text in (("loads", "model_loads", "models loaded into the cache"),
+                                     ("hits", "cache_hits", "pipes served from the model cache")):
+            if cache.get(key) is not None:
+                yield CounterMetricFamily(f"multigen_{name}", help_text, value=float(cache[key]))
+        per_image = stats.get("image_seconds") or {}
+        if per_image.get("count") is not None:
+            yield SummaryMetricFamily("multigen_image_seconds", "generation time per image",
+                                      count_value=float(per_image["count"]), sum_value=float(per_image["sum"]))
+
+    @staticmethod
+    def _counts_from_sessions(service: Any) -> tuple[dict[str, int], int]:
+        jobs = dict.fromkeys(JOB_STATES, 0)
+        images = 0
+        for session in service.list_sessions():
+            images += int(session.get("image_count") or 0)
+            for state, n in (session.get("job_counts") or {}).items():
+                jobs[state] = jobs.get(state, 0) + int(n or 0)
+        return jobs, images
+
+
+class StepTimer:
+    """Observes denoising step times from ``job.progress`` events, in a thread of its own.
+
+    Args:
+        service: has ``subscribe()``.
+        histogram: where the step times go.
+        stop_event: ends the thread when set (the app's ``multigen.stopping``).
+    """
+
+    def __init__(self, service: Any, histogram: Histogram, stop_event: threading.Event | None = None):
+        self.service = service
+        self.histogram = histogram
+        self.last: dict[str, tuple[float, int, int]] = {}  # job -> (time, image, step)
+        self.stop_event = stop_event or threading.Event()
+        self.sub: Any = None
+        self.thread = threading.Thread(target=self._run, name="multigen-step-timer", daemon=True)
+
+    def start(self) -> StepTimer:
+        """Subscribe (now, so no event is missed) and start listening."""
+        try:
+            self.sub = self.service.subscribe()
+        except Exception:
+            log.exception("metrics: cannot subscribe to the service's events; no step times")
+            return self
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def observe(self, event: dict[str, Any], now: float) -> None:
+        """Account for one event (public for tests)."""
+        data = event.get("data") or {}
+        kind = event.get("type")
+        job_id = data.get("job_id") or (data.get("job") or {}).get("id")
+        if kind != "job.progress":
+            if kind in ("job.succeeded", "job.failed", "job.cancelled", "job.queued"):
+                self.last.pop(job_id, None)
+            return
+        progress = data.get("progress") or {}
+        image, step = int(progress.get("image", 0)), int(progress.get("step", 0))
+        prev = self.last.get(job_id)
+        self.last[job_id] = (now, image, step)
+        if prev is None or prev[1] != image or step <= prev[2]:
+            return
+        per_step = (now - prev[0]) / (step - prev[2])
+        for _ in range(step - prev[2]):
+            self.histogram.observe(per_step)
+
+    def _run(self) -> None:
+        sub = self.sub
+        try:
+            while not self.stop_event.is_set() and not getattr(sub, "closed", False):
+                event = sub.get(timeout=1.0)
+                if event is not None:
+                    self.observe(event, time.monotonic())
+        finally:
+            sub.close()
+
+
+class HttpMetrics:
+    """Per-app registry, request counter and latency histogram."""
+
+    def __init__(self, app: Flask):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("multigen_http_requests", "HTTP requests by route and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("multigen_http_request_seconds", "HTTP request time by route", ["route"],
+                                 registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+        self.registry.register(ServiceCollector(app))
+        self.step_seconds = Histogram("multigen_step_seconds", "time of one denoising step (from progress events)",
+                                      registry=self.registry, buckets=STEP_BUCKETS)
+        service = app.extensions.get("multigen.service")
+        self.step_timer = (StepTimer(service, self.step_seconds, app.extensions.get("multigen.stopping")).start()
+                           if callable(getattr(service, "subscribe", None)) else None)
+        app.before_request(self._start)
+        app.after_request(self._record)
+
+    @staticmethod
+    def _start() -> None:
+        g.metrics_start = time.perf_counter()
+
+    def _record(self, response: Response) -> Response:
+        # the route template, never the raw path: ids would make one series per request
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        self.requests.labels(request.method, route, str(response.status_code)).inc()
+        start = g.get("metrics_start")
+        if start is not None and response.mimetype != "text/event-stream":
+            self.latency.labels(route).observe(time.perf_counter() - start)
+        return response
+
+
+@bp.get("/metrics")
+def metrics():
+    registry = current_app.extensions["multigen.metrics"].registry
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,236 @@
+"""The OpenAPI 3.1 document (``/api/v1/openapi.json``) and the page that renders it (``/api/v1/docs``).
+
+Request schemas are the very pydantic models that validate requests (schemas.py), so the
+document cannot drift from the checks; response models below describe API.md's shapes.
+The page is self-contained: no CDN, no external asset.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import __version__
+from .schemas import Schemas, SessionCreate
+
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class JobCounts(_Open):
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+
+
+class Session(_Open):
+    id: str
+    user: str
+    project: str
+    pipe: str
+    model: str
+    loras: list[Any]
+    state: Literal["open", "closed"]
+    created_at: str
+    image_count: int
+    job_counts: JobCounts
+
+
+class Image(_Open):
+    id: str
+    session_id: str
+    job_id: str
+    index: int
+    seed: int
+    width: int
+    height: int
+    url: str
+    created_at: str
+
+
+class Progress(_Open):
+    step: int
+    steps: int
+    image: int
+    fraction: float = Field(ge=0, le=1)
+
+
+class JobError(_Open):
+    type: str
+    message: str
+
+
+class Job(_Open):
+    id: str
+    session_id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    position: int | None = None
+    count: int
+    done: int
+    seeds: list[int]
+    params: dict[str, Any]
+    progress: Progress | None = None
+    eta_seconds: float | None = None
+    error: JobError | None = None
+    images: list[Image]
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class Upload(_Open):
+    id: str
+    width: int
+    height: int
+    format: Literal["png", "jpeg", "webp"]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class Error(BaseModel):
+    error: ErrorBody
+
+
+class Worker(_Open):
+    device: str
+    state: str
+    job_id: str | None = None
+    model: str | None = None
+
+
+class Queue(_Open):
+    queued: int
+    running: int
+    workers: list[Worker]
+
+
+def _wrap(name: str, key: str, model: type[BaseModel], many: bool = False) -> type[BaseModel]:
+    from pydantic import create_model
+
+    kind = list[model] if many else model  # type: ignore[valid-type]
+    return create_model(name, __base__=_Open, **{key: (kind, ...)})
+
+
+RESPONSES: dict[str, type[BaseModel]] = {
+    "SessionResponse": _wrap("SessionResponse", "session", Session),
+    "SessionList": _wrap("SessionList", "sessions", Session, many=True),
+    "JobResponse": _wrap("JobResponse", "job", Job),
+    "JobList": _wrap("JobList", "jobs", Job, many=True),
+    "ImageList": _wrap("ImageList", "images", Image, many=True),
+    "UploadResponse": _wrap("UploadResponse", "upload", Upload),
+    "Queue": Queue,
+    "Error": Error,
+}
+
+ERRORS = {"400": "malformed or invalid", "401": "no or bad token", "403": "not yours","404": "unknown id (or not yours)",
+          "409": "conflict", "413": "too large", "415": "wrong media type", "429": "queue full",
+          "503": "unavailable or too many event streams"}
+
+#: (method, path, summary, request body schema or None, success status, response schema or media type,
+#:  query parameters, error statuses)
+ROUTES: list[tuple[str, str, str, str | None, str, str, list[str], list[str]]] = [
+    ("get", "/api/v1/health", "Service status, version, devices and queue", None, "200", "object", [], []),
+    ("get", "/api/v1/models", "Models, LoRAs, pipes and schedulers", None, "200", "object", [], ["401"]),
+    ("post", "/api/v1/sessions", "Open a session", "SessionCreate", "201", "SessionResponse", [],
+     ["400", "401", "403", "415", "429"]),
+    ("get", "/api/v1/sessions", "The user's sessions", None, "200", "SessionList", ["project", "state"],
+     ["400", "401"]),
+    ("get", "/api/v1/sessions/{session_id}", "One session", None, "200", "SessionResponse", [], ["401", "404"]),
+    ("delete", "/api/v1/sessions/{session_id}", "Close a session (queued jobs cancelled, images kept)", None,
+     "200", "SessionResponse", [], ["401", "404"]),
+    ("post", "/api/v1/sessions/{session_id}/jobs", "Queue a job; the body schema is the session pipe's "
+     "JobCreate_<pipe>", "JobCreate", "202", "JobResponse", [], ["400", "401", "404", "409", "413", "415", "429"]),
+    ("get", "/api/v1/sessions/{session_id}/jobs", "A session's jobs in queue order", None, "200", "JobList",
+     ["state"], ["400", "401", "404"]),
+    ("get", "/api/v1/jobs/{job_id}", "One job", None, "200", "JobResponse", [], ["401", "404"]),
+    ("post", "/api/v1/jobs/{job_id}/cancel", "Cancel a job", None, "200", "JobResponse", [],
+     ["401", "404", "409"]),
+    ("get", "/api/v1/jobs/{job_id}/preview", "Latest preview of a running job", None, "200", "image/jpeg", [],
+     ["401", "404"]),
+    ("get", "/api/v1/queue", "Queue depth and workers", None, "200", "Queue", [], ["401"]),
+    ("get", "/api/v1/sessions/{session_id}/images", "Images with an index above `after`, in index order", None,
+     "200", "ImageList", ["after"], ["400", "401", "404"]),
+    ("get", "/api/v1/images/{image_id}", "The image file (`format` converts)", None, "200", "image/*",
+     ["format"], ["400", "401", "404"]),
+    ("get", "/api/v1/images/{image_id}/metadata", "Parameters that reproduce the image", None, "200", "object",
+     [], ["401", "404"]),
+    ("post", "/api/v1/uploads", "Upload an image (multipart `file`; PNG, JPEG or WebP)", "multipart", "201",
+     "UploadResponse", [], ["400", "401", "413", "415"]),
+    ("get", "/api/v1/events", "Server-sent events (`Last-Event-ID` resumes where the service can)", None, "200",
+     "text/event-stream", ["session_id"], ["401", "404", "503"]),
+    ("get", "/metrics", "Prometheus metrics", None, "200", "text/plain", [], []),
+]
+
+QUERY_PARAMS = {
+    "project": {"schema": {"type": "string"}},
+    "state": {"schema": {"type": "string"}, "description": "sessions: open|closed; jobs: queued|running|succeeded|"
+                                                         "failed|cancelled"},
+    "after": {"schema": {"type": "integer"}, "description": "last index seen; -1 or absent for all"},
+    "format": {"schema": {"type": "string", "enum": ["png", "jpeg", "webp"]}},
+    "session_id": {"schema": {"type": "string"}},
+}
+
+
+def _components(schemas: Schemas) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    models: list[type[BaseModel]] = [SessionCreate, *schemas.jobs.values(), *RESPONSES.values()]
+    for model in models:
+        doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in doc.pop("$defs", {}).items():
+            out.setdefault(name, sub)
+        out[model.__name__ if model.__name__ in RESPONSES else doc.get("title", model.__name__)] = doc
+    out["JobCreate"] = {"description": "one of the per-pipe job bodies: the session's pipe decides",
+                        "oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in schemas.jobs.values()]}
+    return out
+
+
+def _media(kind: str) -> dict[str, Any]:
+    if "/" in kind:
+        return {kind: {"schema": {"type": "string", "format": "binary"}}}
+    ref = {"type": "object"} if kind == "object" else {"$ref": f"#/components/schemas/{kind}"}
+    return {"application/json": {"schema": ref}}
+
+
+def build_document(schemas: Schemas, auth: bool) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of this app (its pipes decide the job schemas)."""
+    paths: dict[str, Any] = {}
+    for method, path, summary, body, status, response, query, errors in ROUTES:
+        op: dict[str, Any] = {"summary": summary, "responses": {status: {"description": "success",
+                                                                         "content": _media(response)}}}
+        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in ("session_id", "job_id", "image_id") if "{" + p + "}" in path]
+        params += [{"name": q, "in": "query", "required": False, **QUERY_PARAMS[q]} for q in query]
+        if params:
+            op["parameters"] = params
+        if body == "multipart":
+            op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
+                "required": ["file"]}}}}
+        elif body:
+            op["requestBody"] = {"required": True, "content": _media(body)}
+        for code in errors:
+            op["responses"][code] = {"description": ERRORS[code], "content": _media("Error")}
+        if path in ("/api/v1/health", "/metrics"):
+            op["security"] = []
+        paths.setdefault(path, {})[method] = op
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "multigen", "version": __version__,
+                 "description": "Session-based image generation server. Errors are "
+                                "`{\"error\": {\"code\", \"message\", \"field\"?}}`."},
+        "paths": paths,
+        "components": {"schemas": _components(schemas),
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "x-multigen-job-schemas": {pipe: f"#/components/schemas/{m.__name__}" for pipe, m in schemas.jobs.items()},
+    }
+    if auth:
+        doc["security"] = [{"bearer": []}]
+    return doc

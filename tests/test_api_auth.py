@@ -1,0 +1,141 @@
+"""Bearer-token auth, user isolation (404, never a leak) and the bind/auth start-up rule."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from api_fakes import build_app, fake, open_session  # noqa: F401  (fixtures)
+from PIL import Image
+
+from multigen.service.config import load_config
+from multigen.service.errors import ConfigError
+from multigen.service.server import check_bind_auth, is_loopback
+from multigen.service.users import hash_token
+
+
+@pytest.fixture()
+def two_users(config_file, fake):
+    app, tokens = build_app(config_file, fake, users=("alice", "bob"))
+    return app.test_client(), {u: {"Authorization": f"Bearer {t}"} for u, t in tokens.items()}, tokens
+
+
+def err(r):
+    return r.get_json()["error"]
+
+
+def test_tokens_are_stored_only_as_hashes(config_file, fake):
+    _, tokens = build_app(config_file, fake, users=("alice",))
+    text = config_file.read_text()
+    assert tokens["alice"] not in text and hash_token(tokens["alice"]) in text
+    assert load_config(config_file).users["alice"]["token_sha256"] == hash_token(tokens["alice"])
+
+
+def test_no_or_bad_token_is_401_public_routes_stay_open(two_users):
+    client, headers, _ = two_users
+    for h in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer "}):
+        r = client.get("/api/v1/sessions", headers=h)
+        assert r.status_code == 401 and err(r)["code"] == "unauthorized", h
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    r = client.post("/api/v1/sessions", json={"project": "p", "pipe": "prompt2image", "model": "tiny-sd"})
+    assert r.status_code == 401
+    for path in ("/api/v1/health", "/api/v1/openapi.json", "/api/v1/docs", "/", "/metrics"):
+        assert client.get(path).status_code == 200, path
+    assert client.get("/api/v1/sessions", headers=headers["alice"]).status_code == 200
+    # a token in the query string is only for files and streams, not for the rest of the API
+    assert client.get(f"/api/v1/sessions?access_token={two_users[2]['alice']}").status_code == 401
+
+
+def test_users_never_see_each_others_things(two_users, fake):
+    client, headers, tokens = two_users
+    s = open_session(client, headers=headers["alice"])
+    assert s["user"] == "alice"
+    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "count": 1},
+                      headers=headers["alice"]).get_json()["job"]
+    fake.run_job(job["id"])
+    image = client.get(f"/api/v1/sessions/{s['id']}/images", headers=headers["alice"]).get_json()["images"][0]
+    job2 = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x"}, headers=headers["alice"]).get_json()
+    bob = headers["bob"]
+    for method, path in [("get", f"/api/v1/sessions/{s['id']}"), ("delete", f"/api/v1/sessions/{s['id']}"),
+                         ("get", f"/api/v1/sessions/{s['id']}/images"), ("get", f"/api/v1/sessions/{s['id']}/jobs"),
+                         ("get", f"/api/v1/jobs/{job['id']}"),
+                         ("post", f"/api/v1/jobs/{job2['job']['id']}/cancel"),
+                         ("get", f"/api/v1/jobs/{job['id']}/preview"), ("get", f"/api/v1/images/{image['id']}"),
+                         ("get", f"/api/v1/images/{image['id']}/metadata"),
+                         ("get", f"/api/v1/events?session_id={s['id']}")]:
+        r = getattr(client, method)(path, headers=bob)
+        assert r.status_code == 404 and err(r)["code"] == "not_found", (method, path, r.get_json())
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x"}, headers=bob)
+    assert r.status_code == 404
+    assert client.get("/api/v1/sessions", headers=bob).get_json()["sessions"] == []
+    assert fake.jobs[job2["job"]["id"]]["state"] == "queued"  # bob's cancel did nothing
+    assert fake.sessions[s["id"]]["state"] == "open"
+    # alice sees hers; files also take ?access_token= (for <img> tags)
+    assert client.get(f"/api/v1/images/{image['id']}?access_token={tokens['alice']}").status_code == 200
+    assert client.get(f"/api/v1/images/{image['id']}?access_token={tokens['bob']}").status_code == 404
+    assert len(client.get("/api/v1/sessions", headers=headers["alice"]).get_json()["sessions"]) == 1
+
+
+def test_body_user_must_match_token(two_users):
+    client, headers, _ = two_users
+    r = client.post("/api/v1/sessions", json={"user": "bob", "project": "p", "pipe": "prompt2image",
+                                              "model": "tiny-sd"}, headers=headers["alice"])
+    assert r.status_code == 403 and err(r)["field"] == "user"
+
+
+def test_uploads_are_private(two_users):
+    client, headers, _ = two_users
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format="PNG")
+    up = client.post("/api/v1/uploads", data={"file": (io.BytesIO(buf.getvalue()), "a.png")},
+                     content_type="multipart/form-data", headers=headers["alice"]).get_json()["upload"]
+    s = open_session(client, pipe="image2image", headers=headers["bob"])
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [up["id"]]},
+                    headers=headers["bob"])
+    assert r.status_code == 404 and err(r)["field"] == "images.0"
+
+
+def test_queue_hides_other_users_job_ids(two_users, fake):
+    client, headers, _ = two_users
+    s = open_session(client, headers=headers["alice"])
+    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x"}, headers=headers["alice"]).get_json()
+    fake.jobs[job["job"]["id"]]["state"] = "running"
+    assert client.get("/api/v1/queue", headers=headers["alice"]).get_json()["workers"][0]["job_id"] == job["job"]["id"]
+    assert client.get("/api/v1/queue", headers=headers["bob"]).get_json()["workers"][0]["job_id"] is None
+    assert "job_id" not in client.get("/api/v1/health").get_json()["queue"]["workers"][0]
+
+
+def test_events_carry_only_own_sessions(two_users, fake):
+    client, headers, tokens = two_users
+    sa = open_session(client, headers=headers["alice"])
+    sb = open_session(client, headers=headers["bob"])
+    r = client.get("/api/v1/events", headers=headers["bob"], buffered=False)
+    stream = iter(r.response)
+    assert next(stream).startswith(b"retry:")
+    ja = client.post(f"/api/v1/sessions/{sa['id']}/jobs", json={"prompt": "x"}, headers=headers["alice"]).get_json()
+    jb = client.post(f"/api/v1/sessions/{sb['id']}/jobs", json={"prompt": "x"}, headers=headers["bob"]).get_json()
+    chunk = next(stream).decode()
+    assert jb["job"]["id"] in chunk and ja["job"]["id"] not in chunk
+    r.close()
+    # EventSource cannot send headers: the stream also takes ?access_token=
+    r = client.get(f"/api/v1/events?session_id={sb['id']}&access_token={tokens['bob']}", buffered=False)
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    r.close()
+
+
+@pytest.mark.parametrize("host,loop", [("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True),
+                                       ("localhost", True), ("0.0.0.0", False), ("192.168.1.5", False),
+                                       ("example.com", False), ("::", False)])
+def test_is_loopback(host, loop):
+    assert is_loopback(host) is loop
+
+
+def test_bind_auth_rule(config_file, fake):
+    cfg = load_config(config_file)
+    assert check_bind_auth(cfg) == "anonymous-loopback"
+    cfg.server.host = "0.0.0.0"
+    with pytest.raises(ConfigError, match="allow_anonymous"):
+        check_bind_auth(cfg)
+    cfg.server.allow_anonymous = True
+    assert check_bind_auth(cfg) == "anonymous-allowed"
+    cfg.users = {"alice": {"token_sha256": hash_token("t")}}
+    assert check_bind_auth(cfg) == "tokens"

@@ -1,0 +1,196 @@
+"""Images (polling, files, conversion, caching, path safety) and uploads through the Flask test client."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import struct
+import zlib
+
+import pytest
+from api_fakes import app, build_app, client, fake, open_session  # noqa: F401  (fixtures)
+from PIL import Image
+
+
+def err(r):
+    return r.get_json()["error"]
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A small PNG whose header claims ``width`` x ``height`` (IDAT is tiny and wrong: never decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def run_session(client, fake, count=3):
+    s = open_session(client)
+    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "count": count}).get_json()["job"]
+    fake.run_job(job["id"])
+    return s, client.get(f"/api/v1/sessions/{s['id']}/images").get_json()["images"]
+
+
+def test_images_after_polls_what_is_new(client, fake):
+    s, images = run_session(client, fake, count=3)
+    assert [im["index"] for im in images] == [0, 1, 2]
+    assert [im["index"] for im in client.get(f"/api/v1/sessions/{s['id']}/images?after=0").get_json()["images"]] \
+        == [1, 2]
+    assert client.get(f"/api/v1/sessions/{s['id']}/images?after=2").get_json()["images"] == []
+    assert client.get(f"/api/v1/sessions/{s['id']}/images?after=99999999999999999999999").get_json()["images"] == []
+    assert len(client.get(f"/api/v1/sessions/{s['id']}/images?after=-5").get_json()["images"]) == 3
+    r = client.get(f"/api/v1/sessions/{s['id']}/images?after=last")
+    assert r.status_code == 400 and err(r)["field"] == "after"
+
+
+@pytest.mark.parametrize("fmt,mime,pil", [("png", "image/png", "PNG"), ("jpeg", "image/jpeg", "JPEG"),
+                                          ("webp", "image/webp", "WEBP")])
+def test_image_file_formats_etag_and_304(client, fake, fmt, mime, pil):
+    _, images = run_session(client, fake, count=1)
+    url = f"/api/v1/images/{images[0]['id']}?format={fmt}"
+    r = client.get(url)
+    assert r.status_code == 200 and r.mimetype == mime
+    assert Image.open(io.BytesIO(r.data)).format == pil
+    assert r.headers["ETag"] and r.headers["Last-Modified"]
+    again = client.get(url, headers={"If-None-Match": r.headers["ETag"]})
+    assert again.status_code == 304 and not again.data
+    since = client.get(url, headers={"If-Modified-Since": r.headers["Last-Modified"]})
+    assert since.status_code == 304
+
+
+def test_image_unknown_format_is_400(client, fake):
+    _, images = run_session(client, fake, count=1)
+    r = client.get(f"/api/v1/images/{images[0]['id']}?format=gif")
+    assert r.status_code == 400 and err(r)["field"] == "format" and "webp" in err(r)["message"]
+
+
+def test_metadata_reproduces_the_image(client, fake):
+    _, images = run_session(client, fake, count=1)
+    body = client.get(f"/api/v1/images/{images[0]['id']}/metadata").get_json()
+    assert body["metadata"]["seed"] == images[0]["seed"] and body["metadata"]["prompt"] == "x"
+    # without the sidecar, the PNG's JSON text chunk
+    path = fake.paths[images[0]["id"]]
+    os.remove(path[:-4] + ".json")
+    assert client.get(f"/api/v1/images/{images[0]['id']}/metadata").get_json()["metadata"]["seed"] == images[0]["seed"]
+
+
+@pytest.mark.parametrize("attack", ["../../../../etc/passwd", "absolute", "symlink", "encoded"])
+def test_no_path_leaves_the_output_folder(client, fake, tmp_path, attack):
+    _, images = run_session(client, fake, count=1)
+    iid = images[0]["id"]
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    inside = fake.paths[iid]
+    if attack == "absolute":
+        fake.paths[iid] = str(secret)
+    elif attack == "symlink":
+        os.remove(inside)
+        os.symlink(secret, inside)
+    elif attack == "encoded":
+        r = client.get("/api/v1/images/..%2F..%2F..%2Fsecret.png")
+        assert r.status_code == 404 and err(r)["code"] == "not_found"
+        return
+    else:
+        fake.paths[iid] = os.path.join(os.path.dirname(inside), attack)
+    r = client.get(f"/api/v1/images/{iid}")
+    assert r.status_code == 404 and err(r)["code"] == "not_found"
+    assert client.get(f"/api/v1/images/{iid}/metadata").status_code == 404
+
+
+def test_upload_png_jpeg_webp(client):
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        data = encode(Image.new("RGB", (40, 24), (200, 10, 10)), fmt)
+        r = client.post("/api/v1/uploads", data={"file": (io.BytesIO(data), "x")}, content_type="multipart/form-data")
+        assert r.status_code == 201, r.get_json()
+        up = r.get_json()["upload"]
+        assert up["width"] == 40 and up["height"] == 24 and up["format"] == fmt.lower() and up["id"].startswith("up_")
+
+
+def test_upload_applies_exif_orientation(client, app):
+    image = Image.new("RGB", (40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = encode(image, "JPEG", exif=exif.tobytes())
+    r = client.post("/api/v1/uploads", data={"file": (io.BytesIO(data), "x.jpg")}, content_type="multipart/form-data")
+    up = r.get_json()["upload"]
+    assert (up["width"], up["height"]) == (20, 40)
+    stored = app.extensions["multigen.uploads"].folder / f"{up['id']}.png"
+    assert Image.open(stored).size == (20, 40)
+
+
+def test_upload_rejects_other_formats_bombs_and_big_files(config_file, fake):
+    app, _ = build_app(config_file, fake, **{"upload_max_bytes: 20971520": "upload_max_bytes: 200000",
+                                             "upload_max_pixels: 16777216": "upload_max_pixels: 250000"})
+    client = app.test_client()
+
+    def post(data):
+        return client.post("/api/v1/uploads", data={"file": (io.BytesIO(data), "f")}, content_type="multipart/form-data")
+
+    r = post(encode(Image.new("RGB", (8, 8)), "GIF"))
+    assert r.status_code == 415 and err(r)["code"] == "unsupported_media_type" and "PNG" in err(r)["message"]
+    r = post(b"not an image at all")
+    assert r.status_code == 415
+    r = post(png_bomb(30000, 30000))
+    assert r.status_code == 413 and "pixels" in err(r)["message"]
+    r = post(os.urandom(200001))
+    assert r.status_code == 413 and err(r)["code"] == "too_large"
+    r = post(os.urandom(400000))  # past MAX_CONTENT_LENGTH: werkzeug's 413, same JSON shape
+    assert r.status_code == 413 and err(r)["code"] == "too_large"
+    r = post(encode(Image.new("RGB", (64, 64)), "PNG")[:60])  # truncated
+    assert r.status_code in (400, 415)
+    r = client.post("/api/v1/uploads", json={"file": "x"})
+    assert r.status_code == 415
+    r = client.post("/api/v1/uploads", data={"other": "x"}, content_type="multipart/form-data")
+    assert r.status_code == 400 and err(r)["field"] == "file"
+
+
+def test_job_images_from_uploads_and_data_urls(client, fake):
+    s = open_session(client, pipe="inpainting")
+    png = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
+    up = client.post("/api/v1/uploads", data={"file": (io.BytesIO(png), "a.png")},
+                     content_type="multipart/form-data").get_json()["upload"]
+    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [up["id"]], "mask": data_url,
+                                                               "strength": 0.6, "blur": 4})
+    assert r.status_code == 202, r.get_json()
+    kwargs = fake.calls[-1][2]
+    assert kwargs["images"][0].endswith(f"{up['id']}.png") and os.path.isfile(kwargs["images"][0])
+    assert os.path.isfile(kwargs["mask"]) and Image.open(kwargs["mask"]).size == (64, 64)
+    assert kwargs["strength"] == 0.6 and kwargs["blur"] == 4
+
+
+@pytest.mark.parametrize("ref,status,field", [
+    ("up_doesnotexist1", 404, "images.0"),
+    ("../../etc/passwd", 404, "images.0"),
+    ("data:image/png;base64,!!!notbase64", 400, "images.0"),
+    ("data:text/plain;base64,aGVsbG8=", 415, "images.0"),
+    ("data:image/png;base64," + base64.b64encode(b"GIF89a....").decode(), 415, "images.0"),
+])
+def test_job_image_refs_errors(client, ref, status, field):
+    s = open_session(client, pipe="image2image")
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [ref]})
+    assert r.status_code == status and err(r)["field"] == field, r.get_json()
+
+
+def test_data_url_size_checked_before_decoding(config_file, fake):
+    app, _ = build_app(config_file, fake, **{"upload_max_bytes: 20971520": "upload_max_bytes: 1000"})
+    client = app.test_client()
+    s = open_session(client, pipe="image2image")
+    big = "data:image/png;base64," + base64.b64encode(os.urandom(3000)).decode()
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [big]})
+    assert r.status_code == 413 and err(r)["field"] == "images.0"
+
+
+def test_uploads_record_owner(client, app):
+    png = encode(Image.new("RGB", (8, 8)), "PNG")
+    up = client.post("/api/v1/uploads", data={"file": (io.BytesIO(png), "a.png")},
+                     content_type="multipart/form-data").get_json()["upload"]
+    meta = json.loads((app.extensions["multigen.uploads"].folder / f"{up['id']}.json").read_text())
+    assert meta["user"] == "local"

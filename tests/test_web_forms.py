@@ -1,0 +1,157 @@
+"""The web page's forms in headless Chromium against a real server: errors next to their field,
+labels and keyboard use, the token when auth is on."""
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+# the fixtures `server`, `auth_server` and `browser` come with the helpers (one server per test module)
+from test_web_support import (NARROW, WIDE, Server, auth_server, browser, load_page, open_session,  # noqa: F401
+                              server, set_value, shoot, viewport, wait)
+from selenium.webdriver.common.by import By  # noqa: E402  (after the skip check)
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def test_bad_values_show_their_errors(server: Server, browser: Any):
+    """The server's 400 names the field; the page shows the message next to that field."""
+    d = browser
+    load_page(d, server)
+    open_session(d, "web-errors", "prompt2image")
+    set_value(d, "prompt", "bad size")
+    Select(d.find_element(By.ID, "size")).select_by_value("custom")
+    set_value(d, "width", "65")
+    d.find_element(By.ID, "queue-job").click()
+    wait(d, lambda d: d.find_element(By.ID, "err-width").text, 10, "width error")
+    assert "width" in d.find_element(By.ID, "err-width").text
+    assert d.find_element(By.ID, "width").get_attribute("aria-invalid") == "true"
+    assert d.switch_to.active_element.get_attribute("id") == "width"
+    assert not d.find_elements(By.CSS_SELECTOR, "#job-list li"), "a bad job must not be queued"
+    shoot(d, "07-error", WIDE)
+    shoot(d, "07-error", NARROW, scroll_to="#size")
+    viewport(d, WIDE)
+
+    # fixing it clears the error; then a bad step count is named instead
+    set_value(d, "width", "64")
+    set_value(d, "steps", "0")
+    d.find_element(By.ID, "queue-job").click()
+    wait(d, lambda d: d.find_element(By.ID, "err-steps").text, 10, "steps error")
+    assert d.find_element(By.ID, "err-width").text == ""
+    assert "steps" in d.find_element(By.ID, "err-steps").text
+
+    # what the page itself can check is shown the same way
+    set_value(d, "steps", "2")
+    set_value(d, "seeds", "1, two")
+    d.find_element(By.ID, "queue-job").click()
+    assert "seeds" in d.find_element(By.ID, "err-seeds").text
+    assert not d.find_elements(By.CSS_SELECTOR, "#job-list li")
+
+
+LABELS_JS = """
+const missing = [];
+for (const el of document.querySelectorAll('input, select, textarea, button, canvas[tabindex], progress')) {
+  if (el.closest('[hidden]') && el.type !== 'hidden') continue;
+  const name = (el.labels && [...el.labels].map(l => l.textContent.trim()).join(' ')) || el.getAttribute('aria-label')
+    || (el.getAttribute('aria-labelledby') || '').split(' ').map(id => (document.getElementById(id) || {}).textContent || '').join(' ').trim()
+    || (el.tagName === 'BUTTON' ? el.textContent.trim() : '');
+  if (!name) missing.push(el.outerHTML.slice(0, 80));
+}
+return missing;
+"""
+
+
+def test_labels_and_keyboard(server: Server, browser: Any):
+    """Every control has a label; a session opens, a job queues and an image opens with the keyboard."""
+    d = browser
+    load_page(d, server)
+    for size in (WIDE, NARROW):
+        viewport(d, size)
+        assert d.execute_script(LABELS_JS) == []
+    viewport(d, WIDE)
+    project = d.find_element(By.ID, "project")
+    project.clear()
+    project.send_keys("web-keys")
+    order = []
+    for _ in range(8):
+        d.switch_to.active_element.send_keys(Keys.TAB)
+        order.append(d.switch_to.active_element.get_attribute("id"))
+        if order[-1] == "open-session":
+            break
+    assert order[:2] == ["pipe", "model"] and order[-1] == "open-session", order
+    d.switch_to.active_element.send_keys(Keys.ENTER)
+    wait(d, lambda d: not d.find_element(By.ID, "job-fields").get_attribute("disabled"), 30, "session open")
+    assert d.execute_script(LABELS_JS) == []
+    d.find_element(By.ID, "prompt").send_keys("typed with the keyboard")
+    for field, value in (("steps", "2"), ("count", "1")):
+        d.find_element(By.ID, field).send_keys(Keys.CONTROL, "a", Keys.BACKSPACE, value)
+    d.find_element(By.ID, "count").send_keys(Keys.ENTER)  # Enter in a field submits the form
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .thumb"), 120, "the image")
+    thumb = d.find_element(By.CSS_SELECTOR, "#gallery .thumb")
+    assert thumb.get_attribute("aria-label").startswith("Open image")
+    thumb.send_keys(Keys.ENTER)
+    wait(d, lambda d: d.find_element(By.ID, "image-dialog").get_attribute("open") is not None, 10, "dialog")
+    d.switch_to.active_element.send_keys(Keys.ESCAPE)
+    wait(d, lambda d: d.find_element(By.ID, "image-dialog").get_attribute("open") is None, 10, "dialog closed")
+    assert d.switch_to.active_element == thumb, "focus goes back to the thumbnail"
+
+
+def test_token_entry_with_auth_on(auth_server: tuple[Server, str], browser: Any):
+    """With auth on the page asks for the token, refuses a wrong one, then works with the right one:
+    images and previews are fetched with the Authorization header, events over fetch() streaming."""
+    srv, token = auth_server
+    d = browser
+    viewport(d, WIDE)
+    d.get(srv.url + "static/style.css")
+    d.execute_script("localStorage.clear()")
+    d.get(srv.url)
+    wait(d, lambda d: d.find_element(By.ID, "token-form").is_displayed(), 30, "the token form")
+    assert "token" in d.find_element(By.ID, "err-token").text
+    assert d.switch_to.active_element.get_attribute("id") == "token"
+    shoot(d, "08-token", WIDE)
+    shoot(d, "08-token", NARROW)
+    viewport(d, WIDE)
+
+    d.find_element(By.ID, "token").send_keys("mg_not-a-token", Keys.ENTER)
+    wait(d, lambda d: "did not accept" in d.find_element(By.ID, "err-token").text, 20, "wrong token refused")
+
+    d.find_element(By.ID, "token").send_keys(token, Keys.ENTER)
+    wait(d, lambda d: d.execute_script("return document.body.dataset.ready === '1'"), 30, "page ready")
+    assert d.find_element(By.ID, "err-token").text == ""
+    sid = open_session(d, "web-auth", "prompt2image")
+    wait(d, lambda d: d.execute_script("return document.body.dataset.events") == "live", 20,
+         "the event stream (fetch with the Authorization header)")
+    assert srv.api("GET", f"sessions/{sid}", token=token)["session"]["user"] == "alice"
+    set_value(d, "prompt", "behind a token")
+    set_value(d, "steps", "2")
+    d.find_element(By.ID, "queue-job").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img"), 120, "the image")
+    img = d.find_element(By.CSS_SELECTOR, "#gallery img")
+    wait(d, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img), 20,
+         "the thumbnail fetched with the token")
+    assert img.get_attribute("src").startswith("blob:")
+
+
+def test_page_is_self_contained(server: Server, browser: Any):
+    """Everything the page loads comes from the server itself; the CSP forbids other hosts."""
+    with urllib.request.urlopen(server.url, timeout=30) as r:
+        csp = r.headers["Content-Security-Policy"]
+        assert r.headers["Content-Type"].startswith("text/html")
+    assert "default-src 'self'" in csp and "connect-src 'self'" in csp
+    with urllib.request.urlopen(server.url + "static/app.js", timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/javascript")
+    d = browser
+    load_page(d, server)
+    urls = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and all(u.startswith(server.url) for u in urls), urls
+    assert {"app.js", "api.js", "style.css"} <= {u.rsplit("/", 1)[-1] for u in urls}
+    for bad in ("../config/config.yaml", "..%2fapi%2fweb.py"):
+        try:
+            urllib.request.urlopen(server.url + "static/" + bad, timeout=30)
+            raise AssertionError(f"static/{bad} was served")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404
