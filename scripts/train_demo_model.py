@@ -65,7 +65,7 @@ def make_models(vocab_size: int):
 
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=16,
+                        block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
                         sample_size=SIZE)
     te = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256,
                                       num_hidden_layers=2, num_attention_heads=4,
@@ -89,8 +89,8 @@ def batch_images(rng: random.Random, n: int, reword: float = 0.2, empty: float =
 
 
 class Trainer:
-    def __init__(self, work: Path, seed: int, batch: int, lr: float):
-        self.work, self.seed, self.batch, self.lr = work, seed, batch, lr
+    def __init__(self, work: Path, seed: int, batch: int, lr: float, vae_batch: int = 16):
+        self.work, self.seed, self.batch, self.lr, self.vae_batch = work, seed, batch, lr, vae_batch
         work.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         self.tok = make_tokenizer()
@@ -133,7 +133,7 @@ class Trainer:
         while self.state["vae_step"] < steps:
             step = self.state["vae_step"]
             rng = random.Random(self.seed * 1_000_003 + step)
-            x, _ = batch_images(rng, self.batch)
+            x, _ = batch_images(rng, self.vae_batch)
             post = self.vae.encode(x).latent_dist
             z = post.sample()
             rec = self.vae.decode(z).sample
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="work/demo", help="checkpoint folder (resumes from it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--vae-batch", type=int, default=16, help="the VAE works at full resolution: smaller batches")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--unet-steps", type=int, default=20000)
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                         handlers=[logging.StreamHandler(), logging.FileHandler(work / "train.log")])
     if args.threads:
         torch.set_num_threads(args.threads)
-    tr = Trainer(work, args.seed, args.batch, args.lr)
+    tr = Trainer(work, args.seed, args.batch, args.lr, args.vae_batch)
     if args.only != "export":
         tr.train_vae(args.vae_steps)
         tr.train_unet(args.unet_steps)
