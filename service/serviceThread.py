@@ -321,15 +321,13 @@ class ServiceThread:
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         """The job (API.md ``Job``). Raises NotFound."""
-        with self._cv:
-            return self._job_view_locked(job_id)
+        return self._job_view(job_id)
 
     def list_jobs(self, session_id: str, state: str | None = None) -> list[dict[str, Any]]:
         """A session's jobs in queue order."""
         self._session_row(session_id)
         rows = self.store.list_jobs(session_id=session_id, states=[state] if state else None)
-        with self._cv:
-            return [self._job_view_locked(r["id"], r) for r in rows]
+        return [self._job_view(r["id"], r) for r in rows]
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         """Cancel a job: a queued one at once, a running one at its next step.
@@ -469,11 +467,21 @@ class ServiceThread:
         self.events.publish(EVENT_FOR_STATE[new], {"job": self._job_view_locked(row["id"])},
                             session_id=row["session_id"])
 
-    def _job_view_locked(self, job_id: str, row: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _job_rows(self, job_id: str, row: dict[str, Any] | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         row = row or self.store.get_job(job_id)
         if row is None:
             raise NotFound(f"job {job_id} not found", field="job_id")
-        images = self.store.list_images(job_id=job_id)
+        return row, self.store.list_images(job_id=job_id)
+
+    def _job_view(self, job_id: str, row: dict[str, Any] | None = None) -> dict[str, Any]:
+        # the store is safe across threads: only the queue position and the running job's progress
+        # need the service lock, so polling does not wait on SQLite behind the other callers
+        row, images = self._job_rows(job_id, row)
+        with self._cv:
+            return job_view(row, images, self.queue.position(job_id), self._running.get(job_id))
+
+    def _job_view_locked(self, job_id: str, row: dict[str, Any] | None = None) -> dict[str, Any]:
+        row, images = self._job_rows(job_id, row)
         return job_view(row, images, self.queue.position(job_id), self._running.get(job_id))
 
     def _image_view(self, row: dict[str, Any]) -> dict[str, Any]:
