@@ -12,6 +12,8 @@ import re
 import secrets
 from typing import Any
 
+from multigen.pipes.images import MIN_SIDE
+
 from .config import Limits, ModelEntry, ModelsConfig
 from .errors import InvalidInput
 
@@ -171,8 +173,9 @@ def check_setup_params(params: dict[str, Any], pipe_cls: Any, pipe_name: str, li
             continue
         if key in ("width", "height"):
             top = limits.max_width if key == "width" else limits.max_height
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 8 <= int(value) <= top:
-                raise InvalidInput(f"{key} {value!r} must be an integer from 8 to {top} (limits.max_{key})", field=key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not MIN_SIDE <= int(value) <= top:
+                raise InvalidInput(f"{key} {value!r} must be an integer from {MIN_SIDE} to {top} (limits.max_{key}); "
+                                   "sizes that are not multiples of 8 are padded and cropped back", field=key)
         elif key in NUMERIC_PARAMS:
             integer, low, high = NUMERIC_PARAMS[key]
             kind = numbers.Integral if integer else numbers.Real

@@ -93,3 +93,15 @@ def test_real_service_errors_map_to_4xx(real):
     client.delete(f"/api/v1/sessions/{sid}")
     r = client.post(f"/api/v1/sessions/{sid}/jobs", json={"prompt": "x"})
     assert r.status_code == 409
+
+
+def test_sizes_not_multiple_of_8_are_padded_and_cropped_back(real):
+    client, _ = real
+    s = client.post("/api/v1/sessions", json={"project": "odd", "pipe": "prompt2image", "model": "tiny-sd"}).get_json()
+    r = client.post(f"/api/v1/sessions/{s['session']['id']}/jobs",
+                    json={"prompt": "a boat", "steps": 2, "width": 65, "height": 70, "seeds": [3]})
+    assert r.status_code == 202, r.get_json()
+    job = wait(client, r.get_json()["job"]["id"])
+    assert job["state"] == "succeeded", job["error"]
+    img = Image.open(io.BytesIO(client.get(job["images"][0]["url"]).data))
+    assert img.size == (65, 70)

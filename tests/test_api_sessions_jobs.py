@@ -98,7 +98,7 @@ def test_queue_job_passes_parameters_and_returns_202(client, fake):
 @pytest.mark.parametrize("body,field", [
     ({"prompt": "x", "strength": 0.5}, "strength"),   # not a Prompt2ImPipe parameter
     ({"prompt": "x", "images": ["up_x"]}, "images"),
-    ({"prompt": "x", "width": 65}, "width"),
+    ({"prompt": "x", "width": 32}, "width"),
     ({"prompt": "x", "width": 100000}, "width"),
     ({"prompt": "x", "steps": 0}, "steps"),
     ({"prompt": "x", "count": 0}, "count"),

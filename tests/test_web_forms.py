@@ -25,7 +25,7 @@ def test_bad_values_show_their_errors(server: Server, browser: Any):
     open_session(d, "web-errors", "prompt2image")
     set_value(d, "prompt", "bad size")
     Select(d.find_element(By.ID, "size")).select_by_value("custom")
-    set_value(d, "width", "65")
+    set_value(d, "width", "40")
     d.find_element(By.ID, "queue-job").click()
     wait(d, lambda d: d.find_element(By.ID, "err-width").text, 10, "width error")
     assert "width" in d.find_element(By.ID, "err-width").text

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from multigen.pipes.images import MIN_SIDE
+
 from ..config import Config
 from ..errors import InvalidInput
 
@@ -46,8 +48,9 @@ def _param_fields(cfg: Config) -> dict[str, tuple[Any, Any]]:
     """Type and range of every known setup parameter, as pydantic field definitions."""
     lim = cfg.limits
     return {
-        "width": (int, Field(None, ge=64, le=lim.max_width, multiple_of=8, description="image width in pixels")),
-        "height": (int, Field(None, ge=64, le=lim.max_height, multiple_of=8, description="image height in pixels")),
+        # not multiples of 8 are fine: the pipes pad the latent and crop the image back
+        "width": (int, Field(None, ge=MIN_SIDE, le=lim.max_width, description="image width in pixels")),
+        "height": (int, Field(None, ge=MIN_SIDE, le=lim.max_height, description="image height in pixels")),
         "steps": (int, Field(None, ge=1, le=500, description="denoising steps")),
         "guidance_scale": (float, Field(None, ge=0.0, le=50.0, description="classifier-free guidance scale")),
         "clip_skip": (int, Field(None, ge=0, le=12, description="CLIP layers to skip")),
