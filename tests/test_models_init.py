@@ -90,3 +90,22 @@ def test_single_file_checkpoint_loads_offline(models_dir: Path, monkeypatch):
         assert set(want) <= set(got)
         assert all(torch.equal(got[k], want[k]) for k in want), comp
     assert np.array_equal(_run(single), _run(folder))
+
+
+def test_full_size_shapes_match_sd15_and_sdxl():
+    """--full-size builds the real SD 1.5 / SDXL architectures (counted on the meta device: no memory)."""
+    with torch.device("meta"):
+        sd_unet = mb._sd_unet(mb.FULL_SD, mb.FULL_SD.te_hidden)
+        xl_unet = mb._sdxl_unet(mb.FULL_SDXL, mb.FULL_SDXL.te_hidden + mb.FULL_SDXL.te2_hidden,
+                                mb.FULL_SDXL.te2_hidden)
+        vae = mb._vae(mb.FULL_SD)
+        te2 = mb._text_encoder(1280, 32, 20, 5120, 49408, True, 1280)
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    # the published parameter counts of SD 1.5's UNet, SDXL base's UNet, their VAE and OpenCLIP bigG
+    assert count(sd_unet) == 859_520_964
+    assert count(xl_unet) == 2_567_463_684
+    assert count(vae) == 83_653_863
+    assert count(te2) == 694_659_840
