@@ -185,10 +185,18 @@ class BasePipe:
                 f"{', '.join(self.PARAMS)}", unknown[0], ", ".join(self.PARAMS))
         merged = self.default_params()
         merged.update({k: v for k, v in params.items() if v is not None})
-        self._validate_common(merged)
-        self._setup_inputs(merged, params)
-        self.pipe.scheduler = _make_scheduler(merged["scheduler"], self._scheduler_config,
-                                              merged["timestep_spacing"])
+        # all or nothing: _setup_inputs stores preprocessed images (and ControlNet pipes may rebuild their
+        # pipeline) before later checks can fail; a failed setup puts the previous one back
+        saved = dict(self.__dict__)
+        try:
+            self._validate_common(merged)
+            self._setup_inputs(merged, params)
+            scheduler = _make_scheduler(merged["scheduler"], self._scheduler_config, merged["timestep_spacing"])
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+        self.pipe.scheduler = scheduler
         self.params = merged
         self._is_setup = True
 
@@ -225,7 +233,7 @@ class BasePipe:
     def unload_loras(self, paths: Any = None) -> None:
         """Delete LoRA adapters (all when ``paths`` is None) from the shared modules."""
         lora_mod.unload_loras(self.pipe, paths)
-        self._loras = list(lora_mod.active_state(self.pipe))
+        self._loras = list(lora_mod.active_state(self.pipe) or ())
 
     @property
     def loras(self) -> list[lora_mod.LoraSpec]:

@@ -51,14 +51,24 @@ def load_image(value: Any, param: str = "image", required: bool = True) -> Image
             raise InvalidValueError(f"{param} file {str(path)!r} is not a readable image: {exc}", param,
                                     "PNG, JPEG or WebP files") from exc
     elif isinstance(value, np.ndarray):
-        arr = value
+        arr = _check_array(value, param)
         if arr.dtype != np.uint8:
             arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-        value = Image.fromarray(arr)
+        value = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
     if not isinstance(value, Image.Image):
         raise InvalidValueError(f"{param} must be a PIL image, a numpy array or a file path, not "
                                 f"{type(value).__name__}", param, "a PIL image or an image file path")
     return to_rgb(value)
+
+
+def _check_array(arr: np.ndarray, param: str) -> np.ndarray:
+    """``arr`` if it can be an image: HxW or HxWxC (C 1, 3 or 4), not empty, of real numbers."""
+    ok = (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (1, 3, 4))) and arr.size > 0 and (
+        arr.dtype == bool or np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating))
+    if not ok:
+        raise InvalidValueError(f"{param} array of shape {arr.shape} and type {arr.dtype} is not an image; "
+                                "allowed: HxW or HxWx3/4 arrays of numbers", param, "HxW or HxWx3/4 arrays")
+    return arr
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -84,7 +94,7 @@ def load_mask(value: Any, param: str = "mask") -> Image.Image:
     if value is None:
         raise MissingImageError(f"{param} is required", param, "a PIL image, array or path")
     if isinstance(value, np.ndarray):
-        arr = value
+        arr = _check_array(value, param)
         if arr.dtype == bool:
             arr = arr.astype(np.uint8) * 255
         elif arr.dtype != np.uint8:
@@ -96,9 +106,13 @@ def load_mask(value: Any, param: str = "mask") -> Image.Image:
         path = Path(value).expanduser()
         if not path.is_file():
             raise MissingImageError(f"{param} file {str(path)!r} does not exist", param, "an existing image file")
-        with Image.open(path) as im:
-            im.load()
-            value = im.copy()
+        try:
+            with Image.open(path) as im:
+                im.load()
+                value = im.copy()
+        except OSError as exc:
+            raise InvalidValueError(f"{param} file {str(path)!r} is not a readable image: {exc}", param,
+                                    "PNG, JPEG or WebP files") from exc
     if not isinstance(value, Image.Image):
         raise InvalidValueError(f"{param} must be a PIL image, a numpy array or a file path, not "
                                 f"{type(value).__name__}", param, "a PIL image, array or path")
@@ -157,7 +171,7 @@ def scale_image(image: Image.Image, scale: Any, param: str = "scale") -> Image.I
         return image
     if isinstance(scale, (list, tuple)) and len(scale) == 2:
         size = (check_side(scale[0], "scale[0]"), check_side(scale[1], "scale[1]"))
-    elif isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+    elif isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf:
         size = (round(image.size[0] * scale), round(image.size[1] * scale))
         for side, name in zip(size, ("width", "height")):
             if not MIN_SIDE <= side <= MAX_SIDE:

@@ -129,15 +129,19 @@ def detect_folder_type(folder: Path) -> ModelType:
 def detect_checkpoint_type(path: Path) -> ModelType:
     """Model type of a single-file checkpoint, from its tensor names."""
     keys: list[str]
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    else:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd)
-        keys = list(sd.keys())
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = sd.get("state_dict", sd)
+            keys = [str(k) for k in sd.keys()]
+    except Exception as exc:  # a truncated or corrupt file: SafetensorError, UnpicklingError, EOFError, ...
+        raise PipeError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); allowed: an intact "
+                        ".safetensors or .ckpt file", "model_id") from exc
     if any(k.startswith("conditioner.embedders.1.") for k in keys):
         return ModelType.SDXL
     if any(k.startswith(("cond_stage_model.", "model.diffusion_model.")) for k in keys):

@@ -69,8 +69,9 @@ def loaded_adapters(pipe: Any) -> set[str]:
     return {name for names in listed.values() for name in names}
 
 
-def active_state(pipe: Any) -> tuple[LoraSpec, ...]:
-    """The LoRA set last activated on ``pipe``'s shared modules (by any pipe object)."""
+def active_state(pipe: Any) -> tuple[LoraSpec, ...] | None:
+    """The LoRA set last activated on ``pipe``'s shared modules (by any pipe object); None when
+    unknown (a load failed half-way), so that the next ``set_loras`` applies its set in full."""
     return getattr(pipe.unet, STATE_ATTR, ())
 
 
@@ -89,7 +90,7 @@ def _load(pipe: Any, path: str, name: str) -> None:
         with warnings.catch_warnings():  # peft warns that several adapters share a model: that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=name, local_files_only=True)
-    except (ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # corrupt files raise SafetensorError, wrong layouts ValueError/KeyError/...
         try:  # a half-loaded adapter must not stay behind
             if name in loaded_adapters(pipe):
                 pipe.delete_adapters([name])
@@ -120,6 +121,9 @@ def set_loras(pipe: Any, loras: "Sequence[Any] | None") -> list[LoraSpec]:
             pipe.disable_lora()
         setattr(pipe.unet, STATE_ATTR, ())
         return specs
+    # loading an adapter activates it alone: until set_adapters below has run, the recorded state
+    # is stale, so a load that fails half-way must not leave it claiming the old set is active
+    setattr(pipe.unet, STATE_ATTR, None)
     names = []
     for path, _ in specs:
         name = adapter_name(path)
@@ -147,6 +151,6 @@ def unload_loras(pipe: Any, paths: "Iterable[str] | None" = None) -> None:
     doomed = [n for n in names if n in present]
     if doomed:
         pipe.delete_adapters(doomed)
-    state = tuple(s for s in active_state(pipe) if adapter_name(s[0]) not in names)
+    state = tuple(s for s in active_state(pipe) or () if adapter_name(s[0]) not in names)
     setattr(pipe.unet, STATE_ATTR, ())
     set_loras(pipe, list(state))

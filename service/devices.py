@@ -25,7 +25,11 @@ def resolve_devices(spec: str | list[str], config_file: Path | None = None) -> l
             visible = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(n)])
             raise ConfigError(str(config_file or "config.yaml"), "devices", f"device {d!r} is not available",
                               f"use `auto` or some of: {visible}")
-        out.append("cuda:0" if d == "cuda" else d)
+        d = "cuda:0" if d == "cuda" else d
+        if d in out:  # two workers on one device would share (and race on) the same cached pipe objects
+            raise ConfigError(str(config_file or "config.yaml"), "devices", f"device {d!r} is listed twice",
+                              "list each device once (one worker per device)")
+        out.append(d)
     return out
 
 

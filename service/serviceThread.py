@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,6 +91,7 @@ class ServiceThread:
         self._started = False
         self._model_types: dict[str, str | None] = {}
         self._supervisor: Supervisor | None = None
+        self._exit_hook: Callable[[], None] | None = None
         self._setup_logging()
         self._recover()  # jobs stored by an earlier run are queued again (queue_gen works before start())
 
@@ -107,7 +109,7 @@ class ServiceThread:
             w.start()
         self._supervisor = Supervisor(self.workers, self._stop)
         self._supervisor.start()
-        _register_exit_hook(self._at_exit)
+        self._exit_hook = _register_exit_hook(self._at_exit)
         log.info("service started: %d worker(s) on %s, %d queued job(s)", len(self.workers),
                  ", ".join(devices), len(self.queue))
         return self
@@ -122,7 +124,8 @@ class ServiceThread:
         """
         if not self._started or self._stop.is_set():
             return
-        atexit.unregister(self._at_exit)  # a no-op unless registered with atexit (see _register_exit_hook)
+        if self._exit_hook is not None:  # a no-op unless registered with atexit (see _register_exit_hook)
+            atexit.unregister(self._exit_hook)
         if finish_running:
             with self._cv:
                 self._draining = True
@@ -139,6 +142,11 @@ class ServiceThread:
                 w.thread.join(timeout)
         self.events.publish("service.stopped", {})
         self.events.close_all()
+        if self._supervisor is not None:
+            self._supervisor.thread.join(timeout)
+        self.cache.clear()  # the loaded models go (those still leased by a worker past the timeout stay)
+        if not any(w.alive() for w in self.workers):  # a worker still busy past the timeout keeps using it
+            self.store.close()  # no connection left open; reads after stop() open one again
         log.info("service stopped")
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -449,6 +457,35 @@ class ServiceThread:
             self.counters.job_finished(state.value)
             self._cv.notify_all()
 
+    def _abandon(self, job: RunningJob, exc: BaseException) -> None:
+        """End a job whose run broke out of the job boundary (a bug that kills the worker loop).
+
+        Without this the job would stay ``running`` (and in ``_running``) until the next restart:
+        ``wait_idle`` and ``drain_on_exit`` would wait for it for ever.
+        """
+        with self._cv:
+            current = self._running.get(job.job_id)
+            if current is not None and current is not job:  # requeued and taken again meanwhile
+                return
+            self._running.pop(job.job_id, None)  # (_finish may have taken it out before it broke)
+            self._callbacks.pop(job.job_id, None)
+            try:
+                row = self.store.get_job(job.job_id)
+                if row is not None and row["state"] == JobState.RUNNING.value and job.job_id not in self.queue:
+                    if job.requeue_event.is_set():  # stop(): resumed at the next start
+                        self._transition(row, JobState.QUEUED)
+                    else:
+                        state = JobState.CANCELLED if job.cancel_event.is_set() else JobState.FAILED
+                        error = None if state == JobState.CANCELLED else {
+                            "type": type(exc).__name__, "message": f"internal error: {exc}"}
+                        self._transition(row, state, finished_at=now_iso(), error=error,
+                                         timings=job.timings or None)
+                        self.counters.job_finished(state.value)
+            except Exception:  # the store itself may be what broke: the restart's recovery puts it right
+                log.exception("session=%s job=%s: could not record the end of the job", job.session_id, job.job_id)
+            finally:
+                self._cv.notify_all()
+
     def _requeue(self, job: RunningJob) -> None:
         with self._cv:
             self._running.pop(job.job_id, None)
@@ -532,21 +569,30 @@ class ServiceThread:
         return kwargs
 
 
-def _register_exit_hook(hook: Callable[[], None]) -> None:
+def _register_exit_hook(hook: Callable[[], None]) -> Callable[[], None] | None:
     """Run ``hook`` when the main thread ends, before the interpreter starts shutting down.
 
     ``threading._register_atexit`` hooks run before concurrent.futures refuses new work
     (which torch and transformers use while loading); plain ``atexit`` runs too late for a
     job to load a model. The hook is a no-op once the service was stopped.
     """
+    # the hooks cannot be unregistered: hold the service weakly, so a stopped one can be freed
+    ref = weakref.WeakMethod(hook)  # type: ignore[arg-type]
+
+    def run() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
     register = getattr(threading, "_register_atexit", None)
     try:
         if register is not None:
-            register(hook)
-            return
+            register(run)
+            return None
     except RuntimeError:  # interpreter already shutting down
-        return
-    atexit.register(hook)  # pragma: no cover - Python without the private hook
+        return None
+    atexit.register(run)  # pragma: no cover - Python without the private hook
+    return run  # pragma: no cover
 
 
 def _remove_tree(folder: Path) -> None:

@@ -48,20 +48,37 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN timings TEXT;
     """,
+    # 3: negative prompts may be Cfgen grammars (lists, dicts) like prompts: stored as JSON
+    """
+    UPDATE jobs SET negative_prompt = json_quote(negative_prompt) WHERE negative_prompt IS NOT NULL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_JSON_COLUMNS = {"loras", "seeds", "prompt", "params", "error", "timings"}
+_JSON_COLUMNS = {"loras", "seeds", "prompt", "negative_prompt", "params", "error", "timings"}
+#: seeds go up to 2**64-1 but SQLite integers are signed 64-bit: images.seed holds the two's complement
+#: (seeds are never negative, so a negative value read back is a seed of 2**63 or more)
+_U64 = 2**64
 
 
 def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
     if row is None:
         return None
     out = dict(row)
+    if isinstance(out.get("seed"), int) and out["seed"] < 0:
+        out["seed"] += _U64
     for k in _JSON_COLUMNS & out.keys():
         if out[k] is not None:
             out[k] = json.loads(out[k])
     return out
+
+
+def _close_all(conns: Iterable[sqlite3.Connection]) -> None:
+    for c in conns:
+        try:
+            c.close()
+        except sqlite3.Error:  # pragma: no cover
+            pass
 
 
 def _encode(fields: dict[str, Any]) -> dict[str, Any]:
@@ -106,7 +123,7 @@ class SQLiteStore(Store):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[tuple[threading.Thread, sqlite3.Connection]] = []  # every connection and its thread
         self._lock = threading.Lock()
         self._migrate()
 
@@ -121,7 +138,12 @@ class SQLiteStore(Store):
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
             with self._lock:
-                self._all.append(conn)
+                # a finished thread's connection would stay open (a file handle and WAL locks) until
+                # close(): close those now, as every new thread (a restarted worker, a request) comes
+                dead = [c for t, c in self._all if not t.is_alive()]
+                self._all = [(t, c) for t, c in self._all if t.is_alive()]
+                self._all.append((threading.current_thread(), conn))
+            _close_all(dead)
         return conn
 
     def _write(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
@@ -160,12 +182,8 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         with self._lock:
-            conns, self._all = self._all, []
-        for c in conns:
-            try:
-                c.close()
-            except sqlite3.Error:  # pragma: no cover
-                pass
+            conns, self._all = [c for _, c in self._all], []
+        _close_all(conns)
         self._local = threading.local()
 
     # -- sessions ---------------------------------------------------------------------
@@ -227,7 +245,9 @@ class SQLiteStore(Store):
             if row is None:
                 index = conn.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM images WHERE session_id = ?",
                                      (image["session_id"],)).fetchone()[0]
-                fields = dict(image, idx=index, state="writing", path=image["path"].replace("{index}", f"{index:05d}"))
+                seed = int(image["seed"])
+                fields = dict(image, idx=index, state="writing", path=image["path"].replace("{index}", f"{index:05d}"),
+                              seed=seed - _U64 if seed >= 2**63 else seed)
                 conn.execute(f"INSERT INTO images ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
                              tuple(fields.values()))
                 row = conn.execute("SELECT * FROM images WHERE id = ?", (image["id"],)).fetchone()

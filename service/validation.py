@@ -12,6 +12,7 @@ import re
 import secrets
 from typing import Any
 
+from multigen.pipes.base import MAX_CLIP_SKIP, MAX_STEPS
 from multigen.pipes.images import MIN_SIDE
 
 from .config import Limits, ModelEntry, ModelsConfig
@@ -25,7 +26,7 @@ MAX_SEED = 2**64 - 1
 JOB_FIELDS = ("prompt", "negative_prompt", "count", "seeds", "priority", "images", "image_callback")
 #: simple type/range checks for common setup parameters (the pipe checks the rest)
 NUMERIC_PARAMS: dict[str, tuple[bool, float, float | None]] = {  # name: (integer, min, max)
-    "steps": (True, 1, 1000), "guidance_scale": (False, 0, 100), "clip_skip": (True, 0, 12),
+    "steps": (True, 1, MAX_STEPS), "guidance_scale": (False, 0, 100), "clip_skip": (True, 0, MAX_CLIP_SKIP),
     "strength": (False, 0, 1), "scale": (False, 0.01, 16), "blur": (False, 0, 256),
     "blur_compose": (False, 0, 256),
 }
@@ -176,11 +177,20 @@ def check_setup_params(params: dict[str, Any], pipe_cls: Any, pipe_name: str, li
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not MIN_SIDE <= int(value) <= top:
                 raise InvalidInput(f"{key} {value!r} must be an integer from {MIN_SIDE} to {top} (limits.max_{key}); "
                                    "sizes that are not multiples of 8 are padded and cropped back", field=key)
+        elif key == "scale" and isinstance(value, (list, tuple)):  # [width, height] in pixels
+            sides = (limits.max_width, limits.max_height)
+            if len(value) != 2 or not all(
+                    not isinstance(v, bool) and isinstance(v, numbers.Integral) and MIN_SIDE <= int(v) <= top
+                    for v, top in zip(value, sides)):
+                raise InvalidInput(f"scale {value!r} must be a factor from {NUMERIC_PARAMS['scale'][1]} to "
+                                   f"{NUMERIC_PARAMS['scale'][2]} or [width, height] in pixels, each from {MIN_SIDE} "
+                                   f"to the limits.max_width/max_height ({sides[0]}x{sides[1]})", field=key)
         elif key in NUMERIC_PARAMS:
             integer, low, high = NUMERIC_PARAMS[key]
             kind = numbers.Integral if integer else numbers.Real
-            if (isinstance(value, bool) or not isinstance(value, kind) or value < low
-                    or (high is not None and value > high)):
+            # "not low <= value": NaN fails every comparison, so it must fail this one
+            if (isinstance(value, bool) or not isinstance(value, kind) or not low <= value
+                    or (high is not None and not value <= high)):
                 raise InvalidInput(f"{key} {value!r} must be {'an integer' if integer else 'a number'} "
                                    f"from {low} to {high}", field=key)
 
@@ -218,7 +228,7 @@ def images_to_params(classname: str, images: Any, params: dict[str, Any], pipe_n
 def check_has_image(classname: str, params: dict[str, Any], pipe_name: str) -> None:
     if classname == "Prompt2ImPipe":
         return
-    keys = ("original_image", "image") if classname == "MaskedIm2ImPipe" else ("image", "fimage")
+    keys = ("original_image", "image", "fimage") if classname == "MaskedIm2ImPipe" else ("image", "fimage")
     if all(params.get(k) is None for k in keys):
         raise InvalidInput(f"pipe {pipe_name!r} ({classname}) needs an input image: pass images=[...] "
                            f"(or {keys[0]}=)", field="images")

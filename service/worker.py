@@ -55,8 +55,11 @@ class DeviceWorker:
 
     def start(self) -> None:
         """Start (or restart) the loop in a new thread."""
-        self.thread = threading.Thread(target=self.run, name=self.name, daemon=True)
-        self.thread.start()
+        # published only once started: stop() may join it at any moment (a supervisor restart racing with
+        # stop()), and joining a thread that has not started raises RuntimeError
+        thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+        thread.start()
+        self.thread = thread
 
     def alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
@@ -91,6 +94,9 @@ class DeviceWorker:
         self.current, self.state = job, "running"
         try:
             self.service._run_job(self, job)  # catches at the job boundary
+        except Exception as exc:  # a bug past that boundary: end the job, then let the loop die and restart
+            self.service._abandon(job, exc)
+            raise
         finally:
             self.current, self.state = None, "idle"
             self.last_model = job.model

@@ -75,6 +75,35 @@ def test_users_never_see_each_others_things(two_users, fake):
     assert len(client.get("/api/v1/sessions", headers=headers["alice"]).get_json()["sessions"]) == 1
 
 
+def test_query_tokens_never_reach_the_logs(two_users, fake, caplog, monkeypatch):
+    """?access_token= (for <img> and EventSource) is accepted on files and streams; whatever happens to
+    such a request (served, refused, a bug), the token is not written to the log, while the failing
+    request's path is."""
+    client, headers, tokens = two_users
+    token = tokens["alice"]
+    s = open_session(client, headers=headers["alice"])
+    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x"},
+                      headers=headers["alice"]).get_json()["job"]
+    fake.run_job(job["id"])
+    image = client.get(f"/api/v1/sessions/{s['id']}/images", headers=headers["alice"]).get_json()["images"][0]
+    with caplog.at_level("DEBUG"):
+        assert client.get(f"/api/v1/images/{image['id']}?access_token={token}").status_code == 200
+        assert client.get(f"/api/v1/images/nope?access_token={token}").status_code == 404
+        assert client.get(f"/api/v1/images/{image['id']}?access_token={tokens['bob']}").status_code == 404
+        assert client.get(f"/api/v1/jobs/{job['id']}/preview?access_token=mg_wrong").status_code == 401
+        assert client.get(f"/api/v1/events?session_id=nope&access_token={token}").status_code == 404
+
+        def broken(image_id):
+            raise RuntimeError("the store broke")
+
+        monkeypatch.setattr(fake, "get_image", broken)
+        r = client.get(f"/api/v1/images/{image['id']}?access_token={token}&format=webp")
+        assert r.status_code == 500 and err(r)["code"] == "internal_error"
+    logged = caplog.text + "".join(str(rec.args) for rec in caplog.records)
+    assert token not in logged and tokens["bob"] not in logged and "access_token" not in logged
+    assert f"GET /api/v1/images/{image['id']}" in caplog.text and "the store broke" in caplog.text
+
+
 def test_body_user_must_match_token(two_users):
     client, headers, _ = two_users
     r = client.post("/api/v1/sessions", json={"user": "bob", "project": "p", "pipe": "prompt2image",

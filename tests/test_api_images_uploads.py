@@ -179,6 +179,25 @@ def test_job_image_refs_errors(client, ref, status, field):
     assert r.status_code == status and err(r)["field"] == field, r.get_json()
 
 
+def test_job_images_are_capped_before_any_is_stored(client, app, fake):
+    """Every data: URL of a job is decoded and stored: a list of thousands of tiny ones used to be taken."""
+    from multigen.service.api.schemas import MAX_JOB_IMAGES
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format="PNG")
+    tiny = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    s = open_session(client, pipe="image2image")
+    uploads = app.extensions["multigen.uploads"].folder
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [tiny] * 500})
+    assert r.status_code == 400 and err(r)["field"] == "images", r.get_json()
+    assert not uploads.exists() or not any(uploads.iterdir())
+    doc = client.get("/api/v1/openapi.json").get_json()
+    images = doc["components"]["schemas"]["JobCreate_image2image"]["properties"]["images"]["anyOf"][0]
+    assert images["maxItems"] == MAX_JOB_IMAGES
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [tiny]})
+    assert r.status_code == 202, r.get_json()
+
+
 def test_data_url_size_checked_before_decoding(config_file, fake):
     app, _ = build_app(config_file, fake, **{"upload_max_bytes: 20971520": "upload_max_bytes: 1000"})
     client = app.test_client()

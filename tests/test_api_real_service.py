@@ -105,3 +105,17 @@ def test_sizes_not_multiple_of_8_are_padded_and_cropped_back(real):
     assert job["state"] == "succeeded", job["error"]
     img = Image.open(io.BytesIO(client.get(job["images"][0]["url"]).data))
     assert img.size == (65, 70)
+
+
+def test_negative_prompt_grammar_is_queued_and_recorded(real):
+    client, _ = real
+    s = client.post("/api/v1/sessions", json={"project": "neg", "pipe": "prompt2image", "model": "tiny-sd"}).get_json()
+    grammar = ["ugly", ["blurry", "dark"]]
+    r = client.post(f"/api/v1/sessions/{s['session']['id']}/jobs",
+                    json={"prompt": "a boat", "negative_prompt": grammar, "steps": 2, "width": 64, "height": 64})
+    assert r.status_code == 202, r.get_json()
+    job = wait(client, r.get_json()["job"]["id"])
+    assert job["state"] == "succeeded", job["error"]
+    assert job["negative_prompt"] == grammar
+    meta = client.get(f"/api/v1/images/{job['images'][0]['id']}/metadata").get_json()["metadata"]
+    assert meta["negative_prompt"] in ("ugly, blurry", "ugly, dark")

@@ -60,6 +60,20 @@ def test_openapi_matches_validation(client):
     assert bad.status_code == 400
 
 
+def test_openapi_documents_the_query_arguments_the_code_reads(client):
+    doc = client.get("/api/v1/openapi.json").get_json()
+
+    def names(path, where="query"):
+        return {p["name"] for p in doc["paths"][path]["get"].get("parameters", []) if p["in"] == where}
+
+    assert {"session_id", "last_event_id", "access_token"} <= names("/api/v1/events")
+    assert names("/api/v1/events", "header") == {"Last-Event-ID"}
+    assert {"format", "access_token"} <= names("/api/v1/images/{image_id}")
+    assert "access_token" in names("/api/v1/jobs/{job_id}/preview")
+    assert {"project", "state", "user"} <= names("/api/v1/sessions")
+    assert "400" in doc["paths"]["/api/v1/events"]["get"]["responses"]
+
+
 def test_docs_page_is_self_contained(client):
     r = client.get("/api/v1/docs")
     html = r.get_data(as_text=True)
@@ -83,6 +97,19 @@ def test_metrics(client, fake):
         in text
     assert 'route="/api/v1/jobs/<job_id>",status="404"' in text
     assert "multigen_http_request_seconds_bucket" in text
+
+
+def test_metrics_series_stay_bounded(client):
+    """Labels come from route templates and known methods: made-up methods (a client may send any)
+    used to add a series each, so /metrics grew without end."""
+    for i in range(20):
+        assert client.open("/api/v1/queue", method=f"BREW{i}").status_code == 405
+        client.get(f"/api/v1/jobs/nope{i}")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "BREW" not in text
+    assert 'multigen_http_requests_total{method="other",route="unmatched",status="405"} 20.0' in text
+    assert 'multigen_http_requests_total{method="GET",route="/api/v1/jobs/<job_id>",status="404"} 20.0' in text
+    assert "nope" not in text
 
 
 def test_metrics_without_service_stats(client, fake):
@@ -170,6 +197,47 @@ def test_event_streams_are_capped(app, client, fake):
     for s in streams[1:] + [again]:
         s.close()
     assert limiter.open == 0 and len(fake.subs) == 1  # what is left is the metrics' step timer
+
+
+def test_last_event_id_replays_and_a_bad_one_is_400(config_file, tmp_path):
+    """Last-Event-ID resumes a stream from the service's history; one that is not an event id used to
+    reach the service's integer comparison and answer 500."""
+    from api_fakes import FakeService
+
+    from multigen.service.events import EventBus
+
+    class ReplayingService(FakeService):  # the real EventBus behind the fake's events
+        def __init__(self, output_dir):
+            super().__init__(output_dir)
+            self.bus = EventBus()
+
+        def emit(self, type_, data):
+            self.bus.publish(type_, data, session_id=data.get("session_id"))
+
+        def subscribe(self, session_id=None, last_event_id=None):
+            return self.bus.subscribe(session_id=session_id, last_event_id=last_event_id)
+
+    svc = ReplayingService(tmp_path / "outputs")
+    app = build_app(config_file, svc)[0]
+    client = app.test_client()
+    limiter = app.extensions["multigen.event_streams"]
+    s = open_session(client)
+    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x"}).get_json()["job"]
+    svc.run_job(job["id"])
+    r = client.get(f"/api/v1/events?session_id={s['id']}", headers={"Last-Event-ID": "1"}, buffered=False)
+    assert r.status_code == 200
+    stream = iter(r.response)
+    next(stream)  # retry + connected
+    replayed = read_events(stream, 2)
+    assert [e["event"] for e in replayed] == ["job.started", "job.progress"] and replayed[0]["id"] == "2"
+    r.close()
+    for headers, query, field in [({"Last-Event-ID": "abc"}, "", "Last-Event-ID"),
+                                  ({"Last-Event-ID": "-3"}, "", "Last-Event-ID"),
+                                  ({"Last-Event-ID": "9" * 40}, "", "Last-Event-ID"),
+                                  ({}, "&last_event_id=1.5", "last_event_id")]:
+        r = client.get(f"/api/v1/events?session_id={s['id']}{query}", headers=headers, buffered=False)
+        assert r.status_code == 400 and err(r)["field"] == field, (headers, query, r.get_data(as_text=True))
+    assert limiter.open == 0
 
 
 def test_event_stream_ends_when_the_server_stops(app, client):

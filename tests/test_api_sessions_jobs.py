@@ -108,6 +108,11 @@ def test_queue_job_passes_parameters_and_returns_202(client, fake):
     ({"prompt": "x", "guidance_scale": "high"}, "guidance_scale"),
     ({"prompt": "x", "timestep_spacing": "odd"}, "timestep_spacing"),
     ({"negative_prompt": "x"}, "prompt"),
+    # the API used to pass these on: a job of 0 images, and more seeds than limits.max_count
+    ({"prompt": "x", "seeds": []}, "seeds"),
+    ({"prompt": "x", "seeds": list(range(101))}, "seeds"),
+    # past the pipes' own ranges (the API allowed clip_skip up to 12: a queued job that then failed)
+    ({"prompt": "x", "clip_skip": 11}, "clip_skip"),
 ])
 def test_bad_job_parameters_are_400_naming_them(client, body, field):
     s = open_session(client)
@@ -194,3 +199,70 @@ def test_no_service_is_503(config_file, fake):
     app.extensions["multigen.service"] = None
     r = app.test_client().post("/api/v1/sessions", json={"project": "p", "pipe": "prompt2image", "model": "tiny-sd"})
     assert r.status_code == 503 and err(r)["code"] == "service_unavailable"
+
+
+def test_masked_pipe_ranges_and_types_are_the_pipes_own(client, fake):
+    """blur_compose is a blur radius (a number) in the pipe, and the schema says so: it used to say boolean,
+    so the API refused every number and the pipe every boolean."""
+    from multigen.pipes.base import MAX_CLIP_SKIP
+    from multigen.pipes.im2im import MAX_BLUR
+
+    doc = client.get("/api/v1/openapi.json").get_json()
+    props = doc["components"]["schemas"]["JobCreate_masked_image2image"]["properties"]
+    compose, blur, skip = (props[k]["anyOf"][0] for k in ("blur_compose", "blur", "clip_skip"))
+    assert compose["type"] == "integer" and compose["maximum"] == blur["maximum"] == MAX_BLUR
+    assert skip["maximum"] == MAX_CLIP_SKIP
+    s = open_session(client, pipe="masked_image2image")
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "blur_compose": 8, "blur": MAX_BLUR,
+                                                            "clip_skip": MAX_CLIP_SKIP})
+    assert r.status_code == 202, r.get_json()
+    assert fake.calls[-1][2]["blur_compose"] == 8 and fake.calls[-1][2]["clip_skip"] == MAX_CLIP_SKIP
+    for body, field in [({"blur_compose": "soft"}, "blur_compose"), ({"blur": MAX_BLUR + 1}, "blur"),
+                        ({"blur_compose": MAX_BLUR + 1}, "blur_compose")]:
+        r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", **body})
+        assert r.status_code == 400 and err(r)["field"] == field, (body, r.get_json())
+
+
+def test_deeply_nested_bodies_are_400_not_500(client):
+    """Deep nesting used to end in a RecursionError (JSON decoder) or a serialisation depth error: a 500."""
+    s = open_session(client)
+    url = f"/api/v1/sessions/{s['id']}/jobs"
+    r = client.post(url, data='{"prompt": ' + "[" * 5000 + "]" * 5000 + "}", content_type="application/json")
+    assert r.status_code == 400 and err(r)["code"] == "malformed_json", r.get_json()
+    for depth in (40, 400):
+        r = client.post(url, data='{"prompt": ' + "[" * depth + '"a"' + "]" * depth + "}",
+                        content_type="application/json")
+        assert r.status_code == 400 and err(r)["field"] == "prompt", r.get_json()
+        neg = '{"w": ' * depth + '"a"' + ', "p": 0.5}' * depth
+        r = client.post(url, data='{"prompt": "x", "negative_prompt": ' + neg + "}", content_type="application/json")
+        assert r.status_code == 400 and err(r)["field"] == "negative_prompt", r.get_json()
+    # a grammar of ordinary depth still queues
+    r = client.post(url, json={"prompt": ["a", ["b", ["c", {"w": "d", "p": 0.5}]]]})
+    assert r.status_code == 202, r.get_json()
+
+
+def test_huge_prompts_are_400(client):
+    """A multi-megabyte prompt was queued: the text encoder would chew on it for minutes."""
+    from multigen.service.api.schemas import MAX_PROMPT_CHARS
+
+    s = open_session(client)
+    url = f"/api/v1/sessions/{s['id']}/jobs"
+    for body, field in [({"prompt": "x" * (MAX_PROMPT_CHARS + 1)}, "prompt"),
+                        ({"prompt": ["x" * 15000, ["y" * 15000, "z"]]}, "prompt"),
+                        ({"prompt": "x", "negative_prompt": "n" * (5 * 1024 * 1024)}, "negative_prompt")]:
+        r = client.post(url, json=body)
+        assert r.status_code == 400 and err(r)["field"] == field, r.get_json()
+        assert str(MAX_PROMPT_CHARS) in err(r)["message"]
+    assert client.post(url, json={"prompt": "x" * MAX_PROMPT_CHARS}).status_code == 202
+
+
+@pytest.mark.parametrize("scale,status", [(0.5, 202), ([96, 64], 202), (0.0, 400), (17, 400), ([96], 400),
+                                          ([96, 8], 400)])
+def test_scale_is_a_factor_or_a_size_pair(client, fake, scale, status):
+    s = client.post("/api/v1/sessions", json={"project": "p", "pipe": "image2image", "model": "tiny-sd"}).get_json()
+    body = {"prompt": "x", "images": ["data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"],
+            "scale": scale}
+    r = client.post(f"/api/v1/sessions/{s['session']['id']}/jobs", json=body)
+    assert r.status_code == status, r.get_json()
+    if status == 400:
+        assert err(r)["field"].startswith("scale")

@@ -178,3 +178,17 @@ def test_every_pipe_config_is_json(sd_base, models_dir, tmp_path):
         cfg = json.loads(json.dumps(pipe.get_config()))
         assert cfg["pipe"] == type(pipe).__name__ and cfg["seed"] == 3 and cfg["steps"] == STEPS
     assert cfg["control_type"] == ["canny"] and cfg["controlnets"] == [str(cn)]
+
+
+def test_cim2im_failed_setup_with_other_ctypes_keeps_the_working_setup(sd_base, models_dir):
+    # setup(ctypes=[two types]) rebuilds the pipeline with two ControlNets before cscales is checked;
+    # when the check fails, the pipe must still run its previous one-ControlNet setup
+    cn = models_dir / "tiny-controlnet-sd"
+    pipe = CIm2ImPipe(pipe=sd_base, controlnets={"canny": cn, "soft": cn}, ctypes=["canny"])
+    pipe.setup(image=shapes_image(), steps=STEPS)
+    want = pixels(pipe.gen(PROMPT)[0])
+    with pytest.raises(InvalidValueError) as e:
+        pipe.setup(image=shapes_image(), steps=STEPS, ctypes=["canny", "soft"], cscales=[1.0, 1.0, 1.0])
+    assert e.value.param == "cscales"
+    assert pipe.ctypes == ["canny"] and len(pipe.condition_images) == 1
+    assert np.array_equal(pixels(pipe.gen(PROMPT)[0]), want)

@@ -166,3 +166,44 @@ def test_vae_tiling_flag(sd_base):
     assert not pipe.pipe.vae.use_tiling and pipe.get_config()["vae_tiling"] is False
     pipe.setup(width=2048, height=2048, steps=STEPS)  # automatic: large images are tiled
     assert pipe.get_config()["vae_tiling"] is True
+
+
+def test_undecodable_mask_files_and_bad_arrays_are_errors_naming_the_parameter(tmp_path):
+    from multigen.pipes.images import load_image, load_mask
+
+    bad = tmp_path / "mask.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(InvalidValueError) as err:
+        load_mask(bad, "mask")
+    assert err.value.param == "mask" and "mask.png" in str(err.value)
+    for value in (np.zeros((4, 4, 2, 2), np.uint8), np.zeros((0, 0), np.uint8)):
+        with pytest.raises(InvalidValueError) as err:
+            load_mask(value, "mask")
+        assert err.value.param == "mask"
+        with pytest.raises(InvalidValueError) as err:
+            load_image(value, "image")
+        assert err.value.param == "image"
+
+
+def test_infinite_or_nan_scale_is_an_error_naming_scale():
+    from multigen.pipes.images import scale_image
+
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(InvalidValueError) as err:
+            scale_image(noise_image(), bad)
+        assert err.value.param == "scale"
+
+
+def test_a_failed_setup_leaves_the_previous_setup_in_place(sd_base):
+    # the image is preprocessed before the scheduler name is checked: a setup that fails must not leave
+    # the new image behind with the old parameters (gen would crop the new image to the old size)
+    from multigen.pipes.errors import UnknownSchedulerError
+
+    pipe = Im2ImPipe(pipe=sd_base)
+    pipe.setup(image=noise_image(seed=1), steps=STEPS)
+    want = pixels(pipe.gen(PROMPT)[0])
+    config = pipe.get_config()
+    with pytest.raises(UnknownSchedulerError):
+        pipe.setup(image=noise_image(96, 80, seed=2), steps=STEPS, scheduler="no-such-sampler")
+    assert np.array_equal(pixels(pipe.gen(PROMPT)[0]), want)
+    assert pipe.get_config() == config

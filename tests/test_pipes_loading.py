@@ -91,3 +91,12 @@ def test_params_lists_are_what_setup_accepts():
     assert {"image_painted", "mask", "blur", "blur_compose"} <= set(MaskedIm2ImPipe.PARAMS)
     assert {"cscales", "guess_mode", "control_guidance_start", "control_guidance_end"} <= set(Cond2ImPipe.PARAMS)
     assert "ctypes" in CIm2ImPipe.PARAMS
+
+
+@pytest.mark.parametrize("name", ["broken.safetensors", "broken.ckpt"])
+def test_corrupt_checkpoint_is_an_error_naming_model_id(tmp_path, name):
+    bad = tmp_path / name
+    bad.write_bytes(b"\x00not a checkpoint" * 8)
+    with pytest.raises(PipeError) as err:
+        load_base(bad, config_dir=tmp_path)
+    assert err.value.param == "model_id" and name in str(err.value)

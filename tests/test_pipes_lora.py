@@ -92,3 +92,31 @@ def test_bad_lora_entries(pipe, tmp_path):
     assert e.value.param == "loras"
     with pytest.raises(InvalidValueError):
         pipe.set_loras([("x.safetensors", "strong")])
+
+
+def test_a_failed_lora_load_does_not_leak_into_the_next_call(pipe, kind_base, models_dir, tmp_path):
+    # set_loras([A, B, missing]) loads B (which activates B alone), then fails on the missing file;
+    # the next set_loras([A]) must not take the recorded state "A active" at its word
+    kind, base = kind_base
+    a, b = lora_file(models_dir, kind), second_lora(models_dir, kind, tmp_path)
+    pipe.set_loras([(a, 1.0)])
+    with_a = img(pipe)
+    with pytest.raises(PipeError) as err:
+        pipe.set_loras([(a, 1.0), (b, 1.0), (tmp_path / "missing.safetensors", 1.0)])
+    assert err.value.param == "loras"
+    pipe.set_loras([(a, 1.0)])
+    assert np.array_equal(img(pipe), with_a)
+    # a pipe object whose own set is still [A] (another object's load failed) re-applies it in gen
+    other = Prompt2ImPipe(pipe=base)
+    other.setup(width=SIZE, height=SIZE, steps=STEPS)
+    with pytest.raises(PipeError):
+        other.set_loras([(b, 1.0), (tmp_path / "missing.safetensors", 1.0)])
+    assert np.array_equal(img(pipe), with_a)
+
+
+def test_a_corrupt_lora_file_is_a_pipe_error_naming_loras(pipe, tmp_path):
+    bad = tmp_path / "corrupt.safetensors"
+    bad.write_bytes(b"not a safetensors file" * 4)
+    with pytest.raises(PipeError) as err:
+        pipe.set_loras([(bad, 1.0)])
+    assert err.value.param == "loras" and "corrupt.safetensors" in str(err.value)

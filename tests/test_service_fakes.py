@@ -453,3 +453,107 @@ def test_concurrent_clients_queue_and_poll(svc):
     assert not errors
     assert svc.wait_idle(20)
     assert sum(svc.get_image_count(s) for s in sids) == 12
+
+
+def test_a_loop_that_dies_inside_a_job_does_not_leave_it_running_forever(svc):
+    # a bug outside the job boundary (here: recording the end state fails once) kills the loop
+    # while it holds a job: the job must end (failed, with the error), not stay "running" for ever
+    calls = {"n": 0}
+    original = svc._finish
+
+    def flaky(job, state, error=None):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("store bug")
+        return original(job, state, error=error)
+
+    svc._finish = flaky
+    sid = _open(svc)
+    out = svc.queue_gen(sid, prompt="x")
+    wait_for(lambda: svc.workers[0].restarts == 1, timeout=5)
+    assert svc.wait_idle(5)
+    job = svc.get_job(out["job_id"])
+    assert job["state"] == "failed" and "store bug" in job["error"]["message"]
+    later = svc.queue_gen(sid, prompt="y")  # the restarted loop runs the next job
+    assert svc.wait_idle(10)
+    assert svc.get_job(later["job_id"])["state"] == "succeeded"
+
+
+def test_scale_as_a_size_pair_is_accepted_and_bad_numbers_are_refused(svc):
+    # the image pipes take scale as a factor or as [width, height] (docs/internals.md): the queue-time
+    # check must not refuse the pair; NaN passes every "< low" / "> high" comparison and must be refused
+    sid = _open(svc, pipe="image2image")
+    img = Image.new("RGB", (16, 16), (9, 9, 9))
+    out = svc.queue_gen(sid, prompt="x", images=[img], scale=[128, 96])
+    assert svc.wait_idle(10)
+    assert svc.get_job(out["job_id"])["state"] == "succeeded"
+    assert REC.setups[-1]["scale"] == [128, 96]
+    for bad in ([128], [128, "96"], [True, 96], [10, 96], float("nan")):
+        with pytest.raises(InvalidInput) as e:
+            svc.queue_gen(sid, prompt="x", images=[img], scale=bad)
+        assert e.value.field == "scale", bad
+    for key in ("guidance_scale", "strength"):
+        with pytest.raises(InvalidInput) as e:
+            svc.queue_gen(sid, prompt="x", images=[img], **{key: float("nan")})
+        assert e.value.field == key
+
+
+def test_a_job_whose_end_state_could_not_be_stored_is_not_left_running(svc):
+    # _finish takes the job out of the running set, then storing "succeeded" fails: the job must not
+    # stay "running" in the store for ever
+    from multigen.service.jobs import JobState
+
+    calls = {"n": 0}
+    original = svc._transition
+
+    def flaky(row, new, **fields):
+        if new == JobState.SUCCEEDED:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("database is locked")
+        return original(row, new, **fields)
+
+    svc._transition = flaky
+    sid = _open(svc)
+    out = svc.queue_gen(sid, prompt="x")
+    wait_for(lambda: svc.get_job(out["job_id"])["state"] != "running" and svc.workers[0].restarts == 1, timeout=5)
+    job = svc.get_job(out["job_id"])
+    assert job["state"] == "failed" and "database is locked" in job["error"]["message"]
+    assert svc.wait_idle(5)
+
+
+def test_a_stopped_service_lets_go_of_its_models_and_can_be_freed(tmp_path):
+    # the interpreter-exit hook must not keep every service ever started (and its model cache) alive,
+    # and stop() drops the loaded models: an embedder that restarts its service must not leak them
+    import gc
+    import weakref
+
+    from helpers_service import FakeService, fake_config
+
+    REC.__init__()
+    svc = FakeService(fake_config(tmp_path))
+    svc.start()
+    out = svc.queue_gen(_open(svc), prompt="x")
+    assert svc.wait_idle(10) and svc.get_job(out["job_id"])["state"] == "succeeded"
+    assert svc.cache.entries()
+    svc.stop(timeout=10)
+    assert svc.cache.entries() == []
+    svc._supervisor.thread.join(5)
+    ref = weakref.ref(svc)
+    del svc
+    gc.collect()
+    assert ref() is None
+
+
+def test_seeds_up_to_2_64_minus_1_are_written_and_recorded(svc):
+    # seeds are allowed up to 2**64-1 (the torch generator range), but SQLite integers stop at 2**63-1
+    big = [2**63, 2**64 - 1]
+    sid = _open(svc)
+    out = svc.queue_gen(sid, prompt="x", seeds=big)
+    assert svc.wait_idle(10)
+    job = svc.get_job(out["job_id"])
+    assert job["state"] == "succeeded", job["error"]
+    assert job["seeds"] == big and [im["seed"] for im in job["images"]] == big
+    assert [g["seed"] for g in REC.gens] == big
+    meta = svc.image_metadata(job["images"][1]["id"])
+    assert meta["seed"] == 2**64 - 1

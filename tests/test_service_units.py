@@ -197,3 +197,59 @@ def test_job_transitions_are_logged_to_the_daily_file(tmp_path):
             if getattr(h, "_multigen", False):
                 logging.getLogger("multigen").removeHandler(h)
                 h.close()
+
+
+def test_a_device_listed_twice_is_a_config_error():
+    # two workers on one device would share the cache's pipe objects (params, scheduler, LoRAs) and race
+    from multigen.service.devices import resolve_devices
+    from multigen.service.errors import ConfigError
+
+    assert resolve_devices(["cpu"]) == ["cpu"]
+    with pytest.raises(ConfigError) as e:
+        resolve_devices(["cpu", "cpu"])
+    assert "devices" in str(e.value) and "twice" in str(e.value)
+
+
+def test_queue_time_checks_agree_with_the_pipes():
+    # what the pipe refuses at run time must be refused at queue time, and what it takes must be taken
+    from multigen.pipes import MaskedIm2ImPipe
+    from multigen.pipes.base import MAX_CLIP_SKIP
+    from multigen.service.config import Limits
+    from multigen.service.errors import InvalidInput
+    from multigen.service.validation import check_has_image, check_setup_params
+
+    limits = Limits()
+    check_setup_params({"clip_skip": MAX_CLIP_SKIP}, MaskedIm2ImPipe, "masked", limits)
+    with pytest.raises(InvalidInput) as e:
+        check_setup_params({"clip_skip": MAX_CLIP_SKIP + 1}, MaskedIm2ImPipe, "masked", limits)
+    assert e.value.field == "clip_skip"
+    check_has_image("MaskedIm2ImPipe", {"fimage": "in.png", "mask": "m.png"}, "masked")  # metafusion's alias
+    with pytest.raises(InvalidInput):
+        check_has_image("MaskedIm2ImPipe", {"mask": "m.png"}, "masked")
+
+
+def test_a_restarting_worker_never_exposes_an_unstarted_thread(monkeypatch):
+    # stop() joins worker.thread; a supervisor restart racing with it must not have published a thread
+    # that is not started yet ("cannot join thread before it is started" crashed stop())
+    import threading
+
+    from multigen.service.worker import DeviceWorker
+
+    class Idle:
+        def _next_job(self, worker, timeout):  # noqa: ANN001
+            return None
+
+    worker = DeviceWorker(Idle(), "cpu", 1, None)
+    worker.stop_event.set()
+    seen = []
+    original = threading.Thread.start
+
+    def spy(thread):  # noqa: ANN001
+        seen.append(worker.thread is thread)
+        return original(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", spy)
+    worker.start()
+    monkeypatch.undo()
+    worker.thread.join(5)
+    assert seen == [False] and not worker.alive()

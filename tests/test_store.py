@@ -115,3 +115,71 @@ def test_session_filters_and_counts(tmp_path):
     assert [s["id"] for s in store.list_sessions(user="alice")] == ["s1"]
     assert [s["id"] for s in store.list_sessions(state="closed")] == ["s2"]
     assert store.count_sessions("alice", "open") == 1 and store.count_sessions("bob", "open") == 0
+
+
+def _open_db_fds(path) -> int:
+    import os
+
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_connections_of_finished_threads_are_closed(tmp_path):
+    # every thread gets its own connection; one per thread that ever touched the store would leak a
+    # file handle per restarted worker or short-lived request thread
+    path = tmp_path / "db.sqlite3"
+    store = SQLiteStore(path)
+    _session(store)
+    for _ in range(10):
+        t = threading.Thread(target=store.get_session, args=("s1",))
+        t.start()
+        t.join()
+    assert store.get_session("s1") is not None
+    # this thread's, the last finished one's, and one descriptor SQLite keeps back for reuse (it defers
+    # closing a file's descriptor while other connections of the process hold locks on it); before the
+    # fix: one per thread that ever ran (11)
+    assert _open_db_fds(path) <= 3
+    store.close()
+    assert _open_db_fds(path) == 0
+
+
+def test_service_stop_closes_its_store(tmp_path):
+    from helpers_service import FakeService, fake_config
+
+    svc = FakeService(fake_config(tmp_path))
+    svc.start()
+    path = svc.store.path
+    svc.open_session("alice", "p", "prompt2image", "m1")
+    svc.stop(timeout=10)
+    assert _open_db_fds(path) == 0
+    assert svc.list_sessions()  # still readable after stop: connections reopen on demand
+    svc.store.close()
+
+
+def test_negative_prompts_are_grammars_too_and_old_rows_migrate(tmp_path):
+    import multigen.service.store as store_mod
+
+    # a version-2 store with a plain-text negative prompt, as stored before migration 3
+    conn = sqlite3.connect(tmp_path / "db.sqlite3")
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for version, script in enumerate(store_mod.MIGRATIONS[:2], start=1):
+        conn.executescript(script)
+        conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+    conn.execute("INSERT INTO sessions VALUES ('s1','alice','p','prompt2image','m','[]','open','/o','t',NULL)")
+    conn.execute("INSERT INTO jobs (id, session_id, user, model, state, count, seeds, prompt, negative_prompt, "
+                 "params, created_at) VALUES ('old','s1','alice','m','queued',1,'[1]','\"a\"','blurry','{}','t')")
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(tmp_path / "db.sqlite3")
+    assert store.schema_version == SCHEMA_VERSION
+    assert store.get_job("old")["negative_prompt"] == "blurry"
+    _job(store, "new")
+    store.update_job("new", negative_prompt=["ugly", ["blurry", "dark"]])
+    assert store.get_job("new")["negative_prompt"] == ["ugly", ["blurry", "dark"]]

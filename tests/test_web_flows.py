@@ -147,6 +147,15 @@ def test_upload_and_mask(server: Server, browser: Any, tmp_path: Path):
     assert painted[2][:3] == [40, 120, 200], f"the far corner changed: {painted}"
     set_value(d, "steps", "2")
     set_value(d, "strength", "0.5")
+    # the masked pipe's advanced parameters: its blurs and the input scale (no ControlNet ones)
+    d.find_element(By.CSS_SELECTOR, "#advanced > summary").click()
+    for param in ("scale", "blur", "blur_compose", "clip_skip"):
+        assert d.find_element(By.ID, param).is_displayed(), param
+    assert not d.find_element(By.ID, "guess_mode").is_displayed()
+    set_value(d, "blur_compose", "2")
+    shoot(d, "05-mask-advanced", WIDE, scroll_to="#advanced")
+    shoot(d, "05-mask-advanced", NARROW, scroll_to="#advanced")
+    viewport(d, WIDE)
     shoot(d, "05-mask", WIDE, scroll_to="#job-title")
     shoot(d, "05-mask", NARROW, scroll_to="#mask-label")
     viewport(d, WIDE)
@@ -157,6 +166,7 @@ def test_upload_and_mask(server: Server, browser: Any, tmp_path: Path):
          in ("succeeded", "failed"), 180, "the masked job to finish")
     job = server.api("GET", f"jobs/{job_id}")["job"]
     assert job["state"] == "succeeded", job.get("error")
+    assert job["params"]["blur_compose"] == 2  # a blur radius: the API took it for a boolean before
     wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery li")) == 1, 30, "the image in the gallery")
     image = server.api("GET", f"sessions/{sid}/images")["images"][0]
     assert (image["width"], image["height"]) == (64, 64)

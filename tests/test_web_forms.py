@@ -52,6 +52,75 @@ def test_bad_values_show_their_errors(server: Server, browser: Any):
     assert not d.find_elements(By.CSS_SELECTOR, "#job-list li")
 
 
+def test_advanced_parameters_reach_the_server(server: Server, browser: Any):
+    """The "Advanced" section: closed by default, opened with the keyboard, only the pipe's own
+    parameters; what is set there is in the job's params on the server, a bad value is named there."""
+    d = browser
+    load_page(d, server)
+    sid = open_session(d, "web-advanced", "prompt2image")
+    advanced = d.find_element(By.ID, "advanced")
+    assert advanced.is_displayed() and advanced.get_attribute("open") is None
+    # prompt2image's job schema has clip_skip and timestep_spacing, none of the image or ControlNet ones
+    shown = d.execute_script("return [...document.querySelectorAll('#advanced [data-param]')]"
+                             ".filter(e => !e.hidden).map(e => e.dataset.param)")
+    assert shown == ["clip_skip", "timestep_spacing"], shown
+    assert d.find_element(By.ID, "clip_skip").get_attribute("max") == "10"  # from the OpenAPI schema
+    summary = d.find_element(By.CSS_SELECTOR, "#advanced > summary")
+    d.execute_script("arguments[0].focus()", summary)
+    summary.send_keys(Keys.ENTER)
+    wait(d, lambda d: advanced.get_attribute("open") is not None, 5, "Advanced opened with Enter")
+    assert d.execute_script(LABELS_JS) == []
+    set_value(d, "prompt", "advanced settings")
+    set_value(d, "steps", "2")
+    set_value(d, "clip_skip", "1")
+    Select(d.find_element(By.ID, "timestep_spacing")).select_by_value("trailing")
+    shoot(d, "11-advanced", WIDE, scroll_to="#job-title")
+    shoot(d, "11-advanced", NARROW, scroll_to="#advanced")
+    viewport(d, WIDE)
+    d.find_element(By.ID, "queue-job").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#job-list li"), 10, "job card")
+    job_id = d.find_element(By.CSS_SELECTOR, "#job-list li").get_attribute("data-job")
+    params = server.api("GET", f"jobs/{job_id}")["job"]["params"]
+    assert params["clip_skip"] == 1 and params["timestep_spacing"] == "trailing", params
+    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#job-list li").get_attribute("data-state")
+         in ("succeeded", "failed"), 120, "the job to finish")
+    assert server.api("GET", f"jobs/{job_id}")["job"]["state"] == "succeeded"
+    assert server.api("GET", f"sessions/{sid}/images")["images"]
+
+    # "use these parameters again" brings them back (and the pipe defaults stay empty)
+    set_value(d, "clip_skip", "")
+    Select(d.find_element(By.ID, "timestep_spacing")).select_by_value("")
+    d.execute_script("document.getElementById('advanced').open = false")
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .thumb"), 30, "the thumbnail")
+    d.find_element(By.CSS_SELECTOR, "#gallery .thumb").click()
+    wait(d, lambda d: "advanced settings" in d.find_element(By.ID, "image-params").text, 20, "parameters")
+    d.find_element(By.ID, "reuse-params").click()
+    wait(d, lambda d: d.find_element(By.ID, "image-dialog").get_attribute("open") is None, 10, "dialog closed")
+    assert advanced.get_attribute("open") is not None
+    assert d.find_element(By.ID, "clip_skip").get_attribute("value") == "1"
+    assert d.find_element(By.ID, "timestep_spacing").get_attribute("value") == "trailing"
+
+    # a value past the schema's range is refused by the server and shown next to the field, unfolded
+    set_value(d, "clip_skip", "11")
+    d.execute_script("document.getElementById('advanced').open = false")
+    d.find_element(By.ID, "queue-job").click()
+    wait(d, lambda d: d.find_element(By.ID, "err-clip_skip").text, 10, "clip_skip error")
+    assert advanced.get_attribute("open") is not None
+    assert d.switch_to.active_element.get_attribute("id") == "clip_skip"
+    assert len(d.find_elements(By.CSS_SELECTOR, "#job-list li")) == 1, "the bad job is not queued"
+
+    # a ControlNet pipe shows its own: the input scale, guess mode and the control guidance range
+    open_session(d, "web-advanced-cn", "cimage2image")
+    shown = d.execute_script("return [...document.querySelectorAll('#advanced [data-param]')]"
+                             ".filter(e => !e.hidden).map(e => e.dataset.param)")
+    assert shown == ["clip_skip", "timestep_spacing", "scale", "guess_mode", "control_guidance_start",
+                     "control_guidance_end"], shown
+    assert d.find_element(By.ID, "control_guidance_end").get_attribute("max") == "1"
+    assert d.execute_script(LABELS_JS) == []
+    shoot(d, "11-advanced-controlnet", WIDE, scroll_to="#advanced")
+    shoot(d, "11-advanced-controlnet", NARROW, scroll_to="#advanced")
+
+
 LABELS_JS = """
 const missing = [];
 for (const el of document.querySelectorAll('input, select, textarea, button, canvas[tabindex], progress')) {

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__
@@ -116,7 +116,8 @@ def _register_errors(app: Flask) -> None:
         if pipe_error is not None and isinstance(e, pipe_error):  # bad input found by a pipe
             allowed = f"; allowed: {e.allowed}" if getattr(e, "allowed", None) else ""
             return error_response("invalid", f"{e}{allowed}", 400, getattr(e, "param", None))
-        log.exception("unexpected error")
+        # the path only, never the query string: it may carry an ?access_token=
+        log.exception("unexpected error in %s %s", request.method, request.path)
         return error_response("internal_error", "internal server error (logged)", 500)
 
 

@@ -41,7 +41,10 @@ def json_body() -> Any:
     if not request.is_json:
         raise UnsupportedMedia(f"send `Content-Type: application/json` (got {request.mimetype or 'none'!r})",
                                field="Content-Type")
-    data = request.get_json(silent=True)
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:  # the decoder gives up on deep nesting with this, not a ValueError
+        raise InvalidInput("the body is nested too deeply", code="malformed_json") from None
     if data is None:
         raise InvalidInput("the body is not valid JSON", code="malformed_json")
     return data

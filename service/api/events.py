@@ -18,7 +18,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
-from ..errors import MultigenError, NotFound
+from ..errors import InvalidInput, MultigenError, NotFound
 from .auth import owned_session
 from .context import service
 
@@ -77,18 +77,32 @@ def format_event(event: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def _subscribe(svc: Any, session_id: str | None, last_event_id: str | None) -> Any:
+def _last_event_id() -> int | None:
+    """The ``Last-Event-ID`` header (or ``last_event_id`` argument): the id of an event this server sent.
+
+    Raises:
+        InvalidInput: not an event id (the service compares ids as integers: anything else was a 500).
+    """
+    field, value = "Last-Event-ID", request.headers.get("Last-Event-ID")
+    if not value:
+        field, value = "last_event_id", request.args.get("last_event_id")
+    if not value:
+        return None
+    value = value.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 19:
+        raise InvalidInput(f"{field} must be the id of an event of this stream (a whole number), got "
+                           f"{value[:40]!r}", field=field)
+    return int(value)
+
+
+def _subscribe(svc: Any, session_id: str | None, last_event_id: int | None) -> Any:
     """``svc.subscribe``; passes ``last_event_id`` on when the service can replay from it."""
     try:
         accepted = inspect.signature(svc.subscribe).parameters
     except (TypeError, ValueError):
         accepted = {}
-    if last_event_id and "last_event_id" in accepted:
-        try:
-            last: Any = int(last_event_id)
-        except ValueError:
-            last = last_event_id
-        return svc.subscribe(session_id=session_id, last_event_id=last)
+    if last_event_id is not None and "last_event_id" in accepted:
+        return svc.subscribe(session_id=session_id, last_event_id=last_event_id)
     return svc.subscribe(session_id=session_id)
 
 
@@ -128,13 +142,13 @@ def events():
     session_id = request.args.get("session_id") or None
     if session_id:
         owned_session(session_id)
+    last_event_id = _last_event_id()  # checked before a slot is taken
     limiter: StreamLimiter = current_app.extensions["multigen.event_streams"]
     if not limiter.acquire():
         raise TooManyStreams(f"{limiter.limit} event streams are open, the most this server allows: poll "
                              "GET /api/v1/jobs/{id} and /sessions/{id}/images?after= instead, or retry later")
     heartbeat = float(current_app.config.get("MULTIGEN_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS))
     stopping: threading.Event = current_app.extensions["multigen.stopping"]
-    last_event_id = request.headers.get("Last-Event-ID") or request.args.get("last_event_id")
     try:
         svc = service()
         sub = _subscribe(svc, session_id, last_event_id)

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("metrics", __name__)
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+#: methods counted by name; any other (a client may send any token) is counted as "other"
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -174,9 +176,11 @@ class HttpMetrics:
         g.metrics_start = time.perf_counter()
 
     def _record(self, response: Response) -> Response:
-        # the route template, never the raw path: ids would make one series per request
+        # the route template, never the raw path, and known methods only: ids or made-up methods
+        # would make one series per request, and the registry would grow without end
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        self.requests.labels(request.method, route, str(response.status_code)).inc()
+        method = request.method if request.method in HTTP_METHODS else "other"
+        self.requests.labels(method, route, str(response.status_code)).inc()
         start = g.get("metrics_start")
         if start is not None and response.mimetype != "text/event-stream":
             self.latency.labels(route).observe(time.perf_counter() - start)

@@ -141,7 +141,7 @@ ROUTES: list[tuple[str, str, str, str | None, str, str, list[str], list[str]]] =
     ("get", "/api/v1/models", "Models, LoRAs, pipes and schedulers", None, "200", "object", [], ["401"]),
     ("post", "/api/v1/sessions", "Open a session", "SessionCreate", "201", "SessionResponse", [],
      ["400", "401", "403", "415", "429"]),
-    ("get", "/api/v1/sessions", "The user's sessions", None, "200", "SessionList", ["project", "state"],
+    ("get", "/api/v1/sessions", "The user's sessions", None, "200", "SessionList", ["project", "state", "user"],
      ["400", "401"]),
     ("get", "/api/v1/sessions/{session_id}", "One session", None, "200", "SessionResponse", [], ["401", "404"]),
     ("delete", "/api/v1/sessions/{session_id}", "Close a session (queued jobs cancelled, images kept)", None,
@@ -153,19 +153,20 @@ ROUTES: list[tuple[str, str, str, str | None, str, str, list[str], list[str]]] =
     ("get", "/api/v1/jobs/{job_id}", "One job", None, "200", "JobResponse", [], ["401", "404"]),
     ("post", "/api/v1/jobs/{job_id}/cancel", "Cancel a job", None, "200", "JobResponse", [],
      ["401", "404", "409"]),
-    ("get", "/api/v1/jobs/{job_id}/preview", "Latest preview of a running job", None, "200", "image/jpeg", [],
+    ("get", "/api/v1/jobs/{job_id}/preview", "Latest preview of a running job", None, "200", "image/jpeg",
+     ["access_token"],
      ["401", "404"]),
     ("get", "/api/v1/queue", "Queue depth and workers", None, "200", "Queue", [], ["401"]),
     ("get", "/api/v1/sessions/{session_id}/images", "Images with an index above `after`, in index order", None,
      "200", "ImageList", ["after"], ["400", "401", "404"]),
     ("get", "/api/v1/images/{image_id}", "The image file (`format` converts)", None, "200", "image/*",
-     ["format"], ["400", "401", "404"]),
+     ["format", "access_token"], ["400", "401", "404"]),
     ("get", "/api/v1/images/{image_id}/metadata", "Parameters that reproduce the image", None, "200", "object",
      [], ["401", "404"]),
     ("post", "/api/v1/uploads", "Upload an image (multipart `file`; PNG, JPEG or WebP)", "multipart", "201",
      "UploadResponse", [], ["400", "401", "413", "415"]),
     ("get", "/api/v1/events", "Server-sent events (`Last-Event-ID` resumes where the service can)", None, "200",
-     "text/event-stream", ["session_id"], ["401", "404", "503"]),
+     "text/event-stream", ["session_id", "last_event_id", "access_token"], ["400", "401", "404", "503"]),
     ("get", "/metrics", "Prometheus metrics", None, "200", "text/plain", [], []),
 ]
 
@@ -176,6 +177,11 @@ QUERY_PARAMS = {
     "after": {"schema": {"type": "integer"}, "description": "last index seen; -1 or absent for all"},
     "format": {"schema": {"type": "string", "enum": ["png", "jpeg", "webp"]}},
     "session_id": {"schema": {"type": "string"}},
+    "user": {"schema": {"type": "string"}, "description": "only without auth: whose sessions (else the token's)"},
+    "last_event_id": {"schema": {"type": "integer", "minimum": 0},
+                      "description": "resume after this event (as the `Last-Event-ID` header does)"},
+    "access_token": {"schema": {"type": "string"}, "description": "the bearer token, for an `<img>` or "
+                                                                  "`EventSource` that cannot send a header"},
 }
 
 
@@ -208,6 +214,9 @@ def build_document(schemas: Schemas, auth: bool) -> dict[str, Any]:
         params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in ("session_id", "job_id", "image_id") if "{" + p + "}" in path]
         params += [{"name": q, "in": "query", "required": False, **QUERY_PARAMS[q]} for q in query]
+        if "last_event_id" in query:
+            params.append({"name": "Last-Event-ID", "in": "header", "required": False,
+                           "schema": {"type": "integer", "minimum": 0}})
         if params:
             op["parameters"] = params
         if body == "multipart":

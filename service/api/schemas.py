@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from multigen.pipes.base import MAX_CLIP_SKIP
+from multigen.pipes.im2im import MAX_BLUR
 from multigen.pipes.images import MIN_SIDE
 
 from ..config import Config
@@ -23,6 +25,13 @@ log = logging.getLogger(__name__)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_SEED = 2**63 - 1
 CONDITION_TYPES = ("canny", "soft-sobel", "soft", "ip2p", "inpaint", "qr", "depth", "pose")
+#: deepest nesting of a prompt grammar: deeper ones only serve to exhaust the server's recursion
+MAX_GRAMMAR_DEPTH = 32
+#: most characters in a prompt (all the strings of a grammar together): some 5000 tokens, 65 chunks
+#: of 77 for the text encoder; a multi-megabyte prompt would hold a worker and its memory for minutes
+MAX_PROMPT_CHARS = 20000
+#: most input images of one job (one per ControlNet at most, in practice)
+MAX_JOB_IMAGES = 8
 
 #: setup parameters common to every pipe class (internals.md)
 COMMON_PARAMS = ("width", "height", "steps", "guidance_scale", "clip_skip", "scheduler", "timestep_spacing", "lpw")
@@ -53,14 +62,19 @@ def _param_fields(cfg: Config) -> dict[str, tuple[Any, Any]]:
         "height": (int, Field(None, ge=MIN_SIDE, le=lim.max_height, description="image height in pixels")),
         "steps": (int, Field(None, ge=1, le=500, description="denoising steps")),
         "guidance_scale": (float, Field(None, ge=0.0, le=50.0, description="classifier-free guidance scale")),
-        "clip_skip": (int, Field(None, ge=0, le=12, description="CLIP layers to skip")),
+        # the pipes' own ranges: a value they refuse must be a 400 now, not a failed job later
+        "clip_skip": (int, Field(None, ge=0, le=MAX_CLIP_SKIP, description="CLIP layers to skip")),
         "scheduler": (str, Field(None, description="scheduler name, see GET /api/v1/models")),
         "timestep_spacing": (Literal["leading", "trailing", "linspace"], Field(None)),
         "lpw": (bool, Field(None, description="prompt weighting `(word:1.3)` and long prompts")),
         "strength": (float, Field(None, ge=0.0, le=1.0, description="how much the input image changes")),
-        "scale": (float, Field(None, gt=0.0, le=8.0, description="resize factor of the input image")),
-        "blur": (int, Field(None, ge=0, le=512, description="mask blur radius in pixels")),
-        "blur_compose": (bool, Field(None, description="blur the mask when composing the result")),
+        "scale": (Union[Annotated[float, Field(ge=0.01, le=16.0)],
+                        Annotated[list[Annotated[int, Field(ge=MIN_SIDE, le=max(lim.max_width, lim.max_height))]],
+                                  Field(min_length=2, max_length=2)]],
+                  Field(None, description="resize of the input image: a factor, or [width, height] in pixels")),
+        "blur": (int, Field(None, ge=0, le=MAX_BLUR, description="mask blur radius in pixels")),
+        "blur_compose": (int, Field(None, ge=0, le=MAX_BLUR, description="blur radius in pixels of the mask "
+                                    "that composes the result onto the original")),
         "cscales": (Union[Annotated[float, Field(ge=0.0, le=4.0)], list[Annotated[float, Field(ge=0.0, le=4.0)]]],
                     Field(None, description="ControlNet conditioning scale(s)")),
         "ctypes": (list[Literal[CONDITION_TYPES]], Field(None, description="condition types computed from the input")),
@@ -104,8 +118,35 @@ class JobBase(BaseModel):
         description="a string, or metafusion's Cfgen grammar as JSON")
     negative_prompt: Union[str, list[Any], dict[str, Any], None] = None
     count: int = Field(1, ge=1)
-    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = None
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(None, min_length=1)
     priority: int = Field(0, ge=-100, le=100)
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _not_too_big(cls, value: Any) -> Any:
+        depth, chars = grammar_size(value)
+        if depth > MAX_GRAMMAR_DEPTH:
+            raise ValueError(f"the prompt grammar is nested more than {MAX_GRAMMAR_DEPTH} levels deep")
+        if chars > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt has {chars} characters, at most {MAX_PROMPT_CHARS} are allowed")
+        return value
+
+
+def grammar_size(value: Any) -> tuple[int, int]:
+    """How deeply lists and dicts nest in ``value`` (a string: 0) and how many characters its strings
+    hold, counted without recursion (and without descending past :data:`MAX_GRAMMAR_DEPTH`)."""
+    deepest, chars, stack = 0, 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            chars += len(item)
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            if depth + 1 <= MAX_GRAMMAR_DEPTH:  # past the limit the answer is known: stop descending
+                stack.extend((x, depth + 1) for x in item)
+    return deepest, chars
 
 
 def pipe_params(classname: str) -> tuple[str, ...]:
@@ -123,7 +164,10 @@ def job_model(cfg: Config, pipe_name: str, classname: str) -> type[BaseModel]:
     """Build ``JobCreate`` for one pipe of models.yaml."""
     params = pipe_params(classname)
     table = _param_fields(cfg)
-    fields: dict[str, Any] = {"count": (int, Field(1, ge=1, le=cfg.limits.max_count))}
+    fields: dict[str, Any] = {"count": (int, Field(1, ge=1, le=cfg.limits.max_count)),
+                              "seeds": (list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None,
+                                        Field(None, min_length=1, max_length=cfg.limits.max_count,
+                                              description="one per image; drawn when left out"))}
     for name in params:
         if name in IMAGE_PARAMS:
             continue
@@ -132,7 +176,10 @@ def job_model(cfg: Config, pipe_name: str, classname: str) -> type[BaseModel]:
         kind, info = fields[name]
         fields[name] = (Union[kind, None], info)
     if IMAGE_PARAMS & set(params):
-        fields["images"] = (list[str] | None, Field(None, description="upload ids or data: URLs"))
+        # each data: URL is decoded and stored before the job is queued: a long list of tiny ones
+        # would fill the uploads folder from one request
+        fields["images"] = (list[str] | None, Field(None, max_length=MAX_JOB_IMAGES,
+                                                    description="upload ids or data: URLs"))
     if {"mask", "image_painted"} & set(params):
         fields["mask"] = (str | None, Field(None, description="mask: an upload id or a data: URL"))
     if "cscales" in params:

@@ -17,6 +17,12 @@ const FIXED_PARAMS = {
 const COMMON = ["prompt", "negative_prompt", "count", "seeds", "width", "height", "steps",
   "guidance_scale", "scheduler"];
 const MASK_REQUIRED = new Set(["MaskedIm2ImPipe", "InpaintingPipe"]);
+// the "Advanced" section: shown only for the parameters the pipe's job schema has; empty = pipe default
+const ADVANCED_NUMBERS = ["clip_skip", "scale", "blur", "blur_compose", "control_guidance_start",
+  "control_guidance_end"];
+const ADVANCED_CHOICES = ["timestep_spacing"];
+const ADVANCED_FLAGS = ["guess_mode"];
+const ADVANCED = [...ADVANCED_NUMBERS, ...ADVANCED_CHOICES, ...ADVANCED_FLAGS];
 // the pipe ids of config/models.yaml, for a server that lists pipes by id only
 const CLASS_OF = {
   prompt2image: "Prompt2ImPipe", image2image: "Im2ImPipe", masked_image2image: "MaskedIm2ImPipe",
@@ -39,6 +45,20 @@ export function pipeParams(pipe, openapi) {
     return { names, schema, source: "openapi" };
   }
   return { names: new Set([...COMMON, ...(FIXED_PARAMS[cls] || [])]), schema: null, source: "table" };
+}
+
+/** A schema property's alternatives ({anyOf: [{type: "integer", ...}, {type: "null"}]} or the property). */
+function variants(prop) { return prop ? [prop, ...(prop.anyOf || []), ...(prop.oneOf || [])] : []; }
+
+/** Set an <input type=number>'s min/max/step from the job schema, so the browser's spinner keeps to them. */
+function applyLimits(input, prop) {
+  for (const v of variants(prop)) {
+    if (v.type !== "number" && v.type !== "integer") continue;
+    if (v.minimum !== undefined) input.min = String(v.minimum);
+    if (v.maximum !== undefined) input.max = String(v.maximum);
+    if (v.type === "integer") input.step = "1";
+    return;
+  }
 }
 
 function norm(s) { return String(s || "").toLowerCase().replace(/[^a-z0-9]/g, ""); }
@@ -84,6 +104,7 @@ export class JobForm {
   configure(pipe, openapi, schedulers, maxCount) {
     const { names, schema } = pipeParams(pipe, openapi);
     this.params = names;
+    this.clearErrors();  // another session's errors do not belong to this one
     // masked pipes need a mask; for the others (ControlNet "inpaint") it is optional
     const cls = pipe.classname || CLASS_OF[pipe.id];
     this.maskRequired = MASK_REQUIRED.has(cls);
@@ -93,6 +114,16 @@ export class JobForm {
       el.hidden = !names.has(el.dataset.param);
     }
     $("size").closest(".field").hidden = !names.has("width");
+    const props = (schema && schema.properties) || {};
+    for (const k of ADVANCED_NUMBERS) if (names.has(k)) applyLimits($(k), props[k]);
+    const spacing = variants(props.timestep_spacing).find((v) => Array.isArray(v.enum));
+    if (spacing) {
+      const sel = $("timestep_spacing");
+      const keepSpacing = sel.value;
+      sel.replaceChildren(new Option("default", ""), ...spacing.enum.map((v) => new Option(v, v)));
+      sel.value = spacing.enum.includes(keepSpacing) ? keepSpacing : "";
+    }
+    $("advanced").hidden = !ADVANCED.some((k) => names.has(k));
     $("mask-canvas").closest(".field").hidden = !names.has("mask");
     // pipes that compute their condition from the input image take a condition type
     $("ctype-field").hidden = !(names.has("ctypes") || pipe.classname === "CIm2ImPipe");
@@ -168,6 +199,11 @@ export class JobForm {
       body.seeds = parts.map(Number);
     }
     if (p.has("scheduler") && $("scheduler").value) body.scheduler = $("scheduler").value;
+    for (const k of ADVANCED_NUMBERS) {
+      if (p.has(k)) { const v = num(k); if (v !== undefined) body[k] = v; }
+    }
+    for (const k of ADVANCED_CHOICES) if (p.has(k) && $(k).value) body[k] = $(k).value;
+    for (const k of ADVANCED_FLAGS) if (p.has(k) && $(k).value) body[k] = $(k).value === "true";
     if (p.has("images")) {
       if (!this.uploadId) throw { field: "images", message: "choose an input image (PNG, JPEG or WebP)" };
       body.images = [this.uploadId];
@@ -206,6 +242,8 @@ export class JobForm {
       const input = { mask: $("mask-canvas"), images: $("image"), control: $("cscale") }[slot] || $(slot);
       if (input) {
         input.setAttribute("aria-invalid", "true");
+        const section = input.closest("details");
+        if (section) section.open = true;  // an error in "Advanced" must not stay folded away
         if (input.closest("[hidden]")) { $("err-job-form").textContent = `${slot}: ${box.textContent}`; }
         else input.focus();
       }
@@ -230,6 +268,15 @@ export class JobForm {
     // a scheduler the job did not name was the pipe's default: keep "pipe default"
     const sched = given.scheduler;
     $("scheduler").value = sched && [...$("scheduler").options].some((o) => o.value === sched) ? sched : "";
+    // advanced parameters: what the job gave, else empty (the pipe's default)
+    for (const k of ADVANCED) {
+      const v = given[k];
+      const el = $(k);
+      if (ADVANCED_FLAGS.includes(k)) el.value = typeof v === "boolean" ? String(v) : "";
+      else if (ADVANCED_CHOICES.includes(k)) el.value = [...el.options].some((o) => o.value === v) ? v : "";
+      else el.value = typeof v === "number" ? v : "";
+    }
+    if (ADVANCED.some((k) => given[k] !== undefined && given[k] !== null)) $("advanced").open = true;
     this.syncSize();
     this.clearErrors();
   }
