@@ -31,6 +31,7 @@ from .config import Config, load_config
 from .devices import resolve_devices, worker_threads
 from .errors import Conflict, InvalidInput, MultigenError, NotFound, QueueFull
 from .events import EventBus, Subscription
+from .gallery import ImageQueries
 from .inputs import save_params
 from .jobs import EVENT_FOR_STATE, JobState, check_transition
 from .recovery import recover
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 STORE_FILE = "multigen.sqlite3"
 
 
-class ServiceThread:
+class ServiceThread(ImageQueries):
     """The generation service: sessions, a fair job queue, one worker per device.
 
     Collaborators are class attributes so tests (and embedders) can swap them.
@@ -370,39 +371,6 @@ class ServiceThread:
         job = self._running.get(job_id)
         return job.preview if job is not None else None
 
-    # ---- images ----------------------------------------------------------------------------------
-    def get_image_count(self, session_id: str) -> int:
-        self._session_row(session_id)
-        return self.store.image_count(session_id)
-
-    def get_image_pathname(self, session_id: str, index: int) -> str:
-        """Path of a session's image by index (metafusion). Raises NotFound."""
-        self._session_row(session_id)
-        img = self.store.image_by_index(session_id, int(index))
-        if img is None:
-            raise NotFound(f"session {session_id} has no image {index} "
-                           f"({self.store.image_count(session_id)} written)", field="index")
-        return img["path"]
-
-    def list_images(self, session_id: str, after: int | None = None) -> list[dict[str, Any]]:
-        """A session's images in index order, those after index ``after`` only when given."""
-        self._session_row(session_id)
-        return [image_view(r) for r in self.store.list_images(session_id=session_id, after=after)]
-
-    def get_image(self, image_id: str) -> dict[str, Any]:
-        return image_view(self._image_row(image_id))
-
-    def image_file(self, image_id: str) -> Path:
-        """The PNG file of an image (for the API's file endpoint)."""
-        return Path(self._image_row(image_id)["path"])
-
-    def image_metadata(self, image_id: str) -> dict[str, Any]:
-        """The parameters that reproduce an image (its JSON sidecar)."""
-        import json
-
-        path = self.image_file(image_id).with_suffix(".json")
-        return json.loads(path.read_text())
-
     # ---- service ---------------------------------------------------------------------------------
     def queue_info(self) -> dict[str, Any]:
         with self._cv:
@@ -521,9 +489,6 @@ class ServiceThread:
         row, images = self._job_rows(job_id, row)
         return job_view(row, images, self.queue.position(job_id), self._running.get(job_id))
 
-    def _image_view(self, row: dict[str, Any]) -> dict[str, Any]:
-        return image_view(row)
-
     def _preview_image(self, latents: Any, model_type: Any) -> Any:
         fn = type(self).preview_fn
         if fn is None:
@@ -535,12 +500,6 @@ class ServiceThread:
         row = self.store.get_session(session_id)
         if row is None:
             raise NotFound(f"session {session_id} not found", field="session_id")
-        return row
-
-    def _image_row(self, image_id: str) -> dict[str, Any]:
-        row = self.store.get_image(image_id)
-        if row is None:
-            raise NotFound(f"image {image_id} not found", field="image_id")
         return row
 
     def _pipe_class(self, classname: str) -> Any:
