@@ -89,6 +89,24 @@ class _ControlMixin:
                 raise InvalidValueError(f"control_guidance_start {start} must be below control_guidance_end {end}",
                                         "control_guidance_start", "0 <= start < end <= 1")
 
+    #: the diffusers argument that takes the condition images ("control_image" when "image" is the input)
+    _condition_arg = "image"
+
+    def _call_kwargs(self) -> dict[str, Any]:
+        kwargs = super()._call_kwargs()  # type: ignore[misc]
+        conds = self._padded_conditions
+        kwargs[self._condition_arg] = conds[0] if len(conds) == 1 else conds
+        kwargs.update(self._control_call(len(conds)))
+        return kwargs
+
+    @property
+    def condition_images(self) -> list[Image.Image]:
+        """The condition images as they go to the ControlNets (before padding)."""
+        return list(self._conditions)
+
+    def _controlnet_names(self) -> list[str]:
+        return [getattr(c, "_multigen_path", None) or str(c.config.get("_name_or_path", "")) for c in self.controlnets]
+
     def _control_call(self, count: int) -> dict[str, Any]:
         p = self.params
         one = count == 1
@@ -167,21 +185,8 @@ class Cond2ImPipe(_ControlMixin, BasePipe):
         self._controlnet_kwargs(merged, n, [table.get(c, 1.0) for c in self.ctypes] if self.ctypes else [1.0] * n)
         self._sources = {"image": [_source(s) for s in sources]}
 
-    def _call_kwargs(self) -> dict[str, Any]:
-        kwargs = super()._call_kwargs()
-        conds = self._padded_conditions
-        kwargs["image"] = conds[0] if len(conds) == 1 else conds
-        kwargs.update(self._control_call(len(conds)))
-        return kwargs
-
-    @property
-    def condition_images(self) -> list[Image.Image]:
-        """The condition images as they go to the ControlNets (before padding)."""
-        return list(self._conditions)
-
     def _extra_config(self) -> dict[str, Any]:
-        return {"controlnets": [getattr(c, "_multigen_path", None) or str(c.config.get("_name_or_path", ""))
-                                for c in self.controlnets],
+        return {"controlnets": self._controlnet_names(),
                 "control_type": list(self.ctypes) if self.ctypes else None,
                 **(self._sources if self._is_setup else {})}
 
@@ -199,6 +204,8 @@ class CIm2ImPipe(_ControlMixin, Im2ImPipe):
     ``scale``, ``cscales`` (default per type), ``guess_mode``, ``control_guidance_start``/``end``
     and the common ones.
     """
+
+    _condition_arg = "control_image"
 
     PARAMS = COMMON_PARAMS + ("image", "strength", "scale", "ctypes", "mask") + CONTROL_PARAMS
     ALIASES = {"fimage": "image"}
@@ -299,21 +306,8 @@ class CIm2ImPipe(_ControlMixin, Im2ImPipe):
         cond = cond.convert("RGB") if cond.mode != "RGB" else cond
         return cond if cond.size == image.size else cond.resize(image.size, Image.LANCZOS)
 
-    def _call_kwargs(self) -> dict[str, Any]:
-        kwargs = super()._call_kwargs()
-        conds = self._padded_conditions
-        kwargs["control_image"] = conds[0] if len(conds) == 1 else conds
-        kwargs.update(self._control_call(len(conds)))
-        return kwargs
-
-    @property
-    def condition_images(self) -> list[Image.Image]:
-        """The computed condition images (one per condition type, before padding)."""
-        return list(self._conditions)
-
     def _extra_config(self) -> dict[str, Any]:
         out = super()._extra_config()
-        out["controlnets"] = [getattr(c, "_multigen_path", None) or str(c.config.get("_name_or_path", ""))
-                              for c in self.controlnets]
+        out["controlnets"] = self._controlnet_names()
         out["control_type"] = list(self.ctypes)
         return out

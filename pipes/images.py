@@ -40,16 +40,7 @@ def load_image(value: Any, param: str = "image", required: bool = True) -> Image
                                     param, "a PIL image or an image file path")
         return None
     if isinstance(value, (str, os.PathLike)):
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise MissingImageError(f"{param} file {str(path)!r} does not exist", param, "an existing image file")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                value = im.copy()
-        except OSError as exc:
-            raise InvalidValueError(f"{param} file {str(path)!r} is not a readable image: {exc}", param,
-                                    "PNG, JPEG or WebP files") from exc
+        value = _read_image_file(value, param)
     elif isinstance(value, np.ndarray):
         arr = _check_array(value, param)
         if arr.dtype != np.uint8:
@@ -103,16 +94,7 @@ def load_mask(value: Any, param: str = "mask") -> Image.Image:
             arr = arr.max(axis=-1)
         return Image.fromarray(arr, mode="L")
     if isinstance(value, (str, os.PathLike)):
-        path = Path(value).expanduser()
-        if not path.is_file():
-            raise MissingImageError(f"{param} file {str(path)!r} does not exist", param, "an existing image file")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                value = im.copy()
-        except OSError as exc:
-            raise InvalidValueError(f"{param} file {str(path)!r} is not a readable image: {exc}", param,
-                                    "PNG, JPEG or WebP files") from exc
+        value = _read_image_file(value, param)
     if not isinstance(value, Image.Image):
         raise InvalidValueError(f"{param} must be a PIL image, a numpy array or a file path, not "
                                 f"{type(value).__name__}", param, "a PIL image, array or path")
@@ -239,3 +221,17 @@ def grow_mask(mask: Image.Image, pixels: int) -> Image.Image:
 def invert(mask: Image.Image) -> Image.Image:
     """255 - mask."""
     return ImageOps.invert(mask)
+
+
+def _read_image_file(value: str | os.PathLike, param: str) -> Image.Image:
+    """Decode an image file fully (so the file is closed), naming ``param`` in any error."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise MissingImageError(f"{param} file {str(path)!r} does not exist", param, "an existing image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except OSError as exc:
+        raise InvalidValueError(f"{param} file {str(path)!r} is not a readable image: {exc}", param,
+                                "PNG, JPEG or WebP files") from exc
