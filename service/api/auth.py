@@ -96,24 +96,23 @@ def owned_session(session_id: str) -> dict[str, Any]:
 
 def owned_job(job_id: str) -> dict[str, Any]:
     """The job, if it exists and belongs to one of the user's sessions, else 404."""
-    job = _lookup(_service().get_job, job_id)
-    if not isinstance(job, dict):
-        raise NotFound(f"no job {job_id!r}", field="job_id")
-    if g.get("user"):
-        session = _lookup(_service().get_session_info, job.get("session_id"))
-        _check_owner((session or {}).get("user"), "job", job_id, "job_id")
-    return job
+    return _owned_through_session("job", _service().get_job, job_id)
 
 
 def owned_image(image_id: str) -> dict[str, Any]:
     """The image record, if it exists and belongs to one of the user's sessions, else 404."""
-    image = _lookup(_service().get_image, image_id)
-    if not isinstance(image, dict):
-        raise NotFound(f"no image {image_id!r}", field="image_id")
+    return _owned_through_session("image", _service().get_image, image_id)
+
+
+def _owned_through_session(kind: str, getter: Any, key: str) -> dict[str, Any]:
+    """A job or image record whose session belongs to the user (with auth on), else 404."""
+    record = _lookup(getter, key)
+    if not isinstance(record, dict):
+        raise NotFound(f"no {kind} {key!r}", field=f"{kind}_id")
     if g.get("user"):
-        session = _lookup(_service().get_session_info, image.get("session_id"))
-        _check_owner((session or {}).get("user"), "image", image_id, "image_id")
-    return image
+        session = _lookup(_service().get_session_info, record.get("session_id"))
+        _check_owner((session or {}).get("user"), kind, key, f"{kind}_id")
+    return record
 
 
 def _check_owner(owner: str | None, kind: str, key: str, field: str) -> None:
