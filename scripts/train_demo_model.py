@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from multigen.pipes.demo import COLOURS, SHAPES, caption, draw_scene, grade_image, random_scene
 
@@ -110,14 +111,16 @@ class Trainer:
             self.unet.load_state_dict(ck["unet"])
             self.state = ck["state"]
             self.opt_state = ck.get("opt")
+            self.ema = ck.get("ema") or {}
             log.info("resumed from %s: %s", self._ckpt(), self.state)
         else:
             self.opt_state = None
+            self.ema = {}
 
     def save(self, opt=None) -> None:
         tmp = self._ckpt().with_suffix(".tmp")
         torch.save({"vae": self.vae.state_dict(), "te": self.te.state_dict(), "unet": self.unet.state_dict(),
-                    "state": self.state, "opt": opt.state_dict() if opt else None}, tmp)
+                    "state": self.state, "opt": opt.state_dict() if opt else None, "ema": self.ema}, tmp)
         tmp.replace(self._ckpt())
 
     # phase 1 -----------------------------------------------------------------------------
@@ -167,17 +170,42 @@ class Trainer:
         return self.state["scaling_factor"]
 
     # phase 2 -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def latent_pool(self, n: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """Scenes with their VAE posteriors (mean, std), encoded once and cached in ``--work``.
+
+        The VAE is frozen in phase 2, so encoding each batch again would only cost time (a third of a step).
+        """
+        path = self.work / f"latents-{n}.pt"
+        if path.exists():
+            d = torch.load(path, weights_only=False)
+            if d["vae_step"] == self.state["vae_step"]:
+                return d["scenes"], d["mean"], d["std"]
+        rng = random.Random(self.seed * 31 + 5)
+        scenes = [random_scene(rng) for _ in range(n)]
+        means, stds = [], []
+        self.vae.eval()
+        for i in tqdm(range(0, n, 64), desc="encoding scenes", unit="batch"):
+            arr = np.stack([np.asarray(draw_scene(s, SIZE), dtype=np.float32) for s in scenes[i:i + 64]])
+            dist = self.vae.encode(torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+        mean, std = torch.cat(means), torch.cat(stds)
+        torch.save({"vae_step": self.state["vae_step"], "scenes": scenes, "mean": mean, "std": std}, path)
+        return scenes, mean, std
+
     def encode_text(self, caps: list[str]) -> torch.Tensor:
         ids = self.tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                        return_tensors="pt").input_ids
         return self.te(ids)[0]
 
-    def train_unet(self, steps: int) -> None:
+    def train_unet(self, steps: int, pool: int = 16384, ema_decay: float = 0.999) -> None:
         if self.state["unet_step"] >= steps:
             return
         from diffusers import DDPMScheduler
 
         sf = self.scaling_factor()
+        scenes, zmean, zstd = self.latent_pool(pool)
         sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
         alphas = sched.alphas_cumprod
         snr = alphas / (1 - alphas)
@@ -190,13 +218,14 @@ class Trainer:
         self.unet.train()
         self.te.train()
         t0 = time.time()
+        bar = tqdm(total=steps, initial=self.state["unet_step"], desc="unet", unit="step")
         while self.state["unet_step"] < steps:
             step = self.state["unet_step"]
             rng = random.Random(self.seed * 7_000_003 + step)
-            x, caps = batch_images(rng, self.batch)
-            with torch.no_grad():
-                z = self.vae.encode(x).latent_dist.sample() * sf
+            idx = [rng.randrange(len(scenes)) for _ in range(self.batch)]
+            caps = ["" if rng.random() < 0.1 else caption(scenes[i], rng, 0.2) for i in idx]
             gen = torch.Generator().manual_seed(self.seed * 13 + step)
+            z = (zmean[idx] + zstd[idx] * torch.randn(zmean[idx].shape, generator=gen)) * sf
             noise = torch.randn(z.shape, generator=gen)
             t = torch.randint(0, 1000, (z.shape[0],), generator=gen)
             zt = sched.add_noise(z, noise, t)
@@ -210,13 +239,37 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = self.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
             opt.step()
+            self.ema_update(ema_decay)
             self.state["unet_step"] = step + 1
+            bar.update(1)
             if (step + 1) % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
                 log.info("unet step %d/%d loss %.4f (%.2f s/step)", step + 1, steps, loss.item(),
                          (time.time() - t0) / 50)
                 t0 = time.time()
             if (step + 1) % 250 == 0 or step + 1 == steps:
                 self.save(opt)
+        bar.close()
+
+    def ema_update(self, decay: float) -> None:
+        """Exponential moving average of the UNet and text-encoder weights; the export uses it."""
+        with torch.no_grad():
+            for name, p in self.live_params():
+                e = self.ema.get(name)
+                if e is None:
+                    self.ema[name] = p.detach().clone()
+                else:
+                    e.lerp_(p.detach(), 1.0 - decay)
+
+    def live_params(self):
+        yield from (("unet." + k, p) for k, p in self.unet.named_parameters())
+        yield from (("te." + k, p) for k, p in self.te.named_parameters())
+
+    def use_ema(self) -> None:
+        with torch.no_grad():
+            for name, p in self.live_params():
+                if name in self.ema:
+                    p.copy_(self.ema[name])
 
     # export / eval -----------------------------------------------------------------------
     def pipeline(self):
@@ -267,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--export", help="write the diffusers pipeline folder here")
     p.add_argument("--eval", type=int, default=0, help="grade N generated prompts")
+    p.add_argument("--weights", choices=["ema", "live"], default="ema",
+                   help="export/grade the moving average of the weights (default) or the last step's")
+    p.add_argument("--guidance", type=float, default=6.0, help="guidance scale for --eval")
     p.add_argument("--only", choices=["train", "export"], help="skip training, or skip export/eval")
     args = p.parse_args(argv)
     work = Path(args.work)
@@ -280,10 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         tr.train_vae(args.vae_steps)
         tr.train_unet(args.unet_steps)
     if args.only != "train":
+        if args.weights == "ema" and tr.ema:
+            tr.use_ema()
         if args.export:
             tr.export(Path(args.export))
         if args.eval:
-            scores = evaluate(tr.pipeline(), args.eval)
+            scores = evaluate(tr.pipeline(), args.eval, guidance=args.guidance)
             log.info("eval on %d prompts: %s", args.eval, scores)
             print(json.dumps(scores))
     return 0

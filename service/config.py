@@ -7,6 +7,8 @@ the fix, raised at start-up rather than at the first job.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,11 @@ from .errors import ConfigError
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
 MODEL_TYPES = ("SD", "SDXL")
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+#: models that travel with the package: ``id: builtin:NAME`` in models.yaml
+BUILTIN_MODELS = {"demo": ("demo", "model")}
+#: what a base model's ``defaults:`` may set, with the type each takes
+MODEL_DEFAULTS = {"width": int, "height": int, "steps": int, "guidance_scale": (int, float), "clip_skip": int,
+                  "scheduler": str, "timestep_spacing": str}
 KNOWN_PIPE_CLASSES = ("Prompt2ImPipe", "Im2ImPipe", "MaskedIm2ImPipe", "InpaintingPipe",
                       "Cond2ImPipe", "CIm2ImPipe")
 
@@ -33,6 +40,25 @@ class ModelEntry:
     type: str | None = None
     config: Path | None = None  # local diffusers config folder for single-file checkpoints
     extra: dict[str, Any] = field(default_factory=dict)
+    #: generation defaults of this model (base models only), under the job's own parameters
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def native_size(self) -> tuple[int, int] | None:
+        """The size the model was trained at: ``defaults`` width/height, else read from its folder's configs.
+
+        A diffusers folder tells it without loading weights (UNet ``sample_size`` times the VAE's
+        down-sampling); a single-file checkpoint does through its ``config`` folder. None when unknown.
+        """
+        if self.defaults.get("width") and self.defaults.get("height"):
+            return int(self.defaults["width"]), int(self.defaults["height"])
+        folder = self.config if self.path.is_file() else self.path
+        try:
+            unet = json.loads((folder / "unet" / "config.json").read_text())
+            vae = json.loads((folder / "vae" / "config.json").read_text())
+            side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        except (OSError, TypeError, ValueError, KeyError):
+            return None
+        return side, side
 
 
 @dataclass
@@ -153,12 +179,51 @@ def _model_entries(data: dict, section: str, file: Path, model_dir: Path,
         if mtype is not None and str(mtype).upper() not in MODEL_TYPES:
             raise ConfigError(str(file), f"{key}.type", f"unknown model type {mtype!r}",
                               f"use one of {', '.join(MODEL_TYPES)} or leave it out to detect it")
-        path = (model_dir / str(entry["id"])).resolve()
+        path = _model_path(str(entry["id"]), model_dir, file, f"{key}.id")
         cfg = entry.get("config")
+        defaults = _model_defaults(entry.get("defaults"), file, f"{key}.defaults") if section == "base" else {}
         out[str(name)] = ModelEntry(
             name=str(name), path=path, type=str(mtype).upper() if mtype else None,
-            config=(model_dir / str(cfg)).resolve() if cfg else None,
-            extra={k: v for k, v in entry.items() if k not in ("id", "type", "config")})
+            config=(model_dir / str(cfg)).resolve() if cfg else None, defaults=defaults,
+            extra={k: v for k, v in entry.items() if k not in ("id", "type", "config", "defaults")})
+    return out
+
+
+def builtin_model_path(name: str) -> Path:
+    """The folder of a model that travels with the package (``builtin:demo``)."""
+    spec = importlib.util.find_spec("multigen.pipes")  # imports the namespace only, not torch
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("multigen.pipes is not installed")
+    return Path(list(spec.submodule_search_locations)[0]).joinpath(*BUILTIN_MODELS[name]).resolve()
+
+
+def _model_path(model_id: str, model_dir: Path, file: Path, key: str) -> Path:
+    if model_id.startswith("builtin:"):
+        name = model_id.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise ConfigError(str(file), key, f"unknown built-in model {name!r}",
+                              f"use one of: {', '.join('builtin:' + n for n in BUILTIN_MODELS)}")
+        return builtin_model_path(name)
+    return (model_dir / model_id).resolve()
+
+
+def _model_defaults(data: Any, file: Path, key: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(file), key, f"expected a mapping, got {data!r}",
+                          "write e.g. `defaults: {width: 512, height: 512, steps: 30}`")
+    out = {}
+    for name, value in data.items():
+        kind = MODEL_DEFAULTS.get(str(name))
+        if kind is None:
+            raise ConfigError(str(file), f"{key}.{name}", "unknown default",
+                              f"use some of: {', '.join(MODEL_DEFAULTS)}")
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                kind is int and value < (0 if name == "clip_skip" else 1)):
+            raise ConfigError(str(file), f"{key}.{name}", f"bad value {value!r}",
+                              f"give {name} a {'positive whole number' if kind is int else 'number' if kind != str else 'name'}")
+        out[str(name)] = value
     return out
 
 

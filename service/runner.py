@@ -92,7 +92,10 @@ class JobRunner:
                 pipe = lease.pipe
                 pipe.set_loras([(str(svc.config.models.lora[x["name"]].path), float(x["weight"]))
                                 for x in session["loras"]])  # exactly this job's LoRAs: nothing leaks
-                pipe.setup(**load_params(row["params"]))
+                # the model's defaults (models.yaml) under the job's own parameters
+                params = {k: v for k, v in load_params(row["params"]).items() if v is not None}
+                defaults = svc.config.models.base[session["model"]].defaults
+                pipe.setup(**{**{k: v for k, v in defaults.items() if k in pipe.PARAMS}, **params})
                 # model load (if any) + LoRAs + setup: what a job pays before its first step
                 job.timings["prepare_seconds"] = round(time.perf_counter() - t0, 6)
                 done = {img["pos"] for img in svc.store.list_images(job_id=job.job_id)}

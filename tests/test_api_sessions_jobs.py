@@ -190,6 +190,9 @@ def test_health_and_models(client):
     assert h["status"] == "ok" and h["devices"] == ["cpu"] and "queued" in h["queue"]
     m = client.get("/api/v1/models").get_json()
     assert {"tiny-sd", "tiny-sdxl"} <= {x["name"] for x in m["models"]}
+    by_name = {x["name"]: x for x in m["models"]}
+    assert by_name["tiny-sd"]["native_size"] == [512, 512] and by_name["tiny-sdxl"]["native_size"] == [1024, 1024]
+    assert by_name["tiny-sd"]["defaults"] == {}
     assert "tiny-sd-lora" in {x["name"] for x in m["loras"]}
     assert "prompt2image" in {p["name"] for p in m["pipes"]} and isinstance(m["schedulers"], list)
 

@@ -73,3 +73,48 @@ def test_serve_with_bad_config_exits_with_message(config_file: Path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "server.port" in proc.stderr and str(config_file) in proc.stderr and "Fix:" in proc.stderr
+
+
+@pytest.mark.parametrize("defaults,key,fix", [
+    ("{colour: red}", "base.tiny-sd.defaults.colour", "use some of"),
+    ("{steps: 0}", "base.tiny-sd.defaults.steps", "positive whole number"),
+    ("{steps: many}", "base.tiny-sd.defaults.steps", "positive whole number"),
+    ("{guidance_scale: high}", "base.tiny-sd.defaults.guidance_scale", "number"),
+    ("[128, 128]", "base.tiny-sd.defaults", "mapping"),
+])
+def test_bad_model_defaults(config_file: Path, defaults, key, fix):
+    models = config_file.parent / "models.yaml"
+    _edit(models, "    id: tiny-sd                           # a diffusers folder\n",
+          f"    id: tiny-sd\n    defaults: {defaults}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(config_file)
+    msg = str(e.value)
+    assert str(models) in msg and key in msg and fix in msg
+
+
+def test_model_defaults_and_native_size(config_file: Path):
+    models = config_file.parent / "models.yaml"
+    _edit(models, "    id: tiny-sd                           # a diffusers folder\n",
+          "    id: tiny-sd\n    defaults: {steps: 3, guidance_scale: 4.5}\n")
+    cfg = load_config(config_file)
+    sd = cfg.models.base["tiny-sd"]
+    assert sd.defaults == {"steps": 3, "guidance_scale": 4.5}
+    # read from the folder's configs without loading weights: UNet sample_size x VAE down-sampling
+    assert sd.native_size() == (512, 512)
+    assert cfg.models.base["tiny-sdxl"].native_size() == (1024, 1024)
+    assert cfg.models.base["tiny-sd-single"].native_size() == (512, 512)  # through its config folder
+    sd.defaults.update(width=640, height=384)
+    assert sd.native_size() == (640, 384)
+
+
+def test_builtin_model_ids(config_file: Path):
+    models = config_file.parent / "models.yaml"
+    _edit(models, "id: tiny-sdxl\n", "id: builtin:nope\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(config_file)
+    assert "base.tiny-sdxl.id" in str(e.value) and "builtin:demo" in str(e.value)
+    _edit(models, "id: builtin:nope\n", "id: builtin:demo\n")
+    cfg = load_config(config_file, check_models_exist=False)
+    path = cfg.models.base["tiny-sdxl"].path
+    assert path.parts[-2:] == ("demo", "model") and path.parent.name == "demo"
+    assert (path.parent / "scenes.py").is_file()  # the package folder of multigen.pipes.demo

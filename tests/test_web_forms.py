@@ -224,3 +224,23 @@ def test_page_is_self_contained(server: Server, browser: Any):
             raise AssertionError(f"static/{bad} was served")
         except urllib.error.HTTPError as e:
             assert e.code == 404
+
+
+def test_form_takes_the_models_size_and_defaults(server: Server, browser: Any):
+    """A session on another model fills width/height with its native size (or its defaults) and steps and
+    guidance with its defaults; within one model, what the user typed stays."""
+    d = browser
+    load_page(d, server)
+    single = open_session(d, "web-defaults", "prompt2image", model="tiny-sd-single")  # no defaults: native size
+    value = lambda k: d.find_element(By.ID, k).get_attribute("value")  # noqa: E731
+    wait(d, lambda d: value("width") == "512", 10, "the native width of tiny-sd-single")
+    assert value("height") == "512" and value("size") == "512x512" and value("steps") == "20"
+    set_value(d, "steps", "3")
+    open_session(d, "web-defaults", "prompt2image", model="tiny-sd")  # defaults: 64 x 64 (test_web_support)
+    wait(d, lambda d: value("width") == "64", 10, "tiny-sd's default width")
+    assert value("height") == "64" and value("size") == "64x64" and value("steps") == "20"
+    set_value(d, "steps", "2")
+    open_session(d, "web-defaults-2", "prompt2image", model="tiny-sd")  # the same model: the form is kept
+    assert value("steps") == "2" and value("width") == "64"
+    d.find_element(By.CSS_SELECTOR, f'#session-list li[data-session="{single}"] .session-pick').click()
+    wait(d, lambda d: value("width") == "512", 10, "back to tiny-sd-single's size")

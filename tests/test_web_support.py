@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,7 +50,11 @@ def write_config(folder: Path, models_dir: Path) -> Path:
     """A copy of the embedded config (as tests/conftest.py's `config_file`) with its data in ``folder``."""
     cfg = folder / "config"
     cfg.mkdir(parents=True)
-    shutil.copy(ROOT / "config" / "models.yaml", cfg / "models.yaml")
+    # the page fills width/height from the model's defaults: small images keep the browser tests fast
+    models = (ROOT / "config" / "models.yaml").read_text()
+    for name in ("tiny-sd", "tiny-sdxl"):
+        models = re.sub(rf"(    id: {name})\b[^\n]*\n", r"\1\n    defaults: {width: 64, height: 64}\n", models, count=1)
+    (cfg / "models.yaml").write_text(models)
     text = (ROOT / "config" / "config.yaml").read_text()
     text = text.replace("model_dir: ../models", f"model_dir: {models_dir}")
     (cfg / "config.yaml").write_text(text)

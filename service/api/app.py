@@ -55,7 +55,8 @@ def models() -> dict[str, Any]:
     except ImportError:
         schedulers = []
     return {
-        "models": [{"name": e.name, "type": e.type} for e in cfg.models.base.values()],
+        "models": [{"name": e.name, "type": e.type, "native_size": e.native_size(), "defaults": e.defaults}
+                   for e in cfg.models.base.values()],
         "loras": [{"name": e.name, "type": e.type} for e in cfg.models.lora.values()],
         "pipes": [{"name": p.name, "title": p.title, "classname": p.classname, "need_imgs": p.need_imgs,
                    "needs_cnet": p.needs_cnet, "schema": f"#/components/schemas/JobCreate_{p.name}"}

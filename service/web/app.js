@@ -206,6 +206,7 @@ async function switchSession(id) {
   $("current-session").textContent = "in " + sessionLabel(s);
   const pipe = state.pipes.find((p) => p.id === s.pipe) || { id: s.pipe };
   form.configure(pipe, state.openapi, state.schedulers, state.maxCount);
+  form.applyModel(state.models.find((m) => m.id === s.model) || { id: s.model });
   await Promise.all([jobs.switchTo(s.id), gallery.switchTo(s.id)]);
 }
 

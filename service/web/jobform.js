@@ -91,6 +91,7 @@ export class JobForm {
   constructor() {
     this.params = new Set(COMMON);
     this.uploadId = null;
+    this.model = null;  // the model whose size and defaults the form shows
     this.painter = new MaskPainter($("mask-canvas"), $("brush"));
     $("size").addEventListener("change", () => this.applySize());
     for (const id of ["width", "height"]) $(id).addEventListener("input", () => this.syncSize());
@@ -138,6 +139,26 @@ export class JobForm {
   }
 
   disable() { $("job-fields").disabled = true; }
+
+  /**
+   * A session on another model: its native size and its defaults (models.yaml) fill the form; what the
+   * user typed stays while the model stays the same.
+   */
+  applyModel(model) {
+    if (this.model === model.id) return;
+    this.model = model.id;
+    const defaults = model.defaults || {};
+    const [w, h] = model.native_size || [defaults.width, defaults.height];
+    if (w && h) {
+      $("width").value = String(defaults.width || w);
+      $("height").value = String(defaults.height || h);
+      this.syncSize();
+    }
+    for (const k of ["steps", "guidance_scale"]) {
+      const el = $(k);
+      el.value = defaults[k] !== undefined ? String(defaults[k]) : el.defaultValue;
+    }
+  }
 
   applySize() {
     const v = $("size").value;
