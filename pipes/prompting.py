@@ -36,7 +36,8 @@ from .errors import InvalidValueError
 
 logger = logging.getLogger(__name__)
 
-#: Tokens per chunk between BOS and EOS (CLIP's 77 minus the two special tokens).
+#: Tokens per chunk between BOS and EOS (CLIP's 77 minus the two special tokens); a tokenizer with a
+#: shorter ``model_max_length`` (the demo model's 16) gets shorter chunks, see :func:`chunk_tokens`.
 CHUNK_TOKENS = 75
 ROUND_BRACKET_MULTIPLIER = 1.1
 SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
@@ -158,8 +159,16 @@ class TokenChunk:
     weights: list[float] = field(default_factory=list)
 
 
+def chunk_tokens(tokenizer: Any) -> int:
+    """Tokens per chunk for ``tokenizer``: its ``model_max_length`` minus BOS and EOS, at most 75."""
+    length = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(length, int) or length < 3:
+        return CHUNK_TOKENS
+    return min(CHUNK_TOKENS, length - 2)
+
+
 def tokenize_weighted(pipe: Any, tokenizer: Any, text: str, parse_weights: bool = True) -> list[TokenChunk]:
-    """Tokenize a weighted prompt into chunks of at most 75 tokens.
+    """Tokenize a weighted prompt into chunks of at most 75 tokens (:func:`chunk_tokens`).
 
     Args:
         pipe: The diffusers pipeline (for textual-inversion tokens, if it has any).
@@ -172,6 +181,7 @@ def tokenize_weighted(pipe: Any, tokenizer: Any, text: str, parse_weights: bool 
     """
     chunks: list[TokenChunk] = []
     current = TokenChunk()
+    size = chunk_tokens(tokenizer)
     fragments = parse_prompt_attention(text) if parse_weights else [(text, 1.0)]
     # textual-inversion tokens are added tokens; without any, skip the (slow) conversion
     convert = hasattr(pipe, "maybe_convert_prompt") and bool(
@@ -187,7 +197,7 @@ def tokenize_weighted(pipe: Any, tokenizer: Any, text: str, parse_weights: bool 
             fragment = pipe.maybe_convert_prompt(fragment, tokenizer)
         ids = tokenizer(fragment, add_special_tokens=False, truncation=False, verbose=False).input_ids
         for token in ids:
-            if len(current.tokens) == CHUNK_TOKENS:
+            if len(current.tokens) == size:
                 chunks.append(current)
                 current = TokenChunk()
             current.tokens.append(int(token))
@@ -203,7 +213,7 @@ def _chunk_ids(tokenizer: Any, chunk: TokenChunk) -> tuple[list[int], list[float
     ``[BOS] tokens [EOS] [PAD]...``: the same ids as ``tokenizer(text, padding="max_length")``
     for a text of up to 75 tokens.
     """
-    n_pad = CHUNK_TOKENS - len(chunk.tokens)
+    n_pad = chunk_tokens(tokenizer) - len(chunk.tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [tokenizer.bos_token_id, *chunk.tokens, tokenizer.eos_token_id] + [pad_id] * n_pad
     weights = [1.0, *chunk.weights, 1.0] + [1.0] * n_pad
@@ -396,7 +406,7 @@ def encode_prompts(
     n = max(len(c) for c in pos_chunks + neg_chunks)
     pos_chunks, neg_chunks = _pad_chunks(pos_chunks, n), _pad_chunks(neg_chunks, n)
     if n > 1:
-        logger.debug("prompt encoded in %d chunks of %d tokens", n, CHUNK_TOKENS)
+        logger.debug("prompt encoded in %d chunks of %d tokens", n, chunk_tokens(encoders[0].tokenizer))
 
     with torch.no_grad():
         prompt_embeds, pooled = _encode_text(encoders, pos_chunks, clip_skip, sdxl)

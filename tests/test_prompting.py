@@ -270,3 +270,24 @@ def test_textual_inversion_tokens_equal_diffusers(models_dir):
     assert torch.equal(ours["prompt_embeds"], pos)
     weighted = encode_prompts(pipe, "a (<toy>:1.3) on a mat", "", "SD")["prompt_embeds"]
     assert not torch.equal(weighted, pos)
+
+
+def test_tokenizers_with_short_windows_get_short_chunks():
+    """A text encoder with 16 positions (the demo model's) gets chunks of 14 tokens + BOS/EOS, not 75."""
+    from types import SimpleNamespace
+
+    from multigen.pipes.prompting import _chunk_ids, chunk_tokens, tokenize_weighted
+
+    class Tok:
+        model_max_length, bos_token_id, eos_token_id, pad_token_id = 16, 0, 1, 1
+
+        def __call__(self, text, **kwargs):
+            return SimpleNamespace(input_ids=[5] * len(text.split()))
+
+    assert chunk_tokens(Tok()) == 14
+    assert chunk_tokens(SimpleNamespace(model_max_length=77)) == 75
+    assert chunk_tokens(SimpleNamespace(model_max_length=int(1e30))) == 75  # "no limit" tokenizers
+    chunks = tokenize_weighted(None, Tok(), "w " * 20)
+    assert [len(c.tokens) for c in chunks] == [14, 6]
+    ids, weights, mask = _chunk_ids(Tok(), chunks[1])
+    assert len(ids) == len(weights) == len(mask) == 16 and ids[:2] == [0, 5] and ids[7] == 1
