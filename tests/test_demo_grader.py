@@ -53,6 +53,10 @@ def test_grader_says_so_when_there_is_no_shape():
 def test_caption_forms():
     s = Scene(fg="red", bg="blue", shape="circle", cx=0.5, cy=0.5, size=0.4)
     assert caption(s) == "a red circle on a blue background"
+    orange = Scene(fg="orange", bg="purple", shape="square", cx=0.5, cy=0.5, size=0.4)
+    assert caption(orange) == "an orange square on a purple background"
+    assert caption(Scene(fg="red", bg="orange", shape="circle", cx=0.5, cy=0.5, size=0.4), random.Random(1), 0) \
+        == "a red circle on an orange background"
     rng = random.Random(0)
     reworded = {caption(s, rng, reword=1.0) for _ in range(50)}
     assert len(reworded) > 2 and all("red" in c and "blue" in c and "circle" in c for c in reworded)

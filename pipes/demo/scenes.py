@@ -5,6 +5,7 @@ The training script draws these with captions; the grader reads them back from i
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -46,7 +47,8 @@ def caption(scene: Scene, rng: random.Random | None = None, reword: float = 0.0)
     template = _REWORDINGS[0]
     if rng is not None and rng.random() < reword:
         template = rng.choice(_REWORDINGS[1:])
-    return template.format(fg=scene.fg, bg=scene.bg, shape=scene.shape)
+    text = template.format(fg=scene.fg, bg=scene.bg, shape=scene.shape)
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)  # "an orange circle"
 
 
 def random_scene(rng: random.Random) -> Scene:
