@@ -62,6 +62,7 @@ class RunningJob:
     steps_done: int = 0
     preview_seconds: float = 0.0
     timings: dict[str, Any] = field(default_factory=dict)  # prepare/gen/preview seconds, model_loaded
+    model_defaults: dict[str, Any] = field(default_factory=dict)  # what models.yaml filled in for this job
 
     def should_stop(self) -> bool:
         """The cancel check given to ``gen``: a cancel or a stop() that requeues."""
@@ -95,7 +96,8 @@ class JobRunner:
                 # the model's defaults (models.yaml) under the job's own parameters
                 params = {k: v for k, v in load_params(row["params"]).items() if v is not None}
                 defaults = svc.config.models.base[session["model"]].defaults
-                pipe.setup(**{**{k: v for k, v in defaults.items() if k in pipe.PARAMS}, **params})
+                job.model_defaults = {k: v for k, v in defaults.items() if k in pipe.PARAMS and k not in params}
+                pipe.setup(**job.model_defaults, **params)
                 # model load (if any) + LoRAs + setup: what a job pays before its first step
                 job.timings["prepare_seconds"] = round(time.perf_counter() - t0, 6)
                 done = {img["pos"] for img in svc.store.list_images(job_id=job.job_id)}
@@ -199,7 +201,8 @@ class JobRunner:
             "job_image": pos, "user": session["user"], "project": session["project"], "pipe": session["pipe"],
             "model": session["model"], "loras": session["loras"], "prompt": prompt, "negative_prompt": negative,
             "prompt_grammar": row["prompt"] if not isinstance(row["prompt"], str) else None,
-            "seed": seed, "width": width, "height": height, "params": public_params(row["params"]), "batch_size": 1,
+            "seed": seed, "width": width, "height": height, "params": public_params({**job.model_defaults, **row["params"]}),
+            "batch_size": 1,
             "threads": worker.threads, "device": worker.device, "dtype": str(worker.dtype).replace("torch.", ""),
             "created_at": created, "pipe_config": config,
         }

@@ -35,7 +35,8 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
     Args:
         meta: the image metadata (``prompt``, ``negative_prompt``, ``seed``, ``params``, ...).
     """
-    params = meta.get("params") or {}
+    # what the job and its model set, over the values the pipe used (its own defaults)
+    params = {**(meta.get("pipe_config") or {}), **(meta.get("params") or {})}
     lines = [str(meta.get("prompt") or "")]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")

@@ -28,6 +28,14 @@ def test_model_defaults_fill_what_the_job_leaves_out(svc):
     assert svc.config.models.base["m2"].defaults["steps"] == 3
     setup = _run(svc, "m2")
     assert setup["width"] == 96 and setup["height"] == 80 and setup["steps"] == 3 and setup["guidance_scale"] == 2.5
+    # the image's metadata and its A1111 text say what was used
+    sid = svc.list_sessions()[-1]["id"]
+    image = svc.list_images(sid)[-1]
+    meta = svc.image_metadata(image["id"])
+    assert meta["params"]["steps"] == 3 and meta["params"]["guidance_scale"] == 2.5 and meta["width"] == 96
+    from PIL import Image as PILImage
+    with PILImage.open(svc.image_file(image["id"])) as im:
+        assert "Steps: 3" in im.text["parameters"] and "CFG scale: 2.5" in im.text["parameters"]
     setup = _run(svc, "m2", steps=5, width=64)
     assert setup["width"] == 64 and setup["steps"] == 5 and setup["height"] == 80  # the job's own values win
 
