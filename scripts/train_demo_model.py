@@ -90,14 +90,18 @@ def batch_images(rng: random.Random, n: int, reword: float = 0.2, empty: float =
 
 
 class Trainer:
-    def __init__(self, work: Path, seed: int, batch: int, lr: float, vae_batch: int = 16):
+    def __init__(self, work: Path, seed: int, batch: int, lr: float, vae_batch: int = 16, device: str = "cpu"):
         self.work, self.seed, self.batch, self.lr, self.vae_batch = work, seed, batch, lr, vae_batch
+        self.device = torch.device(device)
         work.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
         self.tok = make_tokenizer()
         self.vae, self.te, self.unet = make_models(len(self.tok))
         self.state = {"vae_step": 0, "unet_step": 0, "scaling_factor": None}
         self._load()
+        for m in (self.vae, self.te, self.unet):
+            m.to(self.device)
+        self.ema = {k: v.to(self.device) for k, v in self.ema.items()}
 
     # checkpoints -------------------------------------------------------------------------
     def _ckpt(self) -> Path:
@@ -137,6 +141,7 @@ class Trainer:
             step = self.state["vae_step"]
             rng = random.Random(self.seed * 1_000_003 + step)
             x, _ = batch_images(rng, self.vae_batch)
+            x = x.to(self.device)
             post = self.vae.encode(x).latent_dist
             z = post.sample()
             rec = self.vae.decode(z).sample
@@ -164,7 +169,7 @@ class Trainer:
         if self.state.get("scaling_factor") is None:
             self.vae.eval()
             x, _ = batch_images(random.Random(self.seed + 7), 64)
-            z = self.vae.encode(x).latent_dist.mean
+            z = self.vae.encode(x.to(self.device)).latent_dist.mean
             self.state["scaling_factor"] = float(1.0 / z.std())
             log.info("latent scaling factor %.4f", self.state["scaling_factor"])
         return self.state["scaling_factor"]
@@ -180,24 +185,25 @@ class Trainer:
         if path.exists():
             d = torch.load(path, weights_only=False)
             if d["vae_step"] == self.state["vae_step"]:
-                return d["scenes"], d["mean"], d["std"]
+                return d["scenes"], d["mean"].to(self.device), d["std"].to(self.device)
         rng = random.Random(self.seed * 31 + 5)
         scenes = [random_scene(rng) for _ in range(n)]
         means, stds = [], []
         self.vae.eval()
         for i in tqdm(range(0, n, 64), desc="encoding scenes", unit="batch"):
             arr = np.stack([np.asarray(draw_scene(s, SIZE), dtype=np.float32) for s in scenes[i:i + 64]])
-            dist = self.vae.encode(torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0).latent_dist
+            x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device) / 127.5 - 1.0
+            dist = self.vae.encode(x).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
         mean, std = torch.cat(means), torch.cat(stds)
-        torch.save({"vae_step": self.state["vae_step"], "scenes": scenes, "mean": mean, "std": std}, path)
+        torch.save({"vae_step": self.state["vae_step"], "scenes": scenes, "mean": mean.cpu(), "std": std.cpu()}, path)
         return scenes, mean, std
 
     def encode_text(self, caps: list[str]) -> torch.Tensor:
         ids = self.tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                        return_tensors="pt").input_ids
-        return self.te(ids)[0]
+        return self.te(ids.to(self.device))[0]
 
     def train_unet(self, steps: int, pool: int = 16384, ema_decay: float = 0.999) -> None:
         if self.state["unet_step"] >= steps:
@@ -225,12 +231,13 @@ class Trainer:
             idx = [rng.randrange(len(scenes)) for _ in range(self.batch)]
             caps = ["" if rng.random() < 0.1 else caption(scenes[i], rng, 0.2) for i in idx]
             gen = torch.Generator().manual_seed(self.seed * 13 + step)
-            z = (zmean[idx] + zstd[idx] * torch.randn(zmean[idx].shape, generator=gen)) * sf
-            noise = torch.randn(z.shape, generator=gen)
+            dev = self.device
+            z = (zmean[idx] + zstd[idx] * torch.randn(zmean[idx].shape, generator=gen).to(dev)) * sf
+            noise = torch.randn(z.shape, generator=gen).to(dev)
             t = torch.randint(0, 1000, (z.shape[0],), generator=gen)
-            zt = sched.add_noise(z, noise, t)
-            pred = self.unet(zt, t, encoder_hidden_states=self.encode_text(caps)).sample
-            w = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
+            zt = sched.add_noise(z, noise, t.to(dev))
+            pred = self.unet(zt, t.to(dev), encoder_hidden_states=self.encode_text(caps)).sample
+            w = (torch.clamp(snr[t], max=5.0) / snr[t]).to(dev)  # min-SNR-5 for epsilon prediction
             loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -317,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--unet-steps", type=int, default=20000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to train on (default: cuda when there is one)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--export", help="write the diffusers pipeline folder here")
     p.add_argument("--eval", type=int, default=0, help="grade N generated prompts")
@@ -331,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                         handlers=[logging.StreamHandler(), logging.FileHandler(work / "train.log")])
     if args.threads:
         torch.set_num_threads(args.threads)
-    tr = Trainer(work, args.seed, args.batch, args.lr, args.vae_batch)
+    tr = Trainer(work, args.seed, args.batch, args.lr, args.vae_batch, args.device)
     if args.only != "export":
         tr.train_vae(args.vae_steps)
         tr.train_unet(args.unet_steps)
