@@ -90,8 +90,10 @@ def batch_images(rng: random.Random, n: int, reword: float = 0.2, empty: float =
 
 
 class Trainer:
-    def __init__(self, work: Path, seed: int, batch: int, lr: float, vae_batch: int = 16, device: str = "cpu"):
+    def __init__(self, work: Path, seed: int, batch: int, lr: float, vae_batch: int = 16, device: str = "cpu",
+                 pool: int = 16384):
         self.work, self.seed, self.batch, self.lr, self.vae_batch = work, seed, batch, lr, vae_batch
+        self.pool = pool
         self.device = torch.device(device)
         work.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
@@ -137,6 +139,7 @@ class Trainer:
         self.state["phase"] = "vae"
         self.vae.train()
         t0 = time.time()
+        bar = tqdm(total=steps, initial=self.state["vae_step"], desc="vae", unit="step")
         while self.state["vae_step"] < steps:
             step = self.state["vae_step"]
             rng = random.Random(self.seed * 1_000_003 + step)
@@ -155,12 +158,15 @@ class Trainer:
                 g["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
             opt.step()
             self.state["vae_step"] = step + 1
+            bar.update(1)
             if (step + 1) % 50 == 0:
+                bar.set_postfix(loss=f"{loss_rec.item():.4f}")
                 log.info("vae step %d/%d loss %.4f (%.2f s/step)", step + 1, steps, loss_rec.item(),
                          (time.time() - t0) / 50)
                 t0 = time.time()
             if (step + 1) % 250 == 0 or step + 1 == steps:
                 self.save(opt)
+        bar.close()
         self.state["scaling_factor"] = None
         self.save()
 
@@ -205,13 +211,13 @@ class Trainer:
                        return_tensors="pt").input_ids
         return self.te(ids.to(self.device))[0]
 
-    def train_unet(self, steps: int, pool: int = 16384, ema_decay: float = 0.999) -> None:
+    def train_unet(self, steps: int, ema_decay: float = 0.999) -> None:
         if self.state["unet_step"] >= steps:
             return
         from diffusers import DDPMScheduler
 
         sf = self.scaling_factor()
-        scenes, zmean, zstd = self.latent_pool(pool)
+        scenes, zmean, zstd = self.latent_pool(self.pool)
         sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
         alphas = sched.alphas_cumprod
         snr = alphas / (1 - alphas)
@@ -324,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--unet-steps", type=int, default=20000)
+    p.add_argument("--pool", type=int, default=16384, help="scenes encoded once for the UNet phase")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device to train on (default: cuda when there is one)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
@@ -336,11 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        handlers=[logging.StreamHandler(), logging.FileHandler(work / "train.log")])
+    for h in list(log.handlers):  # main() may run twice in one process (tests)
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s")
+    for h in (logging.StreamHandler(), logging.FileHandler(work / "train.log")):
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
     if args.threads:
         torch.set_num_threads(args.threads)
-    tr = Trainer(work, args.seed, args.batch, args.lr, args.vae_batch, args.device)
+    tr = Trainer(work, args.seed, args.batch, args.lr, args.vae_batch, args.device, args.pool)
     if args.only != "export":
         tr.train_vae(args.vae_steps)
         tr.train_unet(args.unet_steps)
