@@ -298,10 +298,10 @@ class Trainer:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def export(self, folder: Path) -> None:
+    def export(self, folder: Path, steps: int = 20, guidance: float = 6.0) -> None:
         pipe = self.pipeline()
         pipe.save_pretrained(folder, safe_serialization=True)
-        meta = {"native_size": SIZE, "steps": 20, "guidance_scale": 6.0, "scheduler": "EulerDiscreteScheduler",
+        meta = {"native_size": SIZE, "steps": steps, "guidance_scale": guidance, "scheduler": "EulerDiscreteScheduler",
                 "timestep_spacing": "trailing", "trained": {k: v for k, v in self.state.items() if k != "phase"}}
         (folder / "multigen.json").write_text(json.dumps(meta, indent=2) + "\n")
         log.info("exported to %s", folder)
@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", type=int, default=0, help="grade N generated prompts")
     p.add_argument("--weights", choices=["ema", "live"], default="ema",
                    help="export/grade the moving average of the weights (default) or the last step's")
-    p.add_argument("--guidance", type=float, default=6.0, help="guidance scale for --eval")
+    p.add_argument("--guidance", type=float, default=6.0, help="guidance scale for --eval and the export")
+    p.add_argument("--eval-steps", type=int, default=20, help="sampling steps for --eval and the export")
     p.add_argument("--only", choices=["train", "export"], help="skip training, or skip export/eval")
     args = p.parse_args(argv)
     work = Path(args.work)
@@ -362,9 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.weights == "ema" and tr.ema:
             tr.use_ema()
         if args.export:
-            tr.export(Path(args.export))
+            tr.export(Path(args.export), steps=args.eval_steps, guidance=args.guidance)
         if args.eval:
-            scores = evaluate(tr.pipeline(), args.eval, guidance=args.guidance)
+            scores = evaluate(tr.pipeline(), args.eval, steps=args.eval_steps, guidance=args.guidance)
             log.info("eval on %d prompts: %s", args.eval, scores)
             print(json.dumps(scores))
     return 0
