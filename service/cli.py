@@ -49,8 +49,11 @@ def _quiet_libraries() -> None:
 
 
 def ensure_models(config: Config) -> None:
-    """Build the default models into ``model_dir`` when that folder does not exist yet (first run)."""
-    if not config.model_dir.exists():
+    """Build the default models into ``model_dir`` when that folder does not exist yet (first run) and a
+    listed model lives there (the packaged config lists only the built-in demo model: nothing to build)."""
+    entries = [e for section in (config.models.base, config.models.lora, config.models.controlnet)
+               for e in section.values()]
+    if not config.model_dir.exists() and any(e.path.is_relative_to(config.model_dir) for e in entries):
         from multigen.pipes.model_builder import build_default_models
 
         log.info("model folder %s is missing: building the default models (first run)", config.model_dir)
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the HTTP server")
-    s.add_argument("--config", help="config.yaml (default: $MULTIGEN_CONFIG or the embedded one)")
+    s.add_argument("--config", help="config.yaml (default: $MULTIGEN_CONFIG, else config/config.yaml of the repository, "
+                                        "else the packaged one: the demo model, data in ~/.multigen)")
     s.add_argument("--host", help="address to bind (default from config: 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default from config: 8000; 0 picks a free one)")
     s.add_argument("--threads", type=int, help="waitress worker threads")

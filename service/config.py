@@ -20,6 +20,8 @@ from .errors import ConfigError
 
 #: where ``multigen`` looks when neither ``--config`` nor ``MULTIGEN_CONFIG`` is given
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
+#: ...and when that is not there (installed from a wheel): the demo model, data under ~/.multigen
+PACKAGED_CONFIG = Path(__file__).resolve().parent / "defaults" / "config.yaml"
 MODEL_TYPES = ("SD", "SDXL")
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 #: models that travel with the package: ``id: builtin:NAME`` in models.yaml
@@ -255,17 +257,25 @@ def load_models(path: Path, model_dir: Path) -> ModelsConfig:
     return ModelsConfig(file=path, base=base, lora=lora, controlnet=controlnet, pipes=pipes)
 
 
+def default_config_path() -> Path:
+    """``$MULTIGEN_CONFIG``, else the repository's config/config.yaml, else the packaged one."""
+    env = os.environ.get("MULTIGEN_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else PACKAGED_CONFIG
+
+
 def load_config(path: str | os.PathLike | None = None, check_models_exist: bool = True) -> Config:
     """Read and check config.yaml and the models list it names.
 
     Args:
-        path: config file; defaults to ``$MULTIGEN_CONFIG`` or the embedded ``config/config.yaml``.
+        path: config file; defaults to :func:`default_config_path`.
         check_models_exist: fail when a listed model's files are missing.
 
     Raises:
         ConfigError: naming the file, the key and the fix.
     """
-    file = Path(path or os.environ.get("MULTIGEN_CONFIG") or DEFAULT_CONFIG).resolve()
+    file = Path(path or default_config_path()).resolve()
     data = _read_yaml(file, "config file")
     here = file.parent
     known = {"model_list", "model_dir", "logging_folder", "data_dir", "output_dir", "devices", "threads",
@@ -276,7 +286,7 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
 
     def folder(key: str, default: str) -> Path:
         value = _typed(data, key, str, file, default, f"set {key} to a folder path (relative to {file.name})")
-        return (here / value).resolve()
+        return (here / os.path.expanduser(value)).resolve()
 
     model_list = _typed(data, "model_list", str, file, None, "set model_list to the models.yaml path")
     if model_list is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import DEFAULT_CONFIG
+from .config import PACKAGED_CONFIG, default_config_path
 from .errors import ConfigError, InvalidInput
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -37,7 +37,10 @@ def add_user(config_path: str | None, name: str) -> str:
     """
     if not NAME_RE.match(name):
         raise InvalidInput(f"user name {name!r} must be 1-64 letters, digits, '_', '.' or '-'", field="name")
-    path = Path(config_path or DEFAULT_CONFIG)
+    path = Path(config_path or default_config_path())
+    if path.resolve() == PACKAGED_CONFIG:
+        raise ConfigError(str(path), "users", "the packaged default config is part of the installation",
+                          f"copy {path.name} and models.yaml from {path.parent} to a folder of yours and pass --config")
     if not path.exists():
         raise ConfigError(str(path), None, "config file not found", "pass --config with an existing config.yaml")
     text = path.read_text()
