@@ -185,6 +185,7 @@ def test_sessions_loras_switch_and_close(server: Server, browser: Any, tmp_path:
     follows the pipe), queue a ControlNet job, close a session."""
     d = browser
     load_page(d, server)
+    Select(d.find_element(By.ID, "model")).select_by_value("tiny-sd")  # the LoRA list follows the model
     lora = d.find_element(By.CSS_SELECTOR, '#lora-list input[type=checkbox][value="tiny-sd-lora"]')
     lora.click()
     weight = lora.find_element(By.XPATH, "..").find_element(By.CSS_SELECTOR, "input.weight")
