@@ -209,6 +209,9 @@ def _model_path(model_id: str, model_dir: Path, file: Path, key: str) -> Path:
     return (model_dir / model_id).resolve()
 
 
+_DEFAULT_KINDS = {int: "a positive whole number", (int, float): "a number", str: "a name"}
+
+
 def _model_defaults(data: Any, file: Path, key: str) -> dict[str, Any]:
     if data is None:
         return {}
@@ -224,7 +227,7 @@ def _model_defaults(data: Any, file: Path, key: str) -> dict[str, Any]:
         if not isinstance(value, kind) or isinstance(value, bool) or (
                 kind is int and value < (0 if name == "clip_skip" else 1)):
             raise ConfigError(str(file), f"{key}.{name}", f"bad value {value!r}",
-                              f"give {name} a {'positive whole number' if kind is int else 'number' if kind != str else 'name'}")
+                              f"give {name} {_DEFAULT_KINDS[kind]}")
         out[str(name)] = value
     return out
 

@@ -201,8 +201,8 @@ class JobRunner:
             "job_image": pos, "user": session["user"], "project": session["project"], "pipe": session["pipe"],
             "model": session["model"], "loras": session["loras"], "prompt": prompt, "negative_prompt": negative,
             "prompt_grammar": row["prompt"] if not isinstance(row["prompt"], str) else None,
-            "seed": seed, "width": width, "height": height, "params": public_params({**job.model_defaults, **row["params"]}),
-            "batch_size": 1,
+            "seed": seed, "width": width, "height": height, "batch_size": 1,
+            "params": public_params({**job.model_defaults, **row["params"]}),
             "threads": worker.threads, "device": worker.device, "dtype": str(worker.dtype).replace("torch.", ""),
             "created_at": created, "pipe_config": config,
         }

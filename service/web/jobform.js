@@ -148,10 +148,8 @@ export class JobForm {
     if (this.model === model.id) return;
     this.model = model.id;
     const defaults = model.defaults || {};
-    const [w, h] = model.native_size || [defaults.width, defaults.height];
-    if (w && h) {
-      $("width").value = String(defaults.width || w);
-      $("height").value = String(defaults.height || h);
+    if (model.native_size) {  // the server's: defaults width/height, else read from the model's configs
+      [$("width").value, $("height").value] = model.native_size.map(String);
       this.syncSize();
     }
     for (const k of ["steps", "guidance_scale"]) {
