@@ -210,6 +210,7 @@ def _model_path(model_id: str, model_dir: Path, file: Path, key: str) -> Path:
 
 
 _DEFAULT_KINDS = {int: "a positive whole number", (int, float): "a number", str: "a name"}
+_ZERO_ALLOWED = {"clip_skip"}  # 0 = use the last layer; the other whole numbers must be at least 1
 
 
 def _model_defaults(data: Any, file: Path, key: str) -> dict[str, Any]:
@@ -225,9 +226,9 @@ def _model_defaults(data: Any, file: Path, key: str) -> dict[str, Any]:
             raise ConfigError(str(file), f"{key}.{name}", "unknown default",
                               f"use some of: {', '.join(MODEL_DEFAULTS)}")
         if not isinstance(value, kind) or isinstance(value, bool) or (
-                kind is int and value < (0 if name == "clip_skip" else 1)):
-            raise ConfigError(str(file), f"{key}.{name}", f"bad value {value!r}",
-                              f"give {name} {_DEFAULT_KINDS[kind]}")
+                kind is int and value < (0 if name in _ZERO_ALLOWED else 1)):
+            hint = "a whole number, 0 or more" if name in _ZERO_ALLOWED else _DEFAULT_KINDS[kind]
+            raise ConfigError(str(file), f"{key}.{name}", f"bad value {value!r}", f"give {name} {hint}")
         out[str(name)] = value
     return out
 

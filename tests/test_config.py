@@ -79,6 +79,7 @@ def test_serve_with_bad_config_exits_with_message(config_file: Path):
     ("{colour: red}", "base.tiny-sd.defaults.colour", "use some of"),
     ("{steps: 0}", "base.tiny-sd.defaults.steps", "positive whole number"),
     ("{steps: many}", "base.tiny-sd.defaults.steps", "positive whole number"),
+    ("{clip_skip: -1}", "base.tiny-sd.defaults.clip_skip", "0 or more"),
     ("{guidance_scale: high}", "base.tiny-sd.defaults.guidance_scale", "number"),
     ("[128, 128]", "base.tiny-sd.defaults", "mapping"),
 ])
