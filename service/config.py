@@ -233,6 +233,21 @@ def _model_defaults(data: Any, file: Path, key: str) -> dict[str, Any]:
     return out
 
 
+def read_users(data: dict[str, Any], file: Path) -> dict[str, dict[str, Any]]:
+    """The config's ``users`` section, each entry checked to carry a ``token_sha256``."""
+    users = _section(data, "users", file)
+    for name, entry in users.items():
+        if not isinstance(entry, dict) or "token_sha256" not in entry:
+            raise ConfigError(str(file), f"users.{name}", "user has no token_sha256",
+                              "create users with `multigen users add NAME`")
+    return users
+
+
+def load_users(file: Path) -> dict[str, dict[str, Any]]:
+    """Only the ``users`` of a config file (a running server re-reads them when the file changes)."""
+    return read_users(_read_yaml(file, "config file"), file)
+
+
 def load_models(path: Path, model_dir: Path) -> ModelsConfig:
     """Read models.yaml; model ids are relative to ``model_dir``."""
     data = _read_yaml(path, "models list")
@@ -306,15 +321,11 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     threads = _typed(data, "threads", int, file, None, "set threads to a whole number of torch threads per worker")
     cache = _section(data, "cache", file)
     budget = _typed(cache, "memory_budget_gb", (int, float), file, 8.0, "set cache.memory_budget_gb to a number of GiB")
-    users = _section(data, "users", file)
+    users = read_users(data, file)
     dtype = _typed(data, "dtype", str, file, None, "set dtype to float32, bfloat16 or float16, or leave it out")
     if dtype is not None and dtype.lower().replace("torch.", "") not in DTYPE_NAMES:
         raise ConfigError(str(file), "dtype", f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPE_NAMES)}")
     drain_on_exit = _typed(data, "drain_on_exit", bool, file, True, "set drain_on_exit to true or false")
-    for name, entry in users.items():
-        if not isinstance(entry, dict) or "token_sha256" not in entry:
-            raise ConfigError(str(file), f"users.{name}", "user has no token_sha256",
-                              "create users with `multigen users add NAME`")
     return Config(file=file, model_dir=model_dir, logging_folder=folder("logging_folder", "../logs"),
                   data_dir=folder("data_dir", "../data"), output_dir=folder("output_dir", "../outputs"),
                   models=models, devices=devices, threads=threads, cache_budget_gb=float(budget),

@@ -3,16 +3,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
 import shutil
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from .config import PACKAGED_CONFIG, default_config_path
+from .config import PACKAGED_CONFIG, default_config_path, load_users
 from .errors import ConfigError, InvalidInput
+
+log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -28,6 +34,53 @@ def user_for_token(users: dict[str, dict], token: str) -> str | None:
         if hmac.compare_digest(str(entry.get("token_sha256", "")), digest):
             return name
     return None
+
+
+class UserTable:
+    """The users of a running server, re-read when their config file changes.
+
+    ``multigen users add`` then takes effect within ``check_every`` seconds, no restart. A config
+    edited into something unreadable keeps the users the server had, with a warning in the log.
+    """
+
+    def __init__(self, file: Path, users: dict[str, dict[str, Any]], check_every: float = 1.0):
+        self.file = Path(file)
+        self.check_every = check_every
+        self._users = dict(users)
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.file.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def user_for_token(self, token: str) -> str | None:
+        self.refresh()
+        return user_for_token(self._users, token)
+
+    def refresh(self, force: bool = False) -> None:
+        """Re-read the users when the file changed; stats it at most every ``check_every`` seconds."""
+        now = time.monotonic()
+        if not force and now - self._checked < self.check_every:
+            return
+        with self._lock:
+            self._checked = now
+            stamp = self._file_stamp()
+            if stamp is None or stamp == self._stamp:
+                return
+            self._stamp = stamp
+            try:
+                users = load_users(self.file)
+            except ConfigError as e:
+                log.warning("kept the %d users the server had: %s", len(self._users), e)
+                return
+            if users != self._users:
+                log.info("users re-read from %s: %s", self.file, ", ".join(sorted(users)) or "none")
+            self._users = users
 
 
 def add_user(config_path: str | None, name: str) -> str:

@@ -10,7 +10,7 @@ from PIL import Image
 from multigen.service.config import load_config
 from multigen.service.errors import ConfigError
 from multigen.service.server import check_bind_auth, is_loopback
-from multigen.service.users import hash_token
+from multigen.service.users import UserTable, add_user, hash_token
 
 
 @pytest.fixture()
@@ -168,3 +168,39 @@ def test_bind_auth_rule(config_file, fake):
     assert check_bind_auth(cfg) == "anonymous-allowed"
     cfg.users = {"alice": {"token_sha256": hash_token("t")}}
     assert check_bind_auth(cfg) == "tokens"
+
+
+def test_users_added_while_running_take_effect(config_file, fake, caplog):
+    """`multigen users add` needs no restart; a config broken meanwhile keeps the users the server had."""
+    app, tokens = build_app(config_file, fake, users=("alice",))
+    client = app.test_client()
+    table = app.extensions["multigen.users"]
+    carol = add_user(str(config_file), "carol")
+    table.refresh(force=True)
+    for token in (carol, tokens["alice"]):
+        r = client.get("/api/v1/sessions", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.get_json()
+    good = config_file.read_text()
+    config_file.write_text(good + "users: [not, a, mapping]\n")
+    table.refresh(force=True)
+    assert client.get("/api/v1/sessions", headers={"Authorization": f"Bearer {carol}"}).status_code == 200
+    assert "kept the 2 users" in caplog.text and "users" in caplog.text
+    # removing a user's entry takes their access away
+    config_file.write_text(good.replace(f"  carol:\n    token_sha256: {hash_token(carol)}\n", ""))
+    table.refresh(force=True)
+    assert client.get("/api/v1/sessions", headers={"Authorization": f"Bearer {carol}"}).status_code == 401
+    assert client.get("/api/v1/sessions", headers=_bearer(tokens["alice"])).status_code == 200
+
+
+def test_user_table_stats_the_file_at_most_every_interval(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("users: {}\n")
+    table = UserTable(cfg, {}, check_every=3600)
+    cfg.write_text(f"users:\n  dan:\n    token_sha256: {hash_token('t')}\n")
+    assert table.user_for_token("t") is None  # not looked at yet
+    table.refresh(force=True)
+    assert table.user_for_token("t") == "dan"
+
+
+def _bearer(token):
+    return {"Authorization": f"Bearer {token}"}

@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 from .. import __version__
 from ..config import Config
 from ..errors import MultigenError
+from ..users import UserTable
 from . import auth, events, images, jobs, metrics, sessions, uploads
 from .docs_page import DOCS_HTML
 from .openapi import build_document
@@ -151,6 +152,7 @@ def create_app(config: Config, service: Any = None) -> Flask:
                                                                     events.HEARTBEAT_SECONDS))
     app.extensions["multigen.config"] = config
     app.extensions["multigen.service"] = service
+    app.extensions["multigen.users"] = UserTable(config.file, config.users)
     app.extensions["multigen.schemas"] = schemas = Schemas(config)
     app.extensions["multigen.uploads"] = uploads.UploadStore(
         config.data_dir / "uploads", config.limits.upload_max_bytes, config.limits.upload_max_pixels)

@@ -17,7 +17,6 @@ from typing import Any
 from flask import current_app, g, request
 
 from ..errors import Forbidden, NotFound, Unauthorized
-from ..users import user_for_token
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +26,7 @@ QUERY_TOKEN_ENDPOINTS = frozenset({"images.image_file", "jobs.job_preview", "eve
 
 
 def auth_enabled() -> bool:
+    """Fixed at start-up: users added to a server started without any take effect on restart."""
     return bool(current_app.extensions["multigen.config"].users)
 
 
@@ -49,7 +49,7 @@ def authenticate() -> None:
     if not token:
         raise Unauthorized("this server needs a token: send `Authorization: Bearer <token>`",
                            field="Authorization")
-    user = user_for_token(current_app.extensions["multigen.config"].users, token)
+    user = current_app.extensions["multigen.users"].user_for_token(token)
     if user is None:
         raise Unauthorized("unknown token", field="Authorization")
     g.user = user
