@@ -99,6 +99,7 @@ class Limits:
     max_open_sessions_per_user: int = 100
     upload_max_bytes: int = 20 * 1024 * 1024
     upload_max_pixels: int = 4096 * 4096
+    upload_keep_hours: int = 168  # uploads not used by a job for this long are deleted; 0 keeps them
     max_width: int = 4096
     max_height: int = 4096
 

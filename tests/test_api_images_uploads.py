@@ -213,3 +213,41 @@ def test_uploads_record_owner(client, app):
                      content_type="multipart/form-data").get_json()["upload"]
     meta = json.loads((app.extensions["multigen.uploads"].folder / f"{up['id']}.json").read_text())
     assert meta["user"] == "local"
+
+
+def test_unused_uploads_are_deleted_after_keep_hours(config_file, fake):
+    app, _ = build_app(config_file, fake, **{"upload_keep_hours: 168": "upload_keep_hours: 2"})
+    client = app.test_client()
+    store = app.extensions["multigen.uploads"]
+
+    def upload():
+        r = client.post("/api/v1/uploads", data={"file": (io.BytesIO(encode(Image.new("RGB", (8, 8)), "PNG")), "a.png")},
+                        content_type="multipart/form-data")
+        return r.get_json()["upload"]["id"]
+
+    old, used, fresh = upload(), upload(), upload()
+    three_hours_ago = store.folder.stat().st_mtime - 3 * 3600
+    for upload_id in (old, used):
+        for ext in ("png", "json"):
+            os.utime(store.folder / f"{upload_id}.{ext}", (three_hours_ago, three_hours_ago))
+    crash_leftover = store.folder / ".up_leftover.tmp"
+    crash_leftover.write_bytes(b"x")
+    os.utime(crash_leftover, (three_hours_ago, three_hours_ago))
+    s = open_session(client, pipe="image2image")
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [used]})
+    assert r.status_code == 202, r.get_json()  # a job's use renews the upload
+    assert store.prune() == 1
+    assert sorted(p.name for p in store.folder.iterdir()) == sorted(
+        f"{u}.{ext}" for u in (used, fresh) for ext in ("png", "json"))
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [old]})
+    assert r.status_code == 404 and err(r)["field"] == "images.0" and old in err(r)["message"]
+
+
+def test_upload_keep_hours_0_keeps_everything(app, client):
+    store = app.extensions["multigen.uploads"]
+    store.keep_seconds = 0
+    r = client.post("/api/v1/uploads", data={"file": (io.BytesIO(encode(Image.new("RGB", (8, 8)), "PNG")), "a.png")},
+                    content_type="multipart/form-data")
+    upload_id = r.get_json()["upload"]["id"]
+    assert store.prune(now=store.folder.stat().st_mtime + 10 ** 9) == 0
+    assert (store.folder / f"{upload_id}.png").is_file()

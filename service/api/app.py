@@ -154,8 +154,10 @@ def create_app(config: Config, service: Any = None) -> Flask:
     app.extensions["multigen.service"] = service
     app.extensions["multigen.users"] = UserTable(config.file, config.users)
     app.extensions["multigen.schemas"] = schemas = Schemas(config)
-    app.extensions["multigen.uploads"] = uploads.UploadStore(
-        config.data_dir / "uploads", config.limits.upload_max_bytes, config.limits.upload_max_pixels)
+    app.extensions["multigen.uploads"] = store = uploads.UploadStore(
+        config.data_dir / "uploads", config.limits.upload_max_bytes, config.limits.upload_max_pixels,
+        config.limits.upload_keep_hours)
+    store.prune()
     app.extensions["multigen.event_streams"] = events.StreamLimiter(_stream_cap(config))
     app.extensions["multigen.stopping"] = threading.Event()
     app.extensions["multigen.openapi"] = build_document(schemas, auth=bool(config.users))

@@ -5,6 +5,9 @@ from the header: decompression bombs never reach ``load()``), must be PNG, JPEG 
 has its EXIF orientation applied, and is stored normalised as PNG under
 ``<data_dir>/uploads/<id>.png`` with a JSON record of its owner. Jobs get file paths, so
 a queued job that refers to an upload survives a restart.
+
+Uploads are kept ``limits.upload_keep_hours`` after they were last sent or used by a job
+(a job's use renews them), then deleted: at start-up and at most hourly after that.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import json
 import logging
 import re
 import secrets
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -43,10 +47,46 @@ class UploadStore:
         max_pixels: largest width x height accepted.
     """
 
-    def __init__(self, folder: Path, max_bytes: int, max_pixels: int):
+    PRUNE_EVERY = 3600.0  # seconds between two clean-ups
+    TMP_KEEP = 3600.0  # a half-written upload older than this is a crash's leftover
+
+    def __init__(self, folder: Path, max_bytes: int, max_pixels: int, keep_hours: int = 0):
         self.folder = Path(folder)
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.keep_seconds = keep_hours * 3600.0
+        self._pruned_at = float("-inf")
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete the uploads not sent or used for ``keep_hours`` (0: none); returns how many."""
+        now = time.time() if now is None else now
+        self._pruned_at = time.monotonic()
+        if not self.keep_seconds or not self.folder.is_dir():
+            return 0
+        removed = 0
+        for meta in self.folder.glob("up_*.json"):
+            try:
+                if now - meta.stat().st_mtime < self.keep_seconds:
+                    continue
+                meta.with_suffix(".png").unlink(missing_ok=True)
+                meta.unlink()
+                removed += 1
+            except OSError as e:  # a concurrent prune, or a permissions problem: try again next time
+                log.warning("could not delete upload %s: %s", meta.stem, e)
+        for tmp in self.folder.glob(".up_*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > self.TMP_KEEP:
+                    tmp.unlink()
+            except OSError:
+                pass
+        if removed:
+            log.info("deleted %d uploads unused for %g hours (limits.upload_keep_hours)", removed,
+                     self.keep_seconds / 3600)
+        return removed
+
+    def maybe_prune(self) -> None:
+        if time.monotonic() - self._pruned_at >= self.PRUNE_EVERY:
+            self.prune()
 
     def decode(self, data: bytes, field: str) -> tuple[Image.Image, str]:
         """Check and decode encoded image bytes into an upright PIL image and its format name.
@@ -85,6 +125,7 @@ class UploadStore:
 
     def save(self, image: Image.Image, fmt: str, owner: str) -> dict[str, Any]:
         """Store a decoded image; returns the upload record ``{id, width, height, format}``."""
+        self.maybe_prune()
         self.folder.mkdir(parents=True, exist_ok=True)
         upload_id = "up_" + secrets.token_urlsafe(12)
         tmp = self.folder / f".{upload_id}.tmp"
@@ -109,6 +150,10 @@ class UploadStore:
             raise NotFound(f"{field}: no upload {upload_id!r}", field=field)
         if user is not None and json.loads(meta.read_text()).get("user") != user:
             raise NotFound(f"{field}: no upload {upload_id!r}", field=field)
+        try:
+            meta.touch()  # used by a job: kept another upload_keep_hours
+        except OSError:
+            pass
         return path
 
     def resolve(self, ref: str, user: str | None, owner: str, field: str) -> str:
