@@ -323,12 +323,20 @@ class BasePipe:
             kwargs["callback_on_step_end"] = self._step_hook(callback, cancel)
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
         self.pipe.vae.use_tiling = self._vae_tiling()
+        self._seed_noise_sampler(generator)
         self._last_inputs = {"prompt": prompt, "negative_prompt": negative, "batch_size": batch,
                              "seed": None if seeds is None else (seeds if batch > 1 or isinstance(
                                  inputs.get("seed"), (list, tuple)) else seeds[0])}
         with torch.inference_mode():
             images = self.pipe(**kwargs).images
         return self._postprocess(images)
+
+    def _seed_noise_sampler(self, generator: Any) -> None:
+        """SDE schedulers (DPM++ SDE) draw their Brownian noise from their own seed, by default a
+        random one: seed it from the job's generators so that a seed gives the same image again."""
+        if hasattr(self.pipe.scheduler, "noise_sampler_seed"):
+            seeds = [g.initial_seed() for g in (generator if isinstance(generator, list) else [generator])]
+            self.pipe.scheduler.noise_sampler_seed = seeds if isinstance(generator, list) else seeds[0]
 
     @staticmethod
     def _step_hook(callback: StepCallback | None, cancel: Callable[[], bool] | None) -> Callable[..., dict]:

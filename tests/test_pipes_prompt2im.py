@@ -29,6 +29,18 @@ def test_same_seed_same_pixels_other_seed_differs(kind_base):
     assert not np.array_equal(pixels(a[0]), pixels(c[0]))
 
 
+def test_sde_schedulers_repeat_with_the_seed(sd_base):
+    """DPM++ SDE's Brownian noise has its own seed (random by default): the pipe seeds it from the job's."""
+    pipe = make(("SD", sd_base), scheduler="dpmpp_sde_karras")
+    torch.manual_seed(1)  # the global generator (the scheduler's default source) differs between the two calls
+    a = pipe.gen(PROMPT)[0]
+    torch.manual_seed(2)
+    assert np.array_equal(pixels(a), pixels(pipe.gen(PROMPT)[0]))
+    assert not np.array_equal(pixels(a), pixels(pipe.gen({**PROMPT, "seed": 8})[0]))
+    batch = pipe.gen({**PROMPT, "seed": [7, 8]})
+    assert np.array_equal(pixels(batch[0]), pixels(a))
+
+
 def test_two_pipe_objects_on_one_base_agree(kind_base):
     a = make(kind_base).gen(PROMPT)[0]
     b = make(kind_base).gen(PROMPT)[0]
