@@ -5,6 +5,9 @@ Phases (each resumable from its checkpoint in ``--work``):
   1. ``vae``: an AutoencoderKL (factor 8) on rendered scenes.
   2. ``unet``: a UNet and a whole-word CLIP text encoder, jointly, on VAE latents
      (epsilon prediction, linear betas 1e-4..0.02, min-SNR-5 weighting, 10% empty captions).
+  3. ``decoder``: the VAE decoder alone, longer, with the encoder frozen: the latent space (and so the
+     UNet) stays valid while colours and edges sharpen. Kept in its own ``decoder.pt``, so it can run
+     beside a UNet run (``--only decoder``).
 Then ``export`` writes a standard diffusers StableDiffusionPipeline folder and ``eval`` grades it.
 
 Examples:
@@ -122,6 +125,23 @@ class Trainer:
         else:
             self.opt_state = None
             self.ema = {}
+        self.decoder_opt_state = None
+        if self._decoder_ckpt().exists():
+            d = torch.load(self._decoder_ckpt(), map_location="cpu", weights_only=False)
+            self.vae.decoder.load_state_dict(d["decoder"])
+            self.vae.post_quant_conv.load_state_dict(d["post_quant_conv"])
+            self.state["decoder_step"] = d["step"]
+            self.decoder_opt_state = d["opt"]
+            log.info("decoder from %s: step %d", self._decoder_ckpt(), d["step"])
+
+    def _decoder_ckpt(self) -> Path:
+        return self.work / "decoder.pt"
+
+    def save_decoder(self, opt) -> None:
+        tmp = self._decoder_ckpt().with_suffix(".tmp")
+        torch.save({"decoder": self.vae.decoder.state_dict(), "post_quant_conv": self.vae.post_quant_conv.state_dict(),
+                    "step": self.state["decoder_step"], "opt": opt.state_dict()}, tmp)
+        tmp.replace(self._decoder_ckpt())
 
     def save(self, opt=None) -> None:
         tmp = self._ckpt().with_suffix(".tmp")
@@ -169,6 +189,53 @@ class Trainer:
         bar.close()
         self.state["scaling_factor"] = None
         self.save()
+
+    # phase 3 -----------------------------------------------------------------------------
+    def train_decoder(self, steps: int) -> None:
+        """Fine-tune the decoder on posterior samples of the frozen encoder (pixel MSE + L1).
+
+        The scenes and their posteriors come from the UNet phase's latent pool: no encoder pass per step.
+        """
+        if self.state.get("decoder_step", 0) >= steps:
+            return
+        scenes, zmean, zstd = self.latent_pool(self.pool)
+        params = list(self.vae.decoder.parameters()) + list(self.vae.post_quant_conv.parameters())
+        opt = torch.optim.AdamW(params, lr=self.lr)
+        if self.decoder_opt_state:
+            opt.load_state_dict(self.decoder_opt_state)
+        self.vae.eval()
+        self.vae.decoder.train()
+        self.state.setdefault("decoder_step", 0)
+        t0 = time.time()
+        bar = tqdm(total=steps, initial=self.state["decoder_step"], desc="decoder", unit="step")
+        while self.state["decoder_step"] < steps:
+            step = self.state["decoder_step"]
+            rng = random.Random(self.seed * 5_000_011 + step)
+            idx = [rng.randrange(len(scenes)) for _ in range(self.vae_batch)]
+            arr = np.stack([np.asarray(draw_scene(scenes[i], SIZE), dtype=np.float32) for i in idx])
+            x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device) / 127.5 - 1.0
+            gen = torch.Generator().manual_seed(self.seed * 17 + step)
+            z = zmean[idx] + zstd[idx] * torch.randn(zmean[idx].shape, generator=gen).to(self.device)
+            rec = self.vae.decode(z).sample
+            loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            warm = min(1.0, (step + 1) / 50)
+            for g in opt.param_groups:
+                g["lr"] = self.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
+            opt.step()
+            self.state["decoder_step"] = step + 1
+            bar.update(1)
+            if (step + 1) % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                log.info("decoder step %d/%d loss %.4f (%.2f s/step)", step + 1, steps, loss.item(),
+                         (time.time() - t0) / 50)
+                t0 = time.time()
+            if (step + 1) % 250 == 0 or step + 1 == steps:
+                self.save_decoder(opt)
+        bar.close()
+        self.vae.eval()
 
     @torch.no_grad()
     def scaling_factor(self) -> float:
@@ -330,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--vae-steps", type=int, default=3000)
     p.add_argument("--unet-steps", type=int, default=20000)
+    p.add_argument("--decoder-steps", type=int, default=4000,
+                   help="fine-tune the VAE decoder alone (encoder frozen) after the UNet")
     p.add_argument("--pool", type=int, default=16384, help="scenes encoded once for the UNet phase")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device to train on (default: cuda when there is one)")
@@ -340,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="export/grade the moving average of the weights (default) or the last step's")
     p.add_argument("--guidance", type=float, default=6.0, help="guidance scale for --eval and the export")
     p.add_argument("--eval-steps", type=int, default=20, help="sampling steps for --eval and the export")
-    p.add_argument("--only", choices=["train", "export"], help="skip training, or skip export/eval")
+    p.add_argument("--only", choices=["train", "decoder", "export"],
+                   help="train only (no export/eval), only the decoder phase, or only export/eval")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -356,10 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tr = Trainer(work, args.seed, args.batch, args.lr, args.vae_batch, args.device, args.pool)
-    if args.only != "export":
+    if args.only in (None, "train"):
         tr.train_vae(args.vae_steps)
         tr.train_unet(args.unet_steps)
-    if args.only != "train":
+    if args.only in (None, "train", "decoder"):
+        tr.train_decoder(args.decoder_steps)
+    if args.only in (None, "export"):
         if args.weights == "ema" and tr.ema:
             tr.use_ema()
         if args.export:

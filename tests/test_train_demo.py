@@ -18,18 +18,31 @@ pytestmark = pytest.mark.slow
 def test_train_resume_export_and_grade(tmp_path, capsys):
     work, out = tmp_path / "work", tmp_path / "model"
     small = ["--work", str(work), "--batch", "2", "--vae-batch", "2", "--pool", "4", "--threads", "2"]
-    assert train_demo_model.main(small + ["--vae-steps", "2", "--unet-steps", "2", "--only", "train"]) == 0
-    ck = train_demo_model.torch.load(work / "checkpoint.pt", weights_only=False)
+    torch = train_demo_model.torch
+    assert train_demo_model.main(small + ["--vae-steps", "2", "--unet-steps", "2", "--decoder-steps", "1",
+                                          "--only", "train"]) == 0
+    ck = torch.load(work / "checkpoint.pt", weights_only=False)
     assert ck["state"]["vae_step"] == 2 and ck["state"]["unet_step"] == 2 and ck["ema"]
-    # resumed, not restarted: one more step
-    assert train_demo_model.main(small + ["--vae-steps", "2", "--unet-steps", "3", "--export", str(out),
-                                          "--eval", "1"]) == 0
+    assert torch.load(work / "decoder.pt", weights_only=False)["step"] == 1
+    # resumed, not restarted: one more step of each
+    assert train_demo_model.main(small + ["--vae-steps", "2", "--unet-steps", "3", "--decoder-steps", "2",
+                                          "--export", str(out), "--eval", "1"]) == 0
     log = (work / "train.log").read_text()
-    assert "resumed from" in log and "'unet_step': 2" in log
+    assert "resumed from" in log and "'unet_step': 2" in log and "decoder from" in log
     scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(scores) == {"bg", "fg", "shape", "all"}
     meta = json.loads((out / "multigen.json").read_text())
-    assert meta["native_size"] == 128 and meta["trained"]["unet_step"] == 3
+    assert meta["native_size"] == 128 and meta["trained"]["unet_step"] == 3 and meta["trained"]["decoder_step"] == 2
+    # the decoder phase leaves the encoder (so the UNet's latents) alone; the export has the tuned decoder
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    trained = torch.load(work / "checkpoint.pt", weights_only=False)["vae"]
+    decoder = torch.load(work / "decoder.pt", weights_only=False)["decoder"]
+    for name, value in vae.encoder.state_dict().items():
+        assert torch.equal(value, trained["encoder." + name]), name
+    assert all(torch.equal(value, decoder[name]) for name, value in vae.decoder.state_dict().items())
+    assert not all(torch.equal(value, trained["decoder." + name]) for name, value in vae.decoder.state_dict().items())
 
     from multigen.pipes import Prompt2ImPipe
 
