@@ -200,7 +200,7 @@ class Trainer:
             return
         scenes, zmean, zstd = self.latent_pool(self.pool)
         params = list(self.vae.decoder.parameters()) + list(self.vae.post_quant_conv.parameters())
-        opt = torch.optim.AdamW(params, lr=self.lr)
+        opt = torch.optim.AdamW(params, lr=self.lr * 0.5)  # 1e-3 diverged here (a fine-tune of a trained VAE)
         if self.decoder_opt_state:
             opt.load_state_dict(self.decoder_opt_state)
         self.vae.eval()
@@ -223,7 +223,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             warm = min(1.0, (step + 1) / 50)
             for g in opt.param_groups:
-                g["lr"] = self.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
+                g["lr"] = self.lr * 0.5 * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
             opt.step()
             self.state["decoder_step"] = step + 1
             bar.update(1)
