@@ -388,6 +388,25 @@ def evaluate(pipe, n: int, seed: int = 99, steps: int = 20, guidance: float = 6.
     return {k: v / n for k, v in hits.items()}
 
 
+@torch.no_grad()
+def evaluate_vae(vae, n: int, seed: int = 99) -> dict[str, float]:
+    """Grade the VAE alone: encode and decode ``n`` drawn scenes (a ceiling for the whole model)."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    hits = {"bg": 0, "fg": 0, "shape": 0, "all": 0}
+    device = next(vae.parameters()).device
+    for _ in range(n):
+        s = random_scene(rng)
+        x = torch.from_numpy(np.asarray(draw_scene(s, SIZE), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+        y = vae.decode(vae.encode(x.to(device)).latent_dist.mean).sample[0]
+        img = Image.fromarray(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+        m = grade_image(img).matches(s.fg, s.bg, s.shape)
+        for k in hits:
+            hits[k] += m[k]
+    return {k: v / n for k, v in hits.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="work/demo", help="checkpoint folder (resumes from it)")
@@ -405,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     p.add_argument("--export", help="write the diffusers pipeline folder here")
     p.add_argument("--eval", type=int, default=0, help="grade N generated prompts")
+    p.add_argument("--eval-vae", type=int, default=0, help="grade N encoded-and-decoded scenes (the VAE alone)")
     p.add_argument("--weights", choices=["ema", "live"], default="ema",
                    help="export/grade the moving average of the weights (default) or the last step's")
     p.add_argument("--guidance", type=float, default=6.0, help="guidance scale for --eval and the export")
@@ -436,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
             tr.use_ema()
         if args.export:
             tr.export(Path(args.export), steps=args.eval_steps, guidance=args.guidance)
+        if args.eval_vae:
+            scores = evaluate_vae(tr.vae.eval(), args.eval_vae)
+            log.info("VAE alone on %d scenes: %s", args.eval_vae, scores)
+            print(json.dumps({"vae": scores}))
         if args.eval:
             scores = evaluate(tr.pipeline(), args.eval, steps=args.eval_steps, guidance=args.guidance)
             log.info("eval on %d prompts: %s", args.eval, scores)

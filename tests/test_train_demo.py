@@ -26,11 +26,12 @@ def test_train_resume_export_and_grade(tmp_path, capsys):
     assert torch.load(work / "decoder.pt", weights_only=False)["step"] == 1
     # resumed, not restarted: one more step of each
     assert train_demo_model.main(small + ["--vae-steps", "2", "--unet-steps", "3", "--decoder-steps", "2",
-                                          "--export", str(out), "--eval", "1"]) == 0
+                                          "--export", str(out), "--eval", "1", "--eval-vae", "1"]) == 0
     log = (work / "train.log").read_text()
     assert "resumed from" in log and "'unet_step': 2" in log and "decoder from" in log
-    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(scores) == {"bg", "fg", "shape", "all"}
+    printed = capsys.readouterr().out.strip().splitlines()
+    scores, vae_scores = json.loads(printed[-1]), json.loads(printed[-2])["vae"]
+    assert set(scores) == {"bg", "fg", "shape", "all"} == set(vae_scores)
     meta = json.loads((out / "multigen.json").read_text())
     assert meta["native_size"] == 128 and meta["trained"]["unet_step"] == 3 and meta["trained"]["decoder_step"] == 2
     # the decoder phase leaves the encoder (so the UNet's latents) alone; the export has the tuned decoder
