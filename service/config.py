@@ -7,6 +7,8 @@ the fix, raised at start-up rather than at the first job.
 """
 from __future__ import annotations
 
+import functools
+
 import importlib.util
 import json
 import os
@@ -80,6 +82,12 @@ class ModelsConfig:
     lora: dict[str, ModelEntry]
     controlnet: dict[str, ModelEntry]
     pipes: dict[str, PipeEntry]
+
+    @functools.cached_property
+    def path_names(self) -> dict[str, str]:
+        """Each listed model's resolved path -> its name (how image metadata names models)."""
+        return {str(e.path.resolve()): name for section in (self.controlnet, self.lora, self.base)
+                for name, e in section.items()}
 
 
 @dataclass

@@ -112,3 +112,22 @@ def public_params(stored: dict[str, Any]) -> dict[str, Any]:
         return value
 
     return {k: show(v) for k, v in stored.items()}
+
+
+def public_pipe_config(config: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """A pipe's ``get_config()`` as written next to an image, without the server's file layout.
+
+    Image metadata is served to users, so absolute paths become what a user can name: a model,
+    LoRA or ControlNet's name from models.yaml (``names``: resolved path -> name), else the file's
+    name alone (input images).
+    """
+    def show(value: Any) -> Any:
+        if isinstance(value, str) and os.path.isabs(value):
+            return names.get(str(Path(value).resolve()), Path(value).name)
+        if isinstance(value, list):
+            return [show(v) for v in value]
+        if isinstance(value, dict):
+            return {k: show(v) for k, v in value.items()}
+        return value
+
+    return {k: show(v) for k, v in config.items()}

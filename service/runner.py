@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .inputs import load_params, public_params
+from .inputs import load_params, public_params, public_pipe_config
 from .jobs import JobState
 from .views import now_iso
 
@@ -204,7 +204,7 @@ class JobRunner:
             "seed": seed, "width": width, "height": height, "batch_size": 1,
             "params": public_params({**job.model_defaults, **row["params"]}),
             "threads": worker.threads, "device": worker.device, "dtype": str(worker.dtype).replace("torch.", ""),
-            "created_at": created, "pipe_config": config,
+            "created_at": created, "pipe_config": public_pipe_config(config, svc.config.models.path_names),
         }
         path = svc.writer.write(folder, rec["idx"], image, meta)
         svc.store.complete_image(rec["id"], created)

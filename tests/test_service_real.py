@@ -75,6 +75,10 @@ def test_whole_path_matches_direct_pipe_and_loras_and_schedulers_do_not_leak(ser
     assert meta == json.loads(png.with_suffix(".json").read_text())
     assert meta["threads"] == cpu_cores() == meta["pipe_config"]["torch_threads"]
     assert meta["batch_size"] == 1 and meta["pipe_config"]["seed"] == 7 and meta["seed"] == 7
+    # metadata is served to users: models by their names, never the server's paths
+    lora_meta = json.loads(lora_png.with_suffix(".json").read_text())
+    assert lora_meta["pipe_config"]["model_id"] == "tiny-sd" and lora_meta["pipe_config"]["loras"] == [["tiny-sd-lora", 0.8]]
+    assert str(models_dir) not in json.dumps(lora_meta) and str(models_dir) not in json.dumps(meta)
 
 
 def test_three_pipe_classes_share_one_model(service):
@@ -103,7 +107,7 @@ def test_three_pipe_classes_share_one_model(service):
     assert service.stats()["cache"]["loads"] == 1
 
 
-def test_controlnet_pipes_through_the_service(service):
+def test_controlnet_pipes_through_the_service(service, models_dir):
     from PIL import ImageDraw
 
     square = Image.new("RGB", (64, 64), "white")
@@ -116,7 +120,10 @@ def test_controlnet_pipes_through_the_service(service):
     for j in jobs:
         job = service.get_job(j["job_id"])
         assert job["state"] == "succeeded", job["error"]
-        assert service.image_metadata(job["images"][0]["id"])["pipe_config"]["controlnets"]
+        used = service.image_metadata(job["images"][0]["id"])["pipe_config"]
+        assert used["controlnets"]
+        text = json.dumps(used)
+        assert str(models_dir) not in text and str(service.config.data_dir) not in text, used
 
 
 def test_cancel_a_running_real_job(service):
