@@ -84,12 +84,55 @@ def make_models(vocab_size: int):
     return vae, te, unet
 
 
+def pixels(scenes) -> torch.Tensor:
+    """Drawn scenes as a batch in [-1, 1], channels first."""
+    arr = np.stack([np.asarray(draw_scene(s, SIZE), dtype=np.float32) for s in scenes])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
 def batch_images(rng: random.Random, n: int, reword: float = 0.2, empty: float = 0.1):
     scenes = [random_scene(rng) for _ in range(n)]
     caps = ["" if rng.random() < empty else caption(s, rng, reword) for s in scenes]
-    arr = np.stack([np.asarray(draw_scene(s, SIZE), dtype=np.float32) for s in scenes])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-    return x, caps
+    return pixels(scenes), caps
+
+
+def lr_factor(step: int, steps: int, warmup: int = 0, floor: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 down to ``floor``."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
+
+
+def optimise(opt, params, loss: torch.Tensor, lr: float) -> None:
+    """One optimiser step: gradients clipped to norm 1, then the step at ``lr``."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+
+
+class Progress:
+    """A phase's progress: a bar, a train.log line every 50 steps, ``save()`` every 250 and at the end."""
+
+    def __init__(self, phase: str, steps: int, start: int, save):
+        self.phase, self.steps, self.save = phase, steps, save
+        self.bar = tqdm(total=steps, initial=start, desc=phase, unit="step")
+        self.t0 = time.time()
+
+    def done(self, step: int, loss: torch.Tensor) -> None:
+        """After step ``step`` (0-based) with this loss."""
+        self.bar.update(1)
+        if (step + 1) % 50 == 0:
+            self.bar.set_postfix(loss=f"{loss.item():.4f}")
+            log.info("%s step %d/%d loss %.4f (%.2f s/step)", self.phase, step + 1, self.steps, loss.item(),
+                     (time.time() - self.t0) / 50)
+            self.t0 = time.time()
+        if (step + 1) % 250 == 0 or step + 1 == self.steps:
+            self.save()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class Trainer:
@@ -153,13 +196,13 @@ class Trainer:
     def train_vae(self, steps: int) -> None:
         if self.state["vae_step"] >= steps:
             return
-        opt = torch.optim.AdamW(self.vae.parameters(), lr=self.lr)
+        params = list(self.vae.parameters())
+        opt = torch.optim.AdamW(params, lr=self.lr)
         if self.opt_state and self.state.get("phase") == "vae":
             opt.load_state_dict(self.opt_state)
         self.state["phase"] = "vae"
         self.vae.train()
-        t0 = time.time()
-        bar = tqdm(total=steps, initial=self.state["vae_step"], desc="vae", unit="step")
+        progress = Progress("vae", steps, self.state["vae_step"], lambda: self.save(opt))
         while self.state["vae_step"] < steps:
             step = self.state["vae_step"]
             rng = random.Random(self.seed * 1_000_003 + step)
@@ -171,22 +214,10 @@ class Trainer:
             loss_rec = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
             kl = post.kl().mean() / (x.shape[1] * x.shape[2] * x.shape[3])
             loss = loss_rec + 1e-4 * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
-            for g in opt.param_groups:
-                g["lr"] = self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
-            opt.step()
+            optimise(opt, params, loss, self.lr * lr_factor(step, steps))
             self.state["vae_step"] = step + 1
-            bar.update(1)
-            if (step + 1) % 50 == 0:
-                bar.set_postfix(loss=f"{loss_rec.item():.4f}")
-                log.info("vae step %d/%d loss %.4f (%.2f s/step)", step + 1, steps, loss_rec.item(),
-                         (time.time() - t0) / 50)
-                t0 = time.time()
-            if (step + 1) % 250 == 0 or step + 1 == steps:
-                self.save(opt)
-        bar.close()
+            progress.done(step, loss_rec)
+        progress.close()
         self.state["scaling_factor"] = None
         self.save()
 
@@ -206,35 +237,20 @@ class Trainer:
         self.vae.eval()
         self.vae.decoder.train()
         self.state.setdefault("decoder_step", 0)
-        t0 = time.time()
-        bar = tqdm(total=steps, initial=self.state["decoder_step"], desc="decoder", unit="step")
+        progress = Progress("decoder", steps, self.state["decoder_step"], lambda: self.save_decoder(opt))
         while self.state["decoder_step"] < steps:
             step = self.state["decoder_step"]
             rng = random.Random(self.seed * 5_000_011 + step)
             idx = [rng.randrange(len(scenes)) for _ in range(self.vae_batch)]
-            arr = np.stack([np.asarray(draw_scene(scenes[i], SIZE), dtype=np.float32) for i in idx])
-            x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device) / 127.5 - 1.0
+            x = pixels([scenes[i] for i in idx]).to(self.device)
             gen = torch.Generator().manual_seed(self.seed * 17 + step)
             z = zmean[idx] + zstd[idx] * torch.randn(zmean[idx].shape, generator=gen).to(self.device)
             rec = self.vae.decode(z).sample
             loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            warm = min(1.0, (step + 1) / 50)
-            for g in opt.param_groups:
-                g["lr"] = self.lr * 0.5 * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
-            opt.step()
+            optimise(opt, params, loss, self.lr * 0.5 * lr_factor(step, steps, warmup=50, floor=0.02))
             self.state["decoder_step"] = step + 1
-            bar.update(1)
-            if (step + 1) % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                log.info("decoder step %d/%d loss %.4f (%.2f s/step)", step + 1, steps, loss.item(),
-                         (time.time() - t0) / 50)
-                t0 = time.time()
-            if (step + 1) % 250 == 0 or step + 1 == steps:
-                self.save_decoder(opt)
-        bar.close()
+            progress.done(step, loss)
+        progress.close()
         self.vae.eval()
 
     @torch.no_grad()
@@ -264,9 +280,7 @@ class Trainer:
         means, stds = [], []
         self.vae.eval()
         for i in tqdm(range(0, n, 64), desc="encoding scenes", unit="batch"):
-            arr = np.stack([np.asarray(draw_scene(s, SIZE), dtype=np.float32) for s in scenes[i:i + 64]])
-            x = torch.from_numpy(arr).permute(0, 3, 1, 2).to(self.device) / 127.5 - 1.0
-            dist = self.vae.encode(x).latent_dist
+            dist = self.vae.encode(pixels(scenes[i:i + 64]).to(self.device)).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
         mean, std = torch.cat(means), torch.cat(stds)
@@ -296,8 +310,7 @@ class Trainer:
         self.vae.eval()
         self.unet.train()
         self.te.train()
-        t0 = time.time()
-        bar = tqdm(total=steps, initial=self.state["unet_step"], desc="unet", unit="step")
+        progress = Progress("unet", steps, self.state["unet_step"], lambda: self.save(opt))
         while self.state["unet_step"] < steps:
             step = self.state["unet_step"]
             rng = random.Random(self.seed * 7_000_003 + step)
@@ -312,24 +325,11 @@ class Trainer:
             pred = self.unet(zt, t.to(dev), encoder_hidden_states=self.encode_text(caps)).sample
             w = (torch.clamp(snr[t], max=5.0) / snr[t]).to(dev)  # min-SNR-5 for epsilon prediction
             loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            warm = min(1.0, (step + 1) / 200)
-            for g in opt.param_groups:
-                g["lr"] = self.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
-            opt.step()
+            optimise(opt, params, loss, self.lr * lr_factor(step, steps, warmup=200, floor=0.05))
             self.ema_update(ema_decay)
             self.state["unet_step"] = step + 1
-            bar.update(1)
-            if (step + 1) % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                log.info("unet step %d/%d loss %.4f (%.2f s/step)", step + 1, steps, loss.item(),
-                         (time.time() - t0) / 50)
-                t0 = time.time()
-            if (step + 1) % 250 == 0 or step + 1 == steps:
-                self.save(opt)
-        bar.close()
+            progress.done(step, loss)
+        progress.close()
 
     def ema_update(self, decay: float) -> None:
         """Exponential moving average of the UNet and text-encoder weights; the export uses it."""
@@ -374,18 +374,23 @@ class Trainer:
         log.info("exported to %s", folder)
 
 
-@torch.no_grad()
-def evaluate(pipe, n: int, seed: int = 99, steps: int = 20, guidance: float = 6.0) -> dict[str, float]:
+def grade_many(n: int, seed: int, make_image) -> dict[str, float]:
+    """The grader's hit rates on ``make_image(scene, i)`` for ``n`` fresh scenes drawn from ``seed``."""
     rng = random.Random(seed)
     hits = {"bg": 0, "fg": 0, "shape": 0, "all": 0}
     for i in range(n):
         s = random_scene(rng)
-        img = pipe(caption(s), num_inference_steps=steps, guidance_scale=guidance, width=SIZE, height=SIZE,
-                   generator=torch.Generator().manual_seed(seed + i)).images[0]
-        m = grade_image(img).matches(s.fg, s.bg, s.shape)
+        m = grade_image(make_image(s, i)).matches(s.fg, s.bg, s.shape)
         for k in hits:
             hits[k] += m[k]
     return {k: v / n for k, v in hits.items()}
+
+
+@torch.no_grad()
+def evaluate(pipe, n: int, seed: int = 99, steps: int = 20, guidance: float = 6.0) -> dict[str, float]:
+    return grade_many(n, seed, lambda s, i: pipe(
+        caption(s), num_inference_steps=steps, guidance_scale=guidance, width=SIZE, height=SIZE,
+        generator=torch.Generator().manual_seed(seed + i)).images[0])
 
 
 @torch.no_grad()
@@ -393,18 +398,13 @@ def evaluate_vae(vae, n: int, seed: int = 99) -> dict[str, float]:
     """Grade the VAE alone: encode and decode ``n`` drawn scenes (a ceiling for the whole model)."""
     from PIL import Image
 
-    rng = random.Random(seed)
-    hits = {"bg": 0, "fg": 0, "shape": 0, "all": 0}
     device = next(vae.parameters()).device
-    for _ in range(n):
-        s = random_scene(rng)
-        x = torch.from_numpy(np.asarray(draw_scene(s, SIZE), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
-        y = vae.decode(vae.encode(x.to(device)).latent_dist.mean).sample[0]
-        img = Image.fromarray(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
-        m = grade_image(img).matches(s.fg, s.bg, s.shape)
-        for k in hits:
-            hits[k] += m[k]
-    return {k: v / n for k, v in hits.items()}
+
+    def round_trip(scene, _):
+        y = vae.decode(vae.encode(pixels([scene]).to(device)).latent_dist.mean).sample[0]
+        return Image.fromarray(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+
+    return grade_many(n, seed, round_trip)
 
 
 def main(argv: list[str] | None = None) -> int:

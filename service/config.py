@@ -8,7 +8,6 @@ the fix, raised at start-up rather than at the first job.
 from __future__ import annotations
 
 import functools
-
 import importlib.util
 import json
 import os
