@@ -17,19 +17,20 @@ import torch
 from PIL import Image
 
 from . import lora as lora_mod
+from . import spec as specs
 from .errors import Cancelled, InvalidValueError, UnknownParameterError
-from .images import check_side, padded
+from .families import Family, Role, family
+from .imagelist import ImageList
+from .images import padded
 from .loading import ModelType, check_declared_type, dtype_name, load_base, pipeline_type
 
 logger = logging.getLogger(__name__)
 
-COMMON_PARAMS: tuple[str, ...] = ("width", "height", "steps", "guidance_scale", "clip_skip", "scheduler",
-                                  "timestep_spacing", "lpw", "vae_tiling")
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 #: images with more pixels than this are decoded with VAE tiling when ``vae_tiling`` is None
-VAE_TILING_PIXELS = 1536 * 1536
-MAX_STEPS = 1000
-MAX_CLIP_SKIP = 10
+VAE_TILING_PIXELS = specs.VAE_TILING_PIXELS
+#: the spec's bounds, for readers of the old names
+MAX_STEPS = specs.STEPS.maximum
+MAX_CLIP_SKIP = specs.CLIP_SKIP.maximum
 
 StepCallback = Callable[[int, int, torch.Tensor], Any]
 
@@ -47,18 +48,6 @@ def quiet_diffusers() -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
-
-
-def _number(value: Any, param: str, low: float, high: float, integer: bool = False) -> float | int:
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and isinstance(value, float)
-                                                                        and not value.is_integer()):
-        raise InvalidValueError(f"{param} must be {kind} from {low} to {high}, not {value!r}", param,
-                                f"{kind} from {low} to {high}")
-    if not low <= value <= high:
-        raise InvalidValueError(f"{param} {value} is out of range; allowed: {low} to {high}", param,
-                                f"{low} to {high}")
-    return int(value) if integer else float(value)
 
 
 def _make_scheduler(name: str | None, config: dict[str, Any], spacing: str | None) -> Any:
@@ -92,15 +81,20 @@ class BasePipe:
         condition_models: paths of the models of model-based conditions (``CIm2ImPipe`` only).
     """
 
-    #: names ``setup`` accepts
-    PARAMS: ClassVar[tuple[str, ...]] = COMMON_PARAMS
-    #: aliases accepted by ``setup`` (metafusion names)
-    ALIASES: ClassVar[dict[str, str]] = {}
-    #: diffusers classes for SD and SDXL, by name
-    SD_CLASS: ClassVar[str] = "StableDiffusionPipeline"
-    SDXL_CLASS: ClassVar[str] = "StableDiffusionXLPipeline"
-    #: extra pipeline defaults of this class
-    DEFAULTS: ClassVar[dict[str, Any]] = {}
+    #: the parameters ``setup`` takes: names, types, ranges, defaults (spec.py); a subclass sets its own
+    SPEC: ClassVar[specs.PipeSpec] = specs.PipeSpec(specs.COMMON, classname="BasePipe")
+    #: names ``setup`` accepts (from ``SPEC``)
+    PARAMS: ClassVar[tuple[str, ...]] = SPEC.names
+    #: aliases accepted by ``setup``, metafusion's names (from ``SPEC``)
+    ALIASES: ClassVar[dict[str, str]] = dict(SPEC.aliases)
+    #: what this pipe class does; the model's family names the diffusers class for it
+    ROLE: ClassVar[Role] = Role.TEXT2IMAGE
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # PARAMS and ALIASES follow the spec: tests, fakes and metafusion code read them
+        cls.PARAMS = cls.SPEC.names
+        cls.ALIASES = dict(cls.SPEC.aliases)
 
     def __init__(self, model_id: str | os.PathLike[str] | None = None, *, pipe: Any = None,
                  model_type: ModelType | str | None = None, device: str | torch.device | None = None,
@@ -138,24 +132,25 @@ class BasePipe:
                 raise InvalidValueError(f"{key} is not accepted by {type(self).__name__}", key,
                                         "only ControlNet pipes take it")
 
-    def _pipeline_class(self) -> type:
-        import diffusers
+    @property
+    def family(self) -> Family:
+        """The model family (classes, preview factors, ControlNet defaults) of this pipe's model."""
+        return family(self.model_type)
 
-        return getattr(diffusers, self.SDXL_CLASS if self.model_type == ModelType.SDXL else self.SD_CLASS)
+    def _pipeline_class(self, role: Role | None = None) -> type:
+        return self.family.pipeline_class(role or self.ROLE)
 
-    def _build_pipeline(self, base: Any, scheduler: Any, **extra: Any) -> Any:
-        cls = self._pipeline_class()
+    def _build_pipeline(self, base: Any, scheduler: Any, role: Role | None = None, **extra: Any) -> Any:
+        cls = self._pipeline_class(role)
         # dtype must be given: from_pipe casts the (shared) modules to fp32 otherwise
         with quiet_diffusers():
             return cls.from_pipe(base, scheduler=scheduler, dtype=self.dtype, **extra)
 
     # ---- setup ------------------------------------------------------------------------------
     def default_params(self) -> dict[str, Any]:
-        """Defaults of every parameter (native size of the model)."""
+        """Defaults of every parameter: the spec's, and the native size of the model."""
         native = int(self.base.unet.config.sample_size) * int(getattr(self.base, "vae_scale_factor", 8))
-        return {"width": native, "height": native, "steps": 50, "guidance_scale": 7.5, "clip_skip": 0,
-                "scheduler": None, "timestep_spacing": None, "lpw": True, "vae_tiling": None,
-                **self.DEFAULTS}
+        return {**self.SPEC.defaults(), "width": native, "height": native}
 
     def setup(self, *args: Any, **params: Any) -> None:
         """Validate and store generation parameters (replacing earlier ones).
@@ -201,23 +196,12 @@ class BasePipe:
         self._is_setup = True
 
     def _validate_common(self, p: dict[str, Any]) -> None:
-        p["width"] = check_side(p["width"], "width")
-        p["height"] = check_side(p["height"], "height")
-        p["steps"] = _number(p["steps"], "steps", 1, MAX_STEPS, integer=True)
-        p["guidance_scale"] = _number(p["guidance_scale"], "guidance_scale", 0.0, 100.0)
-        p["clip_skip"] = _number(p["clip_skip"], "clip_skip", 0, MAX_CLIP_SKIP, integer=True)
-        if p["timestep_spacing"] is not None and p["timestep_spacing"] not in TIMESTEP_SPACINGS:
-            raise InvalidValueError(f"timestep_spacing {p['timestep_spacing']!r} is not known; allowed: "
-                                    f"{', '.join(TIMESTEP_SPACINGS)}", "timestep_spacing", ", ".join(TIMESTEP_SPACINGS))
-        for flag in ("lpw",):
-            if not isinstance(p[flag], bool):
-                raise InvalidValueError(f"{flag} must be true or false, not {p[flag]!r}", flag, "true, false")
-        if p["vae_tiling"] is not None and not isinstance(p["vae_tiling"], bool):
-            raise InvalidValueError(f"vae_tiling must be true, false or null (automatic), not {p['vae_tiling']!r}",
-                                    "vae_tiling", "true, false, null")
-        if p["scheduler"] is not None and not isinstance(p["scheduler"], str):
-            raise InvalidValueError(f"scheduler must be a name, not {p['scheduler']!r}", "scheduler",
-                                    "a name from list_schedulers()")
+        """Type and range of every parameter that is not an image, as the spec declares them; what
+        relates parameters to each other (strength and steps, one scale per ControlNet) is the
+        subclasses' ``_setup_inputs``."""
+        for param in self.SPEC:
+            if not param.image and param.name in p:
+                p[param.name] = param.check(p[param.name])
 
     def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
         """Subclass hook: validate and preprocess pipe-specific parameters and images."""
@@ -247,13 +231,13 @@ class BasePipe:
             return gen, None
         seed = inputs.get("seed")
         if seed is None:
-            seed = int(torch.randint(0, 2**32 - 1, (1,)).item())
+            seed = int(torch.randint(0, specs.DRAWN_SEED_MAX, (1,)).item())
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
         for s in seeds:
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < 2**64:
-                raise InvalidValueError(f"seed must be a non-negative integer (or a list of them), not {s!r}",
-                                        "seed", "integers from 0 to 2**64-1")
-        seeds = [int(s) for s in seeds]
+            if not isinstance(s, numbers.Integral):  # 7.0 is no seed here, though the spec takes it as 7
+                raise InvalidValueError(f"seed must be {specs.SEEDS.allowed()}, not {s!r}", "seed",
+                                        specs.SEEDS.allowed())
+        seeds = [specs.SEEDS.check(s, "seed") for s in seeds]
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         return (gens if isinstance(seed, (list, tuple)) else gens[0]), seeds
 
@@ -287,7 +271,7 @@ class BasePipe:
             return padded(w) * padded(h) > VAE_TILING_PIXELS
         return bool(flag)
 
-    def gen(self, inputs: dict[str, Any]) -> list[Image.Image]:
+    def gen(self, inputs: dict[str, Any]) -> ImageList:
         """Generate images.
 
         Args:
@@ -296,7 +280,8 @@ class BasePipe:
                 step and ``cancel()`` checked before every step end (True raises ``Cancelled``).
 
         Returns:
-            A list of PIL images (one per seed).
+            A list of PIL images (one per seed); a list of one image also stands for that image
+            (``pipe.gen(...).save(path)`` works, as in metafusion).
 
         Raises:
             Cancelled: ``cancel()`` returned True; nothing is returned.
@@ -329,7 +314,7 @@ class BasePipe:
                                  inputs.get("seed"), (list, tuple)) else seeds[0])}
         with torch.inference_mode():
             images = self.pipe(**kwargs).images
-        return self._postprocess(images)
+        return ImageList(self._postprocess(images))
 
     def _seed_noise_sampler(self, generator: Any) -> None:
         """SDE schedulers (DPM++ SDE) draw their Brownian noise from their own seed, by default a

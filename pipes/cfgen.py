@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Union
 
 from .errors import InvalidValueError
+from .spec import DRAWN_SEED_MAX, SEEDS
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +38,9 @@ logger = logging.getLogger(__name__)
 #: ``{"w": ..., "p": ...}`` optional item.
 Grammar = Union[str, list, dict]
 
-#: Seeds are drawn from [0, MAX_SEED]: the range a ``torch.Generator`` seed and a JSON
-#: number both hold exactly.
-MAX_SEED = 2**32 - 1
+#: Seeds are drawn from [0, MAX_SEED] (the spec's range for drawn seeds); given ones may use the
+#: spec's whole seed range.
+MAX_SEED = DRAWN_SEED_MAX
 
 CONCAT_MARK = "+"
 ALLOWED_SHAPES = (
@@ -238,13 +239,13 @@ class Cfgen:
 def _check_seeds(seeds: Sequence[int] | None) -> list[int] | None:
     if seeds is None:
         return None
-    allowed = f"a list of integers from 0 to {MAX_SEED}"
+    allowed = f"a list of integers from {SEEDS.minimum} to 2**64-1"
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
         raise InvalidValueError(f"Invalid value for 'seeds': {seeds!r}. Allowed: {allowed}.",
                                 param="seeds", allowed=allowed)
     out = []
     for i, s in enumerate(seeds):
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+        if isinstance(s, bool) or not isinstance(s, int) or not SEEDS.minimum <= s <= SEEDS.maximum:
             raise InvalidValueError(f"Invalid value for 'seeds': seeds[{i}] is {s!r}. Allowed: {allowed}.",
                                     param="seeds", allowed=allowed)
         out.append(int(s))

@@ -26,8 +26,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import cv2
@@ -40,15 +43,9 @@ from .errors import (InvalidValueError, MaskSizeError, MissingConditionModelErro
 
 logger = logging.getLogger(__name__)
 
-CONDITION_TYPES: tuple[str, ...] = ("canny", "soft-sobel", "soft", "ip2p", "inpaint", "qr", "depth", "pose")
-#: Condition types computed with no model.
-MODEL_FREE_TYPES: tuple[str, ...] = ("canny", "soft-sobel", "soft", "ip2p", "inpaint", "qr")
-#: Condition types that need a model (``condition_models`` in models.yaml).
-MODEL_TYPES: tuple[str, ...] = ("depth", "pose")
-
-#: Options make_condition accepts (each type reads its own and ignores the others', so one
-#: set of options can serve several condition types).
-OPTIONS: tuple[str, ...] = ("low", "high", "ksize", "sigma", "mask", "cutoff", "model", "models")
+# The condition types are the table ``CONDITIONS`` at the end of this module (each type's
+# function, the options it reads with their defaults, whether it needs a model);
+# ``CONDITION_TYPES``, ``MODEL_FREE_TYPES``, ``MODEL_TYPES`` and ``OPTIONS`` are derived from it.
 _OPTION_ALIASES = {"low_threshold": "low", "high_threshold": "high"}
 
 _model_cache: dict[str, Callable[[Image.Image], Any]] = {}
@@ -76,24 +73,13 @@ def make_condition(ctype: str, image: Any, **opts: Any) -> Image.Image:
         MissingConditionModelError: depth or pose without a model.
     """
     opts = _check_opts(opts)
-    if ctype not in CONDITION_TYPES:
+    spec = CONDITIONS.get(ctype)
+    if spec is None:
         allowed = ", ".join(CONDITION_TYPES)
         raise InvalidValueError(f"Unknown condition type {ctype!r} (parameter 'ctypes'). Allowed: {allowed}.",
                                 param="ctypes", allowed=allowed)
-    if ctype == "inpaint":
-        return _inpaint(image, opts.get("mask"))
-    rgb = to_rgb(image)
-    if ctype == "canny":
-        return _canny(rgb, opts.get("low", 100), opts.get("high", 200))
-    if ctype == "soft-sobel":
-        return _soft_sobel(rgb, opts.get("ksize", 9))
-    if ctype == "soft":
-        return _soft(rgb, opts.get("sigma", 2.0))
-    if ctype == "ip2p":
-        return rgb.copy()
-    if ctype == "qr":
-        return _qr(rgb, opts.get("cutoff", 0))
-    return _from_model(ctype, rgb, opts)
+    source = to_rgb(image) if spec.rgb_input else image
+    return spec.make(source, **{name: opts.get(name, default) for name, default in spec.options.items()})
 
 
 def _check_opts(opts: dict[str, Any]) -> dict[str, Any]:
@@ -266,9 +252,9 @@ def inpaint_control_tensor(image: Any, mask: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None]
 
 
-def _from_model(ctype: str, rgb: Image.Image, opts: dict[str, Any]) -> Image.Image:
-    model = opts.get("model")
-    models = opts.get("models") or {}
+def _from_model(ctype: str, rgb: Image.Image, model: Any = None, models: Any = None) -> Image.Image:
+    """The condition of a model-based type: ``model``, else ``models[ctype]``, run on the image."""
+    models = models or {}
     if model is None and isinstance(models, dict):
         model = models.get(ctype)
     if model is None:
@@ -280,8 +266,8 @@ def _from_model(ctype: str, rgb: Image.Image, opts: dict[str, Any]) -> Image.Ima
             param="ctypes", allowed=", ".join(MODEL_FREE_TYPES))
     estimator = _resolve_model(ctype, model)
     result = estimator(rgb)
-    if isinstance(result, dict) and ctype == "depth" and "depth" in result:
-        result = result["depth"]  # a transformers pipeline's output
+    if isinstance(result, dict) and ctype in result:
+        result = result[ctype]  # a transformers pipeline's output: {"predicted_depth", "depth"}
     out = _result_to_image(result, ctype)
     return out if out.size == rgb.size else out.resize(rgb.size, Image.BICUBIC)
 
@@ -290,13 +276,15 @@ def _resolve_model(ctype: str, model: Any) -> Callable[[Image.Image], Any]:
     if callable(model):
         return model
     if isinstance(model, (str, os.PathLike)):
-        if ctype != "depth":
+        load = CONDITIONS[ctype].load_model
+        if load is None:
+            loadable = ", ".join(n for n, s in CONDITIONS.items() if s.load_model is not None)
             raise InvalidValueError(
-                f"condition_models entry for {ctype!r} is a path ({str(model)!r}); only depth models can be "
-                f"loaded from a path (transformers depth-estimation). For {ctype}, pass a callable "
-                f"(e.g. an OpenPose detector) in models={{{ctype!r}: callable}}.",
-                param="condition_models", allowed="a callable, or a depth-model path for depth")
-        return _load_depth_model(Path(model))
+                f"condition_models entry for {ctype!r} is a path ({str(model)!r}); only {loadable} models can be "
+                f"loaded from a path. For {ctype}, pass a callable (e.g. an OpenPose detector) in "
+                f"models={{{ctype!r}: callable}}.",
+                param="condition_models", allowed=f"a callable, or a model path for {loadable}")
+        return load(Path(model))
     raise InvalidValueError(f"condition model for {ctype!r} must be a callable or a path, not "
                             f"{type(model).__name__}.", param="condition_models",
                             allowed="a callable or a local model path")
@@ -333,3 +321,60 @@ def _result_to_image(result: Any, ctype: str) -> Image.Image:
     raise InvalidValueError(f"the {ctype} model returned {type(result).__name__}; allowed: a PIL image, "
                             "a numpy array or a tensor.", param="condition_models",
                             allowed="callable returning an image")
+
+
+def _ip2p(rgb: Image.Image) -> Image.Image:
+    return rgb.copy()
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """One condition type.
+
+    Attributes:
+        name: the ``ctypes`` value.
+        make: ``make(image, **options) -> RGB image``; ``image`` is RGB when ``rgb_input``, else
+            the input as given (inpaint reads an RGBA input's alpha).
+        options: the options it reads, with their defaults.
+        needs_model: it runs a model given in ``condition_models`` / ``models=``.
+        rgb_input: ``make`` gets the input converted to RGB.
+        load_model: loads its model from a local path (None: only callables are accepted).
+    """
+
+    name: str
+    make: Callable[..., Image.Image]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    needs_model: bool = False
+    rgb_input: bool = True
+    load_model: Callable[[Path], Callable[[Image.Image], Any]] | None = None
+
+
+_MODEL_OPTIONS = {"model": None, "models": None}
+
+#: every condition type, in the order the docs and error messages list them
+CONDITIONS: Mapping[str, ConditionSpec] = MappingProxyType({spec.name: spec for spec in (
+    ConditionSpec("canny", _canny, {"low": 100, "high": 200}),
+    ConditionSpec("soft-sobel", _soft_sobel, {"ksize": 9}),
+    ConditionSpec("soft", _soft, {"sigma": 2.0}),
+    ConditionSpec("ip2p", _ip2p),
+    ConditionSpec("inpaint", _inpaint, {"mask": None}, rgb_input=False),
+    ConditionSpec("qr", _qr, {"cutoff": 0}),
+    ConditionSpec("depth", partial(_from_model, "depth"), _MODEL_OPTIONS, needs_model=True,
+                  load_model=_load_depth_model),
+    ConditionSpec("pose", partial(_from_model, "pose"), _MODEL_OPTIONS, needs_model=True),
+)})
+
+CONDITION_TYPES: tuple[str, ...] = tuple(CONDITIONS)
+#: Condition types computed with no model.
+MODEL_FREE_TYPES: tuple[str, ...] = tuple(n for n, spec in CONDITIONS.items() if not spec.needs_model)
+#: Condition types that need a model (``condition_models`` in models.yaml).
+MODEL_TYPES: tuple[str, ...] = tuple(n for n, spec in CONDITIONS.items() if spec.needs_model)
+#: Options make_condition accepts (each type reads its own and ignores the others', so one
+#: set of options can serve several condition types).
+OPTIONS: tuple[str, ...] = tuple(dict.fromkeys(o for spec in CONDITIONS.values() for o in spec.options))
+
+
+def reads_option(ctype: str, option: str) -> bool:
+    """True when condition type ``ctype`` reads ``option`` (e.g. whether it needs a ``mask``)."""
+    spec = CONDITIONS.get(ctype)
+    return spec is not None and option in spec.options

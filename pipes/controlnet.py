@@ -3,7 +3,9 @@ computed from an input image).
 
 ControlNets are given to the constructor as paths or loaded ``ControlNetModel`` objects; the
 base weights stay shared (``from_pipe``). Several ControlNets run at once
-(``MultiControlNetModel``), each with its own condition image and scale.
+(``MultiControlNetModel``), each with its own condition image and scale. Given none, a pipe
+takes the ControlNet of each condition type from metafusion's default folders
+(``./models-cn/<name>`` for SD, ``./models-cn-xl/<name>`` for SDXL; see ``controlnet_folders``).
 """
 from __future__ import annotations
 
@@ -14,20 +16,19 @@ from typing import Any
 
 from PIL import Image
 
-from .base import COMMON_PARAMS, BasePipe, _number, quiet_diffusers
+from . import spec as specs
+from .base import BasePipe, quiet_diffusers
+from .controlnet_folders import default_controlnet_path
 from .errors import InvalidValueError, MissingImageError, ModelTypeMismatchError, PipeError
+from .families import Family, Role, family_of_controlnet
 from .images import check_image_size, check_same_size, load_image, load_mask, pad_image
-from .im2im import Im2ImPipe, _source
+from .im2im import Im2ImPipe, source_name
 from .loading import ModelType
 
 logger = logging.getLogger(__name__)
 
-CONTROL_PARAMS = ("cscales", "guess_mode", "control_guidance_start", "control_guidance_end")
-#: default conditioning scale per condition type (metafusion's SD defaults)
-DEFAULT_CSCALES = {"canny": 0.75, "pose": 1.0, "ip2p": 0.5, "soft-sobel": 0.3, "soft": 0.95, "scribble": 0.95,
-                   "depth": 0.5, "inpaint": 1.0, "qr": 1.5}
-DEFAULT_CSCALES_XL = {"canny": 0.75, "pose": 1.0, "ip2p": 0.5, "soft-sobel": 0.3, "soft": 0.95,
-                      "scribble": 0.95, "depth": 0.5, "inpaint": 1.0, "qr": 0.5}
+#: the ControlNet parameters both pipes take (declared in spec.py)
+CONTROL_PARAMS: tuple[str, ...] = tuple(p.name for p in specs.CONTROL)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -38,7 +39,22 @@ class _ControlMixin:
     """ControlNet loading and the control parameters shared by both ControlNet pipes."""
 
     model_type: ModelType
+    family: Family
     base: Any
+    #: ControlNets loaded from metafusion's default folders, by folder (soft and soft-sobel share one)
+    _default_nets: dict[str, Any]
+
+    def _default_controlnet(self, ctype: str) -> Any:
+        """The ControlNet of ``ctype`` from metafusion's ``./models-cn/`` (SD) or ``./models-cn-xl/`` (SDXL).
+
+        Raises:
+            MissingConditionModelError: no such folder; the message names it and how to configure one.
+        """
+        path = default_controlnet_path(self.family, ctype, type(self).__name__)
+        key = str(path.absolute())
+        if key not in self._default_nets:
+            self._default_nets[key] = self._load_controlnet(path)
+        return self._default_nets[key]
 
     def _load_controlnet(self, spec: Any, param: str = "controlnets") -> Any:
         from diffusers import ControlNetModel
@@ -55,10 +71,10 @@ class _ControlMixin:
         if not hasattr(net, "config") or "conditioning_embedding_out_channels" not in net.config:
             raise InvalidValueError(f"{param} entry {spec!r} is not a ControlNet", param,
                                     "ControlNet folder paths or ControlNetModel objects")
-        is_xl = net.config.get("addition_embed_type") == "text_time"
-        want_xl = self.model_type == ModelType.SDXL
-        if is_xl != want_xl or net.config.get("cross_attention_dim") != self.base.unet.config.cross_attention_dim:
-            found = "SDXL" if is_xl else "SD"
+        net_family = family_of_controlnet(net.config)
+        if net_family is not self.family or \
+                net.config.get("cross_attention_dim") != self.base.unet.config.cross_attention_dim:
+            found = net_family.name if net_family is not None else "unknown"
             raise ModelTypeMismatchError(f"{param} entry {getattr(net, '_multigen_path', spec)} is a {found} "
                                          f"ControlNet of another shape than the {self.model_type.value} base "
                                          f"model; allowed: {self.model_type.value} ControlNets of this model",
@@ -74,7 +90,8 @@ class _ControlMixin:
         if len(scales) != count:
             raise InvalidValueError(f"cscales has {len(scales)} values for {count} ControlNets; allowed: one "
                                     f"number per ControlNet", "cscales", f"{count} numbers")
-        merged["cscales"] = [_number(s, "cscales", 0.0, 10.0) for s in scales]
+        # given scales were checked with the other parameters (_validate_common); defaults are checked here
+        merged["cscales"] = specs.CSCALES.check(list(scales))
         merged["guess_mode"] = bool(merged.get("guess_mode", False))
         for name, default in (("control_guidance_start", 0.0), ("control_guidance_end", 1.0)):
             values = _as_list(merged.get(name, default))
@@ -83,7 +100,7 @@ class _ControlMixin:
             if len(values) != count:
                 raise InvalidValueError(f"{name} has {len(values)} values for {count} ControlNets; allowed: one "
                                         f"number, or one per ControlNet", name, f"1 or {count} numbers")
-            merged[name] = [_number(v, name, 0.0, 1.0) for v in values]
+            merged[name] = [float(v) for v in values]  # checked with the other parameters
         for start, end in zip(merged["control_guidance_start"], merged["control_guidance_end"]):
             if start >= end:
                 raise InvalidValueError(f"control_guidance_start {start} must be below control_guidance_end {end}",
@@ -122,7 +139,8 @@ class Cond2ImPipe(_ControlMixin, BasePipe):
     Args (constructor, besides ``BasePipe``'s): ``controlnets``: a path or ``ControlNetModel``,
     a list of them, or a dict ``{ctype: path}`` chosen from by ``ctypes``; ``ctypes``
     (optional): what each condition image is (sets the default ``cscales``, recorded in the
-    config).
+    config). With ``ctypes`` and no ``controlnets``, each type's ControlNet comes from
+    metafusion's default folders (``./models-cn/``, ``./models-cn-xl/``).
 
     Setup parameters: ``image`` (the condition image, or a list, one per ControlNet), ``cscales``
     (conditioning scale, one per ControlNet, default 1), ``guess_mode``,
@@ -130,19 +148,21 @@ class Cond2ImPipe(_ControlMixin, BasePipe):
     common ones; ``width``/``height`` default to the first condition image's size.
     """
 
-    PARAMS = COMMON_PARAMS + ("image",) + CONTROL_PARAMS
-    ALIASES = {"fimage": "image"}
-    SD_CLASS = "StableDiffusionControlNetPipeline"
-    SDXL_CLASS = "StableDiffusionXLControlNetPipeline"
-    DEFAULTS = {"image": None, "cscales": None, "guess_mode": False, "control_guidance_start": 0.0,
-                "control_guidance_end": 1.0}
+    SPEC = specs.COND2IM
+    ROLE = Role.CONTROLNET
 
     def _init_extra(self, controlnets: Any = None, ctypes: Any = None, condition_models: Any = None) -> None:
         # condition_models is accepted for a uniform constructor and unused: the conditions are given
-        if not controlnets:
-            raise InvalidValueError(f"{type(self).__name__} needs controlnets: a ControlNet path or a list",
-                                    "controlnets", "ControlNet folder paths or ControlNetModel objects")
+        self._default_nets = {}
         self.ctypes = CIm2ImPipe._check_ctypes(ctypes) if ctypes else None
+        if not controlnets:
+            if not self.ctypes:
+                raise InvalidValueError(f"{type(self).__name__} needs controlnets (a ControlNet path, a list, or a "
+                                        "dict {ctype: path}) or ctypes (to use metafusion's default folders "
+                                        "./models-cn/, ./models-cn-xl/)", "controlnets",
+                                        "ControlNet folder paths or ControlNetModel objects, or ctypes")
+            self.controlnets = [self._default_controlnet(c) for c in self.ctypes]
+            return
         if isinstance(controlnets, dict):
             if not self.ctypes:
                 raise InvalidValueError("controlnets given as {ctype: path} need ctypes to choose from them",
@@ -181,9 +201,9 @@ class Cond2ImPipe(_ControlMixin, BasePipe):
             check_image_size(c, "image")
         self._conditions = resized
         self._padded_conditions = [pad_image(c) for c in resized]
-        table = DEFAULT_CSCALES_XL if self.model_type == ModelType.SDXL else DEFAULT_CSCALES
-        self._controlnet_kwargs(merged, n, [table.get(c, 1.0) for c in self.ctypes] if self.ctypes else [1.0] * n)
-        self._sources = {"image": [_source(s) for s in sources]}
+        self._controlnet_kwargs(merged, n, [self.family.default_cscale(c) for c in self.ctypes] if self.ctypes
+                                else [1.0] * n)
+        self._sources = {"image": [source_name(s) for s in sources]}
 
     def _extra_config(self) -> dict[str, Any]:
         return {"controlnets": self._controlnet_names(),
@@ -197,8 +217,11 @@ class CIm2ImPipe(_ControlMixin, Im2ImPipe):
     Args (constructor, besides ``BasePipe``'s): ``ctypes``: condition types (canny,
     soft-sobel, soft, ip2p, inpaint, qr need no model; depth and pose need
     ``condition_models``); ``controlnets``: one ControlNet per condition type, as a list in
-    the order of ``ctypes`` or a dict ``{ctype: path or model}``; ``condition_models``:
-    ``{ctype: path}`` of the models of model-based conditions.
+    the order of ``ctypes`` or a dict ``{ctype: path or model}``; without it, each type's
+    ControlNet comes from metafusion's default folders (``./models-cn/<name>`` for SD,
+    ``./models-cn-xl/<name>`` for SDXL), loaded when ``ctypes`` are known (the constructor's,
+    else at ``setup``); ``condition_models``: ``{ctype: path}`` of the models of model-based
+    conditions.
 
     Setup parameters: ``image`` (input), ``ctypes`` (overrides the constructor's), ``strength``,
     ``scale``, ``cscales`` (default per type), ``guess_mode``, ``control_guidance_start``/``end``
@@ -207,27 +230,30 @@ class CIm2ImPipe(_ControlMixin, Im2ImPipe):
 
     _condition_arg = "control_image"
 
-    PARAMS = COMMON_PARAMS + ("image", "strength", "scale", "ctypes", "mask") + CONTROL_PARAMS
-    ALIASES = {"fimage": "image"}
-    SD_CLASS = "StableDiffusionControlNetImg2ImgPipeline"
-    SDXL_CLASS = "StableDiffusionXLControlNetImg2ImgPipeline"
-    DEFAULTS = {"strength": 0.75, "scale": None, "image": None, "ctypes": None, "cscales": None, "mask": None,
-                "guess_mode": False, "control_guidance_start": 0.0, "control_guidance_end": 1.0}
+    SPEC = specs.CIM2IM
+    ROLE = Role.CONTROLNET_IMAGE2IMAGE
 
     def _init_extra(self, controlnets: Any = None, ctypes: Any = None, condition_models: Any = None) -> None:
         self.condition_models = dict(condition_models or {})
-        self.ctypes = self._check_ctypes(ctypes if ctypes is not None else ["soft"])
-        if not controlnets:
-            raise InvalidValueError("CIm2ImPipe needs controlnets: one per condition type (a list in the order "
-                                    "of ctypes, or a dict {ctype: path})", "controlnets",
-                                    "a list or {ctype: path} dict")
-        if isinstance(controlnets, dict):
+        self._default_nets = {}
+        self._net_by_type: dict[str, Any] | None = None
+        self._net_list: list[Any] | None = None
+        if controlnets and isinstance(controlnets, dict):
             self._net_by_type = {k: self._load_controlnet(v) for k, v in controlnets.items()}
-            self._net_list = None
-        else:
+        elif controlnets:
             self._net_list = [self._load_controlnet(c) for c in _as_list(controlnets)]
-            self._net_by_type = None
-        self.controlnets = self._nets_for(self.ctypes)
+        self.ctypes = self._check_ctypes(ctypes if ctypes is not None else self._default_ctypes())
+        # no ctypes given and no ControlNet at hand for the default ones (metafusion's folders, or a dict
+        # without them): setup's ctypes choose; until then the pipe holds the model's image-to-image pipeline
+        deferred = ctypes is None and self._net_list is None and (
+            self._net_by_type is None or any(c not in self._net_by_type for c in self.ctypes))
+        self.controlnets = [] if deferred else self._nets_for(self.ctypes)
+
+    def _default_ctypes(self) -> list[str]:
+        """metafusion's default ``["soft"]``, or the only condition type of a one-entry ``{ctype: path}``."""
+        if self._net_by_type is not None and len(self._net_by_type) == 1 and "soft" not in self._net_by_type:
+            return list(self._net_by_type)
+        return ["soft"]
 
     @staticmethod
     def _check_ctypes(ctypes: Any) -> list[str]:
@@ -243,6 +269,8 @@ class CIm2ImPipe(_ControlMixin, Im2ImPipe):
         return [str(c) for c in values]
 
     def _nets_for(self, ctypes: list[str]) -> list[Any]:
+        if self._net_by_type is None and self._net_list is None:  # no controlnets given: metafusion's folders
+            return [self._default_controlnet(c) for c in ctypes]
         if self._net_by_type is not None:
             missing = [c for c in ctypes if c not in self._net_by_type]
             if missing:
@@ -257,6 +285,8 @@ class CIm2ImPipe(_ControlMixin, Im2ImPipe):
 
     def _build_pipeline(self, base: Any, scheduler: Any, **extra: Any) -> Any:
         nets = self.controlnets
+        if not nets:  # ControlNets chosen by setup's ctypes: the same weights without one until then
+            return BasePipe._build_pipeline(self, base, scheduler, role=Role.IMAGE2IMAGE, **extra)
         return BasePipe._build_pipeline(self, base, scheduler,
                                         controlnet=nets[0] if len(nets) == 1 else list(nets), **extra)
 
@@ -276,13 +306,14 @@ class CIm2ImPipe(_ControlMixin, Im2ImPipe):
             self._cond_mask = self._cond_mask.resize(self._input_image.size, Image.NEAREST)
         self._conditions = [self._condition(c, self._input_image) for c in ctypes]
         self._padded_conditions = [pad_image(c) for c in self._conditions]
-        table = DEFAULT_CSCALES_XL if self.model_type == ModelType.SDXL else DEFAULT_CSCALES
-        self._controlnet_kwargs(merged, len(ctypes), [table.get(c, 1.0) for c in ctypes])
+        self._controlnet_kwargs(merged, len(ctypes), [self.family.default_cscale(c) for c in ctypes])
 
     @staticmethod
     def _inpaint_mask(given: dict[str, Any], ctypes: list[str]) -> Image.Image | None:
         """The mask of the inpaint condition: ``mask``, else the transparent pixels of an RGBA input."""
-        if "inpaint" not in ctypes:
+        from .conditions import reads_option
+
+        if not any(reads_option(c, "mask") for c in ctypes):
             return None
         if given.get("mask") is not None:
             mask = load_mask(given["mask"], "mask")
@@ -299,10 +330,8 @@ class CIm2ImPipe(_ControlMixin, Im2ImPipe):
     def _condition(self, ctype: str, image: Image.Image) -> Image.Image:
         from .conditions import make_condition
 
-        opts: dict[str, Any] = {"models": self.condition_models}
-        if ctype == "inpaint":
-            opts["mask"] = self._cond_mask
-        cond = make_condition(ctype, image, **opts)
+        # each condition type reads its own options and ignores the others'
+        cond = make_condition(ctype, image, models=self.condition_models, mask=self._cond_mask)
         cond = cond.convert("RGB") if cond.mode != "RGB" else cond
         return cond if cond.size == image.size else cond.resize(image.size, Image.LANCZOS)
 

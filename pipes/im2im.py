@@ -13,17 +13,20 @@ from typing import Any
 
 from PIL import Image
 
-from .base import COMMON_PARAMS, BasePipe, _number
+from . import spec as specs
+from .base import BasePipe
 from .errors import InvalidValueError, MissingImageError
+from .families import Role
 from .images import (blur_mask, check_image_size, check_same_size, composite, crop, load_image, load_mask,
                      mask_from_difference, pad_image, padded, scale_image)
 
 logger = logging.getLogger(__name__)
 
-MAX_BLUR = 256
+#: the spec's bound, for readers of the old name
+MAX_BLUR = specs.BLUR.maximum
 
 
-def _source(value: Any) -> str | None:
+def source_name(value: Any) -> str | None:
     """What get_config records for an image parameter: the path, or None for an in-memory image."""
     return str(value) if isinstance(value, (str, os.PathLike)) else None
 
@@ -37,11 +40,8 @@ class Im2ImPipe(BasePipe):
     otherwise the output has the (scaled) input's size.
     """
 
-    PARAMS = COMMON_PARAMS + ("image", "strength", "scale")
-    ALIASES = {"fimage": "image"}
-    SD_CLASS = "StableDiffusionImg2ImgPipeline"
-    SDXL_CLASS = "StableDiffusionXLImg2ImgPipeline"
-    DEFAULTS = {"strength": 0.75, "scale": None, "image": None}
+    SPEC = specs.IM2IM
+    ROLE = Role.IMAGE2IMAGE
 
     def _sized(self, image: Image.Image, merged: dict[str, Any], given: dict[str, Any], param: str) -> Image.Image:
         image = scale_image(image, merged.get("scale"))
@@ -54,7 +54,7 @@ class Im2ImPipe(BasePipe):
         return image
 
     def _check_strength(self, merged: dict[str, Any]) -> None:
-        merged["strength"] = _number(merged["strength"], "strength", 0.0, 1.0)
+        # its range is checked with the others (_validate_common); here what it does with steps
         if int(merged["steps"] * merged["strength"]) < 1:
             low = 1.0 / merged["steps"]
             raise InvalidValueError(f"strength {merged['strength']} with steps {merged['steps']} runs no step; "
@@ -68,7 +68,7 @@ class Im2ImPipe(BasePipe):
         merged["width"], merged["height"] = image.size
         self._input_image = image
         self._padded_input = pad_image(image)
-        self._sources = {"image": _source(source)}
+        self._sources = {"image": source_name(source)}
 
     def _call_kwargs(self) -> dict[str, Any]:
         return {"image": self._padded_input, "strength": self.params["strength"]}
@@ -92,18 +92,11 @@ class MaskedIm2ImPipe(Im2ImPipe):
     it are exactly the original's.
     """
 
-    PARAMS = COMMON_PARAMS + ("image", "image_painted", "mask", "blur", "blur_compose", "strength", "scale")
-    ALIASES = {"fimage": "image", "original_image": "image"}
-    SD_CLASS = "StableDiffusionInpaintPipeline"
-    SDXL_CLASS = "StableDiffusionXLInpaintPipeline"
-    DEFAULTS = {"strength": 0.75, "scale": None, "image": None, "image_painted": None, "mask": None,
-                "blur": 4, "blur_compose": 4}
+    SPEC = specs.MASKED_IM2IM
+    ROLE = Role.INPAINT
 
     def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
         self._check_strength(merged)
-        for name in ("blur", "blur_compose"):
-            if name in merged:
-                merged[name] = _number(merged[name], name, 0, MAX_BLUR)
         source = given.get("image")
         original = load_image(source, "image")
         painted_src, mask_src = given.get("image_painted"), given.get("mask")
@@ -128,8 +121,8 @@ class MaskedIm2ImPipe(Im2ImPipe):
         self._denoise_mask = pad_image(blur_mask(mask, merged.get("blur", 0)))
         self._compose_mask = blur_mask(mask, merged.get("blur_compose", merged.get("blur", 0)))
         self._padded_input = pad_image(painted if painted is not None else original)
-        self._sources = {"image": _source(source), "image_painted": _source(painted_src),
-                         "mask": _source(mask_src)}
+        self._sources = {"image": source_name(source), "image_painted": source_name(painted_src),
+                         "mask": source_name(mask_src)}
 
     def _call_kwargs(self) -> dict[str, Any]:
         w, h = self._padded_input.size
@@ -155,9 +148,7 @@ class InpaintingPipe(MaskedIm2ImPipe):
     composited onto the original, so unmasked pixels are unchanged.
     """
 
-    PARAMS = COMMON_PARAMS + ("image", "mask", "blur", "strength", "scale")
-    ALIASES = {"fimage": "image", "mask_image": "mask"}
-    DEFAULTS = {"strength": 1.0, "scale": None, "image": None, "mask": None, "blur": 4}
+    SPEC = specs.INPAINTING
 
     def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
         if given.get("mask") is None:

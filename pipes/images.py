@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from . import spec as specs
 from .errors import InvalidValueError, MaskSizeError, MissingImageError, SizeError
 
 logger = logging.getLogger(__name__)
 
-#: smallest and largest side in pixels a pipe accepts (after scaling)
-MIN_SIDE = 64
-MAX_SIDE = 4096
+#: smallest and largest side in pixels a pipe accepts (after scaling): the spec's width range
+MIN_SIDE = specs.WIDTH.minimum
+MAX_SIDE = specs.WIDTH.maximum
 #: sizes are padded up to a multiple of this (the VAE factor) and cropped back
 MULTIPLE = 8
 
@@ -104,21 +105,16 @@ def load_mask(value: Any, param: str = "mask") -> Image.Image:
 
 
 def check_side(value: Any, param: str) -> int:
-    """An int side length within [MIN_SIDE, MAX_SIDE].
+    """An int side length within [MIN_SIDE, MAX_SIDE] (the spec's width range).
 
     Raises:
         InvalidValueError: not an integer.
         SizeError: out of range.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
-            isinstance(value, float) and value.is_integer()):
-        raise InvalidValueError(f"{param} must be an integer number of pixels, not {value!r}", param,
-                                f"integers from {MIN_SIDE} to {MAX_SIDE}")
-    v = int(value)
-    if not MIN_SIDE <= v <= MAX_SIDE:
-        raise SizeError(f"{param} {v} is out of range; allowed: {MIN_SIDE} to {MAX_SIDE} pixels", param,
-                        f"{MIN_SIDE} to {MAX_SIDE}")
-    return v
+    side = specs.WIDTH.check(value, param)
+    if side is None:  # the spec's width may be left out (the model's size); a side may not
+        raise InvalidValueError(f"{param} must be {specs.WIDTH.allowed()}, not None", param, specs.WIDTH.range_text())
+    return side
 
 
 def padded(side: int) -> int:
@@ -154,6 +150,7 @@ def scale_image(image: Image.Image, scale: Any, param: str = "scale") -> Image.I
     if isinstance(scale, (list, tuple)) and len(scale) == 2:
         size = (check_side(scale[0], "scale[0]"), check_side(scale[1], "scale[1]"))
     elif isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf:
+        scale = specs.SCALE.check(scale)
         size = (round(image.size[0] * scale), round(image.size[1] * scale))
         for side, name in zip(size, ("width", "height")):
             if not MIN_SIDE <= side <= MAX_SIDE:

@@ -5,16 +5,15 @@ their own pipelines from it with ``from_pipe`` so weights are shared.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import InvalidValueError, ModelTypeMismatchError, PipeError
+from .families import ModelType, Role, family, family_of_checkpoint, family_of_folder, family_of_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -25,30 +24,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16,
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-class ModelType(str, Enum):
-    """Model family of a base checkpoint (room for ``FLUX`` later)."""
-
-    SD = "SD"
-    SDXL = "SDXL"
-
-    @classmethod
-    def parse(cls, value: "ModelType | str | None") -> "ModelType | None":
-        """Turn ``"SD"``/``"sdxl"``/a ``ModelType``/None into a ``ModelType`` or None.
-
-        Raises:
-            InvalidValueError: the name is not a known model type.
-        """
-        if value is None or isinstance(value, ModelType):
-            return value
-        name = str(value).upper().replace("MODELTYPE.", "")
-        try:
-            return cls(name)
-        except ValueError:
-            raise InvalidValueError(f"model_type {value!r} is not known; allowed: "
-                                    f"{', '.join(m.value for m in cls)}", "model_type",
-                                    ", ".join(m.value for m in cls)) from None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -106,61 +81,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def detect_folder_type(folder: Path) -> ModelType:
-    """Model type of a diffusers folder, from its UNet config (SDXL has text_time embeddings)."""
-    unet_cfg = _read_json(folder / "unet" / "config.json")
-    if not unet_cfg:
-        if (folder / "transformer").is_dir():
-            raise InvalidValueError(f"{folder} holds a transformer (Flux-like) model, which is not supported "
-                                    "yet; allowed: SD, SDXL", "model_type", "SD, SDXL")
-        raise PipeError(f"model {folder} is not a diffusers folder with a unet/config.json", "model_id")
-    if unet_cfg.get("addition_embed_type") == "text_time" or (folder / "text_encoder_2").is_dir():
-        return ModelType.SDXL
-    return ModelType.SD
+    """Model type of a diffusers folder (see ``families.family_of_folder``)."""
+    return family_of_folder(folder).model_type
 
 
 def detect_checkpoint_type(path: Path) -> ModelType:
-    """Model type of a single-file checkpoint, from its tensor names."""
-    keys: list[str]
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-        else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            sd = sd.get("state_dict", sd)
-            keys = [str(k) for k in sd.keys()]
-    except Exception as exc:  # a truncated or corrupt file: SafetensorError, UnpicklingError, EOFError, ...
-        raise PipeError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); allowed: an intact "
-                        ".safetensors or .ckpt file", "model_id") from exc
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return ModelType.SDXL
-    if any(k.startswith(("cond_stage_model.", "model.diffusion_model.")) for k in keys):
-        return ModelType.SD
-    if any(k.startswith(("double_blocks.", "transformer_blocks.")) for k in keys):
-        raise InvalidValueError(f"{path} looks like a Flux checkpoint, not supported yet; allowed: SD, SDXL",
-                                "model_type", "SD, SDXL")
-    raise PipeError(f"cannot tell the model type of {path}: no SD or SDXL tensor names found", "model_id")
+    """Model type of a single-file checkpoint, from its tensor names (see ``families.family_of_checkpoint``)."""
+    return family_of_checkpoint(path).model_type
 
 
 def pipeline_type(pipe: Any) -> ModelType:
     """Model type of a loaded diffusers pipeline (from its components, not its class name)."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise InvalidValueError(f"pipeline {type(pipe).__name__} has no UNet; allowed: SD, SDXL pipelines",
-                                "pipe", "SD, SDXL")
-    if getattr(pipe, "text_encoder_2", None) is not None or unet.config.get("addition_embed_type") == "text_time":
-        return ModelType.SDXL
-    return ModelType.SD
+    return family_of_pipeline(pipe).model_type
 
 
 def check_declared_type(found: ModelType, declared: "ModelType | str | None", where: str) -> ModelType:
@@ -199,24 +132,22 @@ def load_base(path: "str | os.PathLike[str]", model_type: "ModelType | str | Non
         dtype: precision (see ``default_dtype``).
 
     Returns:
-        ``(pipeline, model_type)``: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+        ``(pipeline, model_type)``: the family's text-to-image pipeline (``StableDiffusionPipeline``,
+        ``StableDiffusionXLPipeline``).
 
     Raises:
         ModelTypeMismatchError: ``model_type`` disagrees with the weights.
         PipeError: the path is missing, not a model, or the checkpoint lacks weights.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     p = Path(path).expanduser()
     torch_dtype = default_dtype(device, dtype)
     if not p.exists():
         raise PipeError(f"model_id {str(p)!r} does not exist", "model_id")
     if p.is_dir():
         found = check_declared_type(detect_folder_type(p), model_type, str(p))
-        cls = StableDiffusionXLPipeline if found == ModelType.SDXL else StableDiffusionPipeline
-        pipe = cls.from_pretrained(str(p), dtype=torch_dtype, local_files_only=True,
-                                   safety_checker=None, requires_safety_checker=False) \
-            if found == ModelType.SD else cls.from_pretrained(str(p), dtype=torch_dtype, local_files_only=True)
+        fam = family(found)
+        pipe = fam.pipeline_class(Role.TEXT2IMAGE).from_pretrained(
+            str(p), dtype=torch_dtype, local_files_only=True, **fam.folder_load_kwargs)
     else:
         if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise PipeError(f"model_id {str(p)!r} is neither a diffusers folder nor a checkpoint file; "
@@ -227,9 +158,8 @@ def load_base(path: "str | os.PathLike[str]", model_type: "ModelType | str | Non
             raise PipeError(f"config_dir is needed to load the single-file checkpoint {p} offline: a local "
                             f"diffusers folder with the JSON configs and tokenizers (got {config_dir!r})",
                             "config_dir")
-        cls = StableDiffusionXLPipeline if found == ModelType.SDXL else StableDiffusionPipeline
-        pipe = cls.from_single_file(str(p), config=str(config_dir), dtype=torch_dtype,
-                                    local_files_only=True)
+        pipe = family(found).pipeline_class(Role.TEXT2IMAGE).from_single_file(
+            str(p), config=str(config_dir), dtype=torch_dtype, local_files_only=True)
         _check_no_meta(pipe, p)
     prepare_pipeline(pipe, device)
     logger.info("loaded %s model %s (%s on %s)", found.value, p, dtype_name(torch_dtype), torch.device(device))

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 
+from . import spec as specs
 from .base import BasePipe
+from .families import Role
 
 logger = logging.getLogger(__name__)
 
@@ -22,5 +24,5 @@ class Prompt2ImPipe(BasePipe):
         images = pipe.gen({"prompt": "a lab with exotic flowers", "seed": 42})
     """
 
-    SD_CLASS = "StableDiffusionPipeline"
-    SDXL_CLASS = "StableDiffusionXLPipeline"
+    SPEC = specs.PROMPT2IM
+    ROLE = Role.TEXT2IMAGE

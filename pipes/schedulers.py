@@ -160,6 +160,15 @@ def list_schedulers() -> list[str]:
     return [name for name, spec in _all_specs().items() if not _missing(spec.requires)]
 
 
+def resolve_name(name: Any) -> str:
+    """The registry name ``name`` stands for (case-insensitive; aliases and A1111 display names work).
+
+    Raises:
+        UnknownSchedulerError: an unknown name, or one whose package is not installed (listing the allowed).
+    """
+    return _lookup(name)[0]
+
+
 def _lookup(name: str) -> tuple[str, SchedulerSpec]:
     if not isinstance(name, str) or not name.strip():
         raise _unknown(name)

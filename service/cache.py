@@ -100,8 +100,7 @@ class ModelCache:
         budget_bytes: memory budget per device.
         loader: ``loader(path, model_type=, config_dir=, device=, dtype=) -> (pipeline, model_type)``;
             default ``multigen.pipes.load_base``.
-        pipe_factory: ``pipe_factory(classname) -> class``; default: the class of that name in
-            ``multigen.pipes``.
+        pipe_factory: ``pipe_factory(classname) -> class``; default: the pipes' registry.
     """
 
     def __init__(self, models: dict[str, ModelEntry], budget_bytes: int,
@@ -127,9 +126,9 @@ class ModelCache:
     def _pipe_class(self, classname: str) -> Any:
         if self._pipe_factory is not None:
             return self._pipe_factory(classname)
-        import multigen.pipes
+        from multigen.pipes.registry import pipe_class
 
-        return getattr(multigen.pipes, classname)
+        return pipe_class(classname)
 
     # -- public -------------------------------------------------------------------------
     def get(self, model: str, pipe_class: str, device: str, dtype: Any, **pipe_kwargs: Any) -> Any:

@@ -2,8 +2,10 @@
 
 metafusion's keys (``model_list``, ``model_dir``, ``logging_folder``; ``base``,
 ``lora``, ``pipes``) are read as they are; paths are relative to the file that
-names them. Every problem is a :class:`ConfigError` naming the file, the key and
-the fix, raised at start-up rather than at the first job.
+names them, and a folder a config leaves out is beside it (``FOLDER_DEFAULTS``): a
+metafusion config with only its three keys keeps ``data/`` and ``outputs/`` in its own
+folder. Every problem is a :class:`ConfigError` naming the file, the key and the fix,
+raised at start-up rather than at the first job.
 """
 from __future__ import annotations
 
@@ -17,19 +19,25 @@ from typing import Any
 
 import yaml
 
+from multigen.pipes.families import ModelType  # torch-free
+
 from .errors import ConfigError
 
 #: where ``multigen`` looks when neither ``--config`` nor ``MULTIGEN_CONFIG`` is given
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
 #: ...and when that is not there (installed from a wheel): the demo model, data under ~/.multigen
 PACKAGED_CONFIG = Path(__file__).resolve().parent / "defaults" / "config.yaml"
-MODEL_TYPES = ("SD", "SDXL")
+#: the model families a models.yaml ``type:`` may name
+MODEL_TYPES = tuple(m.value for m in ModelType)
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 #: models that travel with the package: ``id: builtin:NAME`` in models.yaml
 BUILTIN_MODELS = {"demo": ("demo", "model")}
 #: what a base model's ``defaults:`` may set, with the type each takes
-MODEL_DEFAULTS = {"width": int, "height": int, "steps": int, "guidance_scale": (int, float), "clip_skip": int,
-                  "scheduler": str, "timestep_spacing": str}
+#: what a model's ``defaults:`` may set: these parameters of the spec, checked by it
+MODEL_DEFAULTS = ("width", "height", "steps", "guidance_scale", "clip_skip", "scheduler", "timestep_spacing")
+#: folders a config.yaml may leave out, relative to its own folder: everything a config does not
+#: place stays beside it (the repository's config/config.yaml names its ../ folders explicitly)
+FOLDER_DEFAULTS = {"model_dir": "models", "logging_folder": "logs", "data_dir": "data", "output_dir": "outputs"}
 KNOWN_PIPE_CLASSES = ("Prompt2ImPipe", "Im2ImPipe", "MaskedIm2ImPipe", "InpaintingPipe",
                       "Cond2ImPipe", "CIm2ImPipe")
 
@@ -217,10 +225,6 @@ def _model_path(model_id: str, model_dir: Path, file: Path, key: str) -> Path:
     return (model_dir / model_id).resolve()
 
 
-_DEFAULT_KINDS = {int: "a positive whole number", (int, float): "a number", str: "a name"}
-_ZERO_ALLOWED = {"clip_skip"}  # 0 = use the last layer; the other whole numbers must be at least 1
-
-
 def _model_defaults(data: Any, file: Path, key: str) -> dict[str, Any]:
     if data is None:
         return {}
@@ -228,16 +232,20 @@ def _model_defaults(data: Any, file: Path, key: str) -> dict[str, Any]:
         raise ConfigError(str(file), key, f"expected a mapping, got {data!r}",
                           "write e.g. `defaults: {width: 512, height: 512, steps: 30}`")
     out = {}
+    from multigen.pipes.errors import PipeError
+    from multigen.pipes.spec import COMMON
+
+    params = {p.name: p for p in COMMON if p.name in MODEL_DEFAULTS}
     for name, value in data.items():
-        kind = MODEL_DEFAULTS.get(str(name))
-        if kind is None:
+        param = params.get(str(name))
+        if param is None:
             raise ConfigError(str(file), f"{key}.{name}", "unknown default",
                               f"use some of: {', '.join(MODEL_DEFAULTS)}")
-        if not isinstance(value, kind) or isinstance(value, bool) or (
-                kind is int and value < (0 if name in _ZERO_ALLOWED else 1)):
-            hint = "a whole number, 0 or more" if name in _ZERO_ALLOWED else _DEFAULT_KINDS[kind]
-            raise ConfigError(str(file), f"{key}.{name}", f"bad value {value!r}", f"give {name} {hint}")
-        out[str(name)] = value
+        try:
+            out[str(name)] = param.check(value)
+        except PipeError as e:
+            raise ConfigError(str(file), f"{key}.{name}", f"bad value {value!r}: {e}",
+                              f"give {name} {e.allowed or 'a value the parameter spec allows'}") from None
     return out
 
 
@@ -311,14 +319,15 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
         if key not in known:
             raise ConfigError(str(file), str(key), "unknown key", f"remove it or use one of: {', '.join(sorted(known))}")
 
-    def folder(key: str, default: str) -> Path:
-        value = _typed(data, key, str, file, default, f"set {key} to a folder path (relative to {file.name})")
+    def folder(key: str) -> Path:
+        value = _typed(data, key, str, file, FOLDER_DEFAULTS[key],
+                       f"set {key} to a folder path (relative to {file.name})")
         return (here / os.path.expanduser(value)).resolve()
 
     model_list = _typed(data, "model_list", str, file, None, "set model_list to the models.yaml path")
     if model_list is None:
         raise ConfigError(str(file), "model_list", "missing", "add `model_list: models.yaml` (path relative to this file)")
-    model_dir = folder("model_dir", "../models")
+    model_dir = folder("model_dir")
     models = load_models((here / model_list).resolve(), model_dir)
     if check_models_exist:
         check_model_files(models)
@@ -334,8 +343,8 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     if dtype is not None and dtype.lower().replace("torch.", "") not in DTYPE_NAMES:
         raise ConfigError(str(file), "dtype", f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPE_NAMES)}")
     drain_on_exit = _typed(data, "drain_on_exit", bool, file, True, "set drain_on_exit to true or false")
-    return Config(file=file, model_dir=model_dir, logging_folder=folder("logging_folder", "../logs"),
-                  data_dir=folder("data_dir", "../data"), output_dir=folder("output_dir", "../outputs"),
+    return Config(file=file, model_dir=model_dir, logging_folder=folder("logging_folder"),
+                  data_dir=folder("data_dir"), output_dir=folder("output_dir"),
                   models=models, devices=devices, threads=threads, cache_budget_gb=float(budget),
                   server=_dataclass_section(ServerConfig, data, "server", file),
                   limits=_dataclass_section(Limits, data, "limits", file), users=users, raw=data,

@@ -1,8 +1,4 @@
-"""The read side of a session's images: counts, paths, listings, files and metadata.
-
-A mixin of :class:`~multigen.service.serviceThread.ServiceThread`: it needs ``self.store`` and
-``self._session_row``.
-"""
+"""The read side of a session's images: counts, paths, listings, files and metadata."""
 from __future__ import annotations
 
 import json
@@ -10,49 +6,63 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NotFound
+from .records import ImageRecord, SessionRecord
+from .store import Store
 from .views import image_view
 
 
-class ImageQueries:
-    """metafusion's image calls (``get_image_count``, ``get_image_pathname``) and the API's."""
+class Gallery:
+    """A session's images, read from the store (metafusion's image calls and the API's).
 
-    store: Any  # and ``_session_row(session_id)``, both from ServiceThread
+    Args:
+        store: the service's store.
+    """
 
-    def get_image_count(self, session_id: str) -> int:
-        self._session_row(session_id)
-        return self.store.image_count(session_id)
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
-    def get_image_pathname(self, session_id: str, index: int) -> str:
+    def session(self, session_id: str) -> SessionRecord:
+        """The session's record. Raises NotFound."""
+        record = self.store.get_session(session_id)
+        if record is None:
+            raise NotFound(f"session {session_id} not found", field="session_id")
+        return record
+
+    def image_count(self, session_id: str) -> dict[str, Any]:
+        """metafusion's answer: ``{"image_number": n, "comment": ...}``, with ``session_id`` beside it."""
+        self.session(session_id)
+        n = self.store.image_count(session_id)
+        return {"image_number": n, "comment": f"already generated number of images in session {session_id}",
+                "session_id": session_id}
+
+    def pathname(self, session_id: str, index: int) -> str:
         """Path of a session's image by index (metafusion). Raises NotFound."""
-        self._session_row(session_id)
+        self.session(session_id)
         img = self.store.image_by_index(session_id, int(index))
         if img is None:
             raise NotFound(f"session {session_id} has no image {index} "
                            f"({self.store.image_count(session_id)} written)", field="index")
-        return img["path"]
+        return img.path
 
-    def list_images(self, session_id: str, after: int | None = None) -> list[dict[str, Any]]:
+    def list(self, session_id: str, after: int | None = None) -> list[dict[str, Any]]:
         """A session's images in index order, those after index ``after`` only when given."""
-        self._session_row(session_id)
+        self.session(session_id)
         return [image_view(r) for r in self.store.list_images(session_id=session_id, after=after)]
 
-    def get_image(self, image_id: str) -> dict[str, Any]:
-        return image_view(self._image_row(image_id))
+    def image(self, image_id: str) -> dict[str, Any]:
+        return image_view(self.record(image_id))
 
-    def image_file(self, image_id: str) -> Path:
+    def file(self, image_id: str) -> Path:
         """The PNG file of an image (for the API's file endpoint)."""
-        return Path(self._image_row(image_id)["path"])
+        return Path(self.record(image_id).path)
 
-    def image_metadata(self, image_id: str) -> dict[str, Any]:
+    def metadata(self, image_id: str) -> dict[str, Any]:
         """The parameters that reproduce an image (its JSON sidecar)."""
-        path = self.image_file(image_id).with_suffix(".json")
-        return json.loads(path.read_text())
+        return json.loads(self.file(image_id).with_suffix(".json").read_text())
 
-    def _image_row(self, image_id: str) -> dict[str, Any]:
-        row = self.store.get_image(image_id)
-        if row is None:
+    def record(self, image_id: str) -> ImageRecord:
+        """The image's record. Raises NotFound."""
+        record = self.store.get_image(image_id)
+        if record is None:
             raise NotFound(f"image {image_id} not found", field="image_id")
-        return row
-
-    def _image_view(self, row: dict[str, Any]) -> dict[str, Any]:
-        return image_view(row)
+        return record

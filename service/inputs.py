@@ -14,10 +14,12 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from multigen.pipes.spec import IMAGE_PARAM_NAMES
+
 from .errors import InvalidInput
 
-#: setup parameters that hold images (or lists of images)
-IMAGE_PARAMS = ("image", "fimage", "mask", "mask_image", "original_image", "image_painted")
+#: setup parameters that hold images (or lists of images), aliases included: from the parameter spec
+IMAGE_PARAMS = IMAGE_PARAM_NAMES
 IMAGE_REF = "$image"
 
 

@@ -8,6 +8,12 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def ensure_logging(folder: Path) -> None:
+    """:func:`setup_logging` unless the ``multigen`` loggers already have their handlers (once per process)."""
+    if not any(getattr(h, "_multigen", False) for h in logging.getLogger("multigen").handlers):
+        setup_logging(folder)
+
+
 def setup_logging(folder: Path, level: int = logging.INFO, console: bool = True) -> Path:
     """Send the ``multigen`` loggers to ``folder/multigen.log`` (rotated daily) and the console.
 

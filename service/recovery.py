@@ -24,25 +24,24 @@ log = logging.getLogger(__name__)
 
 def recover(store: Store, queue: FairQueue, writer: ImageWriter) -> int:
     """Put stored state right after a restart; returns how many jobs were queued again."""
-    for row in store.list_jobs(states=[JobState.RUNNING]):
-        new = check_transition(row["id"], row["state"], JobState.QUEUED)
-        store.update_job(row["id"], state=new.value)
-        log.info("session=%s job=%s running -> queued (resumed after a restart)", row["session_id"], row["id"])
+    for job in store.list_jobs(states=[JobState.RUNNING]):
+        new = check_transition(job.id, job.state, JobState.QUEUED)
+        store.update_job(job.id, state=new.value)
+        log.info("session=%s job=%s running -> queued (resumed after a restart)", job.session_id, job.id)
     folders: set[Path] = set()
     for img in store.list_images(state="writing"):
-        path = Path(img["path"])
+        path = Path(img.path)
         folders.add(path.parent)
         if path.exists():
-            store.complete_image(img["id"], now_iso())
-            log.info("session=%s job=%s image %s recovered after a restart", img["session_id"], img["job_id"],
-                     path.name)
+            store.complete_image(img.id, now_iso())
+            log.info("session=%s job=%s image %s recovered after a restart", img.session_id, img.job_id, path.name)
     queued = store.list_jobs(states=[JobState.QUEUED])
-    for row in queued:
-        session = store.get_session(row["session_id"])
+    for job in queued:
+        session = store.get_session(job.session_id)
         if session is not None:
-            folders.add(Path(session["folder"]))
-        if row["id"] not in queue:
-            queue.push(QueuedJob(row["id"], row["user"], row["model"], row["priority"], seq=row["seq"]), force=True)
+            folders.add(Path(session.folder))
+        if job.id not in queue:
+            queue.push(QueuedJob(job.id, job.user, job.model, job.priority, seq=job.seq), force=True)
     for folder in folders:
         n = writer.remove_temp_files(folder)
         if n:

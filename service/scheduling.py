@@ -2,9 +2,10 @@
 
 Pure logic, no threads and no I/O (the service calls it under its own lock):
 
-* **priority** first: only the highest-priority job at the head of some user's queue competes;
-* **round-robin by user**: the users take turns, whoever has waited longest goes next;
-* **FIFO within a user** (by priority, then arrival);
+* **round-robin by user**: the users take turns; the user served longest ago (or never) goes
+  next, so a user who just ran waits for the others even when their queue had emptied;
+* **priority orders a user's own jobs** (then arrival): it never moves a job ahead of another
+  user's turn, so queueing many jobs at priority 100 gains nothing over other users;
 * **model affinity**: a worker that already holds some models may take a later user's turn
   when that user's head job uses one of them (a load saved), but a user passed over this
   way ``max_affinity_skips`` times is served next whatever the worker holds, so affinity
@@ -54,7 +55,10 @@ class FairQueue:
         self.max_jobs_per_user = max_jobs_per_user
         self.max_affinity_skips = max_affinity_skips
         self._by_user: dict[str, list[QueuedJob]] = {}
-        self._turns: collections.deque[str] = collections.deque()  # users, next turn first
+        # a user's turn: (when last served, 0 if never; when they joined the queue), smallest first
+        self._served: dict[str, int] = {}
+        self._joined: dict[str, int] = {}
+        self._ticks = itertools.count(1)
         self._skips: dict[str, int] = collections.defaultdict(int)
         self._jobs: dict[str, QueuedJob] = {}
         self._seq = itertools.count(1)
@@ -101,8 +105,8 @@ class FairQueue:
         jobs = self._by_user.setdefault(job.user, [])
         jobs.append(job)
         jobs.sort(key=QueuedJob.sort_key)
-        if job.user not in self._turns:
-            self._turns.append(job.user)
+        if job.user not in self._joined:
+            self._joined[job.user] = next(self._ticks)
         self._jobs[job.job_id] = job
         self._order_cache = None
         return self.position(job.job_id)  # type: ignore[return-value]
@@ -121,15 +125,16 @@ class FairQueue:
 
     def _drop_user(self, user: str) -> None:
         del self._by_user[user]
-        self._turns.remove(user)
+        del self._joined[user]
         self._skips.pop(user, None)
 
+    def _turns(self) -> list[str]:
+        """Users with queued jobs, next turn first."""
+        return sorted(self._by_user, key=lambda u: (self._served.get(u, 0), self._joined[u]))
+
     def _candidates(self) -> list[QueuedJob]:
-        heads = [self._by_user[u][0] for u in self._turns]
-        if not heads:
-            return []
-        top = max(h.priority for h in heads)
-        return [h for h in heads if h.priority == top]
+        """Each user's head job (their highest priority, then oldest), in turn order."""
+        return [self._by_user[u][0] for u in self._turns()]
 
     def pop(self, held_models: Collection[str] = ()) -> QueuedJob | None:
         """The next job for a worker holding ``held_models``, removed from the queue; None when empty."""
@@ -153,10 +158,8 @@ class FairQueue:
         jobs = self._by_user[job.user]
         jobs.remove(job)
         self._skips[job.user] = 0
-        if jobs:
-            self._turns.remove(job.user)
-            self._turns.append(job.user)
-        else:
+        self._served[job.user] = next(self._ticks)
+        if not jobs:
             self._drop_user(job.user)
         self._order_cache = None
 
@@ -164,7 +167,8 @@ class FairQueue:
         """Job ids in the order they would run if no model affinity applied."""
         clone = FairQueue(max_jobs=self.max_jobs)
         clone._by_user = {u: list(js) for u, js in self._by_user.items()}
-        clone._turns = collections.deque(self._turns)
+        clone._served, clone._joined = dict(self._served), dict(self._joined)
+        clone._ticks = itertools.count(max([0, *self._served.values(), *self._joined.values()]) + 1)
         clone._jobs = dict(self._jobs)
         out = []
         while True:

@@ -14,8 +14,10 @@ import threading
 import time
 from typing import Any
 
+from .api import create_app
 from .config import Config
 from .errors import ConfigError
+from .serviceThread import ServiceThread
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +54,6 @@ def check_bind_auth(config: Config) -> str:
                       f"bound to {config.server.host}, beyond loopback, with no users",
                       "add a user with `multigen users add NAME --config FILE`, bind to 127.0.0.1, "
                       "or set server.allow_anonymous: true")
-
-
-def _start_service(config: Config) -> Any:
-    try:
-        from .serviceThread import ServiceThread
-    except ImportError:  # the service core is not installed: the API answers 503 for generation
-        log.warning("multigen.service.serviceThread is not available: serving without generation")
-        return None
-    service = ServiceThread(config)
-    service.start()
-    return service
 
 
 def serve_until(server: Any, stopping: threading.Event) -> None:
@@ -102,17 +93,14 @@ def run_server(config: Config) -> int:
     """Start the service and serve HTTP until SIGTERM/SIGINT; returns the exit code."""
     from waitress.server import create_server
 
-    from .api import create_app
-
     mode = check_bind_auth(config)
-    service = _start_service(config)
+    service = ServiceThread(config).start()
     try:
         app = create_app(config, service)
         server = create_server(app, host=config.server.host, port=config.server.port,
                                threads=config.server.threads, ident="multigen")
     except BaseException:  # e.g. the port is taken: do not leave the workers running
-        if service is not None:
-            service.stop()
+        service.stop()
         raise
     host, port = server.effective_host, server.effective_port
     url = f"http://{'[' + host + ']' if ':' in str(host) else host}:{port}/"
@@ -138,11 +126,8 @@ def run_server(config: Config) -> int:
             server.task_dispatcher.shutdown(cancel_pending=True, timeout=DRAIN_SECONDS)
             wasyncore_close_all(server)
         finally:
-            timer = app.extensions["multigen.metrics"].step_timer
-            if timer is not None:
-                timer.stop()
-            if service is not None:
-                service.stop()  # the running job stops at its next step and is resumed at the next start
+            app.extensions["multigen.metrics"].step_timer.stop()
+            service.stop()  # the running job stops at its next step and is resumed at the next start
             log.info("stopped")
     return 0
 

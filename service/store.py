@@ -1,7 +1,7 @@
 """Persistent state: sessions, jobs (every parameter and seed) and images.
 
-:class:`Store` is the small interface the service uses; :class:`SQLiteStore` is the
-embedded implementation (one file in the data folder, WAL mode, one connection per
+:class:`Store` is the small interface the service uses, in typed records
+(:mod:`multigen.service.records`); :class:`SQLiteStore` is the embedded implementation (one file in the data folder, WAL mode, one connection per
 thread), so a server database can replace it when a lab outgrows one machine. The
 schema is versioned (``schema_version``); :data:`MIGRATIONS` lists the steps, and opening
 a store applies the ones it has not seen yet.
@@ -12,12 +12,15 @@ resumed after a crash writes that image under the same index again, never a seco
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Protocol, TypeVar
+
+from .records import ImageRecord, JobRecord, NewImage, SessionRecord
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,10 @@ _JSON_COLUMNS = {"loras", "seeds", "prompt", "negative_prompt", "params", "error
 _U64 = 2**64
 
 
-def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
+R = TypeVar("R", SessionRecord, JobRecord, ImageRecord)
+
+
+def _decode(row: sqlite3.Row | None, record: type[R]) -> R | None:
     if row is None:
         return None
     out = dict(row)
@@ -70,7 +76,7 @@ def _decode(row: sqlite3.Row | None) -> dict[str, Any] | None:
     for k in _JSON_COLUMNS & out.keys():
         if out[k] is not None:
             out[k] = json.loads(out[k])
-    return out
+    return record(**out)
 
 
 def _close_all(conns: Iterable[sqlite3.Connection]) -> None:
@@ -85,30 +91,36 @@ def _encode(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in fields.items()}
 
 
+def _columns(record: SessionRecord | JobRecord) -> dict[str, Any]:
+    """A record's columns for an INSERT (``seq`` is the store's to give)."""
+    return _encode({k: v for k, v in dataclasses.asdict(record).items() if k != "seq"})
+
+
 class Store(Protocol):
     """What the service needs from persistent storage (see :class:`SQLiteStore`).
 
-    Rows are plain dicts with the columns of :data:`MIGRATIONS`, JSON columns decoded.
+    Reads return typed records (:mod:`multigen.service.records`); ``update_*`` take column
+    names of :data:`MIGRATIONS` as keywords (JSON columns as Python values).
     """
 
-    def create_session(self, session: dict[str, Any]) -> None: ...
-    def get_session(self, session_id: str) -> dict[str, Any] | None: ...
+    def create_session(self, session: SessionRecord) -> None: ...
+    def get_session(self, session_id: str) -> SessionRecord | None: ...
     def list_sessions(self, user: str | None = None, project: str | None = None,
-                      state: str | None = None) -> list[dict[str, Any]]: ...
+                      state: str | None = None) -> list[SessionRecord]: ...
     def update_session(self, session_id: str, **fields: Any) -> None: ...
     def count_sessions(self, user: str, state: str) -> int: ...
-    def create_job(self, job: dict[str, Any]) -> None: ...
-    def get_job(self, job_id: str) -> dict[str, Any] | None: ...
+    def create_job(self, job: JobRecord) -> JobRecord: ...
+    def get_job(self, job_id: str) -> JobRecord | None: ...
     def update_job(self, job_id: str, **fields: Any) -> None: ...
-    def list_jobs(self, session_id: str | None = None, states: Iterable[str] | None = None) -> list[dict[str, Any]]: ...
+    def list_jobs(self, session_id: str | None = None, states: Iterable[str] | None = None) -> list[JobRecord]: ...
     def job_counts(self, session_id: str) -> dict[str, int]: ...
-    def reserve_image(self, image: dict[str, Any]) -> dict[str, Any]: ...
+    def reserve_image(self, image: NewImage) -> ImageRecord: ...
     def complete_image(self, image_id: str, created_at: str) -> None: ...
-    def get_image(self, image_id: str) -> dict[str, Any] | None: ...
+    def get_image(self, image_id: str) -> ImageRecord | None: ...
     def list_images(self, session_id: str | None = None, job_id: str | None = None,
-                    after: int | None = None, state: str | None = "done") -> list[dict[str, Any]]: ...
+                    after: int | None = None, state: str | None = "done") -> list[ImageRecord]: ...
     def image_count(self, session_id: str) -> int: ...
-    def image_by_index(self, session_id: str, index: int) -> dict[str, Any] | None: ...
+    def image_by_index(self, session_id: str, index: int) -> ImageRecord | None: ...
     def close(self) -> None: ...
 
 
@@ -149,11 +161,11 @@ class SQLiteStore(Store):
     def _write(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
         return self._conn().execute(sql, tuple(args))
 
-    def _one(self, sql: str, args: Iterable[Any] = ()) -> dict[str, Any] | None:
-        return _decode(self._conn().execute(sql, tuple(args)).fetchone())
+    def _one(self, record: type[R], sql: str, args: Iterable[Any] = ()) -> R | None:
+        return _decode(self._conn().execute(sql, tuple(args)).fetchone(), record)
 
-    def _all_rows(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
-        return [_decode(r) for r in self._conn().execute(sql, tuple(args)).fetchall()]  # type: ignore[misc]
+    def _all_rows(self, record: type[R], sql: str, args: Iterable[Any] = ()) -> list[R]:
+        return [_decode(r, record) for r in self._conn().execute(sql, tuple(args)).fetchall()]  # type: ignore[misc]
 
     def _migrate(self) -> None:
         conn = self._conn()
@@ -187,17 +199,17 @@ class SQLiteStore(Store):
         self._local = threading.local()
 
     # -- sessions ---------------------------------------------------------------------
-    def create_session(self, session: dict[str, Any]) -> None:
-        f = _encode(session)
+    def create_session(self, session: SessionRecord) -> None:
+        f = _columns(session)
         self._write(f"INSERT INTO sessions ({', '.join(f)}) VALUES ({', '.join('?' * len(f))})", f.values())
 
-    def get_session(self, session_id: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM sessions WHERE id = ?", (session_id,))
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        return self._one(SessionRecord, "SELECT * FROM sessions WHERE id = ?", (session_id,))
 
     def list_sessions(self, user: str | None = None, project: str | None = None,
-                      state: str | None = None) -> list[dict[str, Any]]:
+                      state: str | None = None) -> list[SessionRecord]:
         where, args = self._where(user=user, project=project, state=state)
-        return self._all_rows(f"SELECT * FROM sessions{where} ORDER BY created_at, rowid", args)
+        return self._all_rows(SessionRecord, f"SELECT * FROM sessions{where} ORDER BY created_at, rowid", args)
 
     def update_session(self, session_id: str, **fields: Any) -> None:
         self._update("sessions", session_id, fields)
@@ -207,23 +219,25 @@ class SQLiteStore(Store):
                                         (user, state)).fetchone()[0])
 
     # -- jobs -------------------------------------------------------------------------
-    def create_job(self, job: dict[str, Any]) -> None:
-        f = _encode(job)
-        self._write(f"INSERT INTO jobs ({', '.join(f)}) VALUES ({', '.join('?' * len(f))})", f.values())
+    def create_job(self, job: JobRecord) -> JobRecord:
+        """Store a new job; returns it with its arrival order (``seq``)."""
+        f = _columns(job)
+        cur = self._write(f"INSERT INTO jobs ({', '.join(f)}) VALUES ({', '.join('?' * len(f))})", f.values())
+        return dataclasses.replace(job, seq=int(cur.lastrowid or 0))
 
-    def get_job(self, job_id: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+    def get_job(self, job_id: str) -> JobRecord | None:
+        return self._one(JobRecord, "SELECT * FROM jobs WHERE id = ?", (job_id,))
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         self._update("jobs", job_id, fields)
 
-    def list_jobs(self, session_id: str | None = None, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    def list_jobs(self, session_id: str | None = None, states: Iterable[str] | None = None) -> list[JobRecord]:
         where, args = self._where(session_id=session_id)
         if states is not None:
             states = [str(s) for s in states]
             where += (" AND " if where else " WHERE ") + f"state IN ({', '.join('?' * len(states))})"
             args.extend(states)
-        return self._all_rows(f"SELECT * FROM jobs{where} ORDER BY seq", args)
+        return self._all_rows(JobRecord, f"SELECT * FROM jobs{where} ORDER BY seq", args)
 
     def job_counts(self, session_id: str) -> dict[str, int]:
         rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs WHERE session_id = ? GROUP BY state",
@@ -231,52 +245,54 @@ class SQLiteStore(Store):
         return {r[0]: r[1] for r in rows}
 
     # -- images -----------------------------------------------------------------------
-    def reserve_image(self, image: dict[str, Any]) -> dict[str, Any]:
+    def reserve_image(self, image: NewImage) -> ImageRecord:
         """Reserve the next session index for a job's image ``pos``, or return the existing reservation.
 
-        ``image`` has ``id, session_id, job_id, pos, seed, width, height`` and ``path``, a
-        template in which ``{index}`` becomes the 5-digit index. Idempotent per ``(job_id, pos)``.
+        The file is ``image.folder/{index:05d}.png``. Idempotent per ``(job_id, pos)``: a job
+        resumed after a crash writes its n-th image under the same index again.
         """
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             row = conn.execute("SELECT * FROM images WHERE job_id = ? AND pos = ?",
-                               (image["job_id"], image["pos"])).fetchone()
+                               (image.job_id, image.pos)).fetchone()
             if row is None:
                 index = conn.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM images WHERE session_id = ?",
-                                     (image["session_id"],)).fetchone()[0]
-                seed = int(image["seed"])
-                fields = dict(image, idx=index, state="writing", path=image["path"].replace("{index}", f"{index:05d}"),
-                              seed=seed - _U64 if seed >= 2**63 else seed)
+                                     (image.session_id,)).fetchone()[0]
+                seed = int(image.seed)
+                fields = {"id": image.id, "session_id": image.session_id, "job_id": image.job_id, "idx": index,
+                          "pos": image.pos, "seed": seed - _U64 if seed >= 2**63 else seed, "width": image.width,
+                          "height": image.height, "path": str(Path(image.folder) / f"{index:05d}.png"),
+                          "state": "writing"}
                 conn.execute(f"INSERT INTO images ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
                              tuple(fields.values()))
-                row = conn.execute("SELECT * FROM images WHERE id = ?", (image["id"],)).fetchone()
+                row = conn.execute("SELECT * FROM images WHERE id = ?", (image.id,)).fetchone()
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return _decode(row)  # type: ignore[return-value]
+        return _decode(row, ImageRecord)  # type: ignore[return-value]
 
     def complete_image(self, image_id: str, created_at: str) -> None:
         self._write("UPDATE images SET state = 'done', created_at = ? WHERE id = ?", (created_at, image_id))
 
-    def get_image(self, image_id: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM images WHERE id = ? AND state = 'done'", (image_id,))
+    def get_image(self, image_id: str) -> ImageRecord | None:
+        return self._one(ImageRecord, "SELECT * FROM images WHERE id = ? AND state = 'done'", (image_id,))
 
     def list_images(self, session_id: str | None = None, job_id: str | None = None,
-                    after: int | None = None, state: str | None = "done") -> list[dict[str, Any]]:
+                    after: int | None = None, state: str | None = "done") -> list[ImageRecord]:
         where, args = self._where(session_id=session_id, job_id=job_id, state=state)
         if after is not None:
             where += (" AND " if where else " WHERE ") + "idx > ?"
             args.append(after)
-        return self._all_rows(f"SELECT * FROM images{where} ORDER BY session_id, idx", args)
+        return self._all_rows(ImageRecord, f"SELECT * FROM images{where} ORDER BY session_id, idx", args)
 
     def image_count(self, session_id: str) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM images WHERE session_id = ? AND state = 'done'",
                                         (session_id,)).fetchone()[0])
 
-    def image_by_index(self, session_id: str, index: int) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM images WHERE session_id = ? AND idx = ? AND state = 'done'",
+    def image_by_index(self, session_id: str, index: int) -> ImageRecord | None:
+        return self._one(ImageRecord, "SELECT * FROM images WHERE session_id = ? AND idx = ? AND state = 'done'",
                          (session_id, index))
 
     # -- helpers ----------------------------------------------------------------------

@@ -2,34 +2,37 @@
 
 Names that become paths, the pipe/model/LoRAs of a session, and every parameter of a job
 are checked here; each error is an :class:`InvalidInput` naming the field and the allowed
-values. What only the pipe can judge (an unknown scheduler name, a bad image size for the
-model) fails the job at run time with the pipe's own message.
+values. Types and ranges come from the parameter spec (``multigen.pipes.spec``) with the
+config's ``limits`` on top, so what is refused here is what the pipe would refuse, and what
+the API's request models refuse. What only the pipe can judge (an unknown scheduler name, an
+image that does not decode, a mask of another size) fails the job at run time with the pipe's
+own message.
 """
 from __future__ import annotations
 
-import numbers
 import re
 import secrets
 from typing import Any
 
-from multigen.pipes.base import MAX_CLIP_SKIP, MAX_STEPS
-from multigen.pipes.images import MIN_SIDE
+from multigen.pipes import spec as specs
+from multigen.pipes.errors import PipeError
+from multigen.pipes.registry import pipe_spec, spec_of
 
 from .config import Limits, ModelEntry, ModelsConfig
 from .errors import InvalidInput
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-#: seeds drawn when none are given: the range every torch generator and JSON reader holds exactly
-MAX_DRAWN_SEED = 2**32 - 1
-MAX_SEED = 2**64 - 1
 #: parameters queue_gen takes itself (not passed to the pipe's setup)
 JOB_FIELDS = ("prompt", "negative_prompt", "count", "seeds", "priority", "images", "image_callback")
-#: simple type/range checks for common setup parameters (the pipe checks the rest)
-NUMERIC_PARAMS: dict[str, tuple[bool, float, float | None]] = {  # name: (integer, min, max)
-    "steps": (True, 1, MAX_STEPS), "guidance_scale": (False, 0, 100), "clip_skip": (True, 0, MAX_CLIP_SKIP),
-    "strength": (False, 0, 1), "scale": (False, 0.01, 16), "blur": (False, 0, 256),
-    "blur_compose": (False, 0, 256),
-}
+
+
+def _checked(param: specs.Param, value: Any, label: str, field: str | None = None) -> Any:
+    """``param.check(value)`` under the name ``label``, its error as an :class:`InvalidInput` naming
+    ``field`` (default: what the check names, ``label`` or a list item ``label[i]``)."""
+    try:
+        return param.check(value, label)
+    except PipeError as e:
+        raise InvalidInput(e.message, field=field or e.param or label) from None
 
 
 def check_name(value: Any, field: str) -> str:
@@ -47,7 +50,7 @@ def check_name(value: Any, field: str) -> str:
 def check_choice(value: Any, known: dict[str, Any] | list[str], field: str, what: str) -> str:
     if not isinstance(value, str) or value not in known:
         names = ", ".join(sorted(known)) or "(none configured)"
-        raise InvalidInput(f"unknown {what} {value!r}; known: {names}", field=field)
+        raise InvalidInput(f"unknown {what} {value!r}; known: {names}", field=field, code=f"unknown_{what.lower()}")
     return value
 
 
@@ -79,11 +82,11 @@ def normalize_loras(loras: Any, models: ModelsConfig, model_type: str | None) ->
         raise InvalidInput("loras must be a list of names or {name, weight} objects", field="loras")
     out = []
     for i, item in enumerate(loras):
-        field = f"loras[{i}]"
+        field = f"loras.{i}"
         if isinstance(item, str):
-            name, weight = item, 1.0
+            name, weight = item, specs.LORA_WEIGHT.default
         elif isinstance(item, dict):
-            name, weight = item.get("name"), item.get("weight", 1.0)
+            name, weight = item.get("name"), item.get("weight", specs.LORA_WEIGHT.default)
             extra = set(item) - {"name", "weight"}
             if extra:
                 raise InvalidInput(f"{field}: unknown keys {sorted(extra)}; allowed: name, weight", field=field)
@@ -92,14 +95,13 @@ def normalize_loras(loras: Any, models: ModelsConfig, model_type: str | None) ->
         else:
             raise InvalidInput(f"{field}: expected a name or {{name, weight}}, got {item!r}", field=field)
         check_choice(name, models.lora, f"{field}.name" if isinstance(item, dict) else field, "LoRA")
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not -10 <= float(weight) <= 10:
-            raise InvalidInput(f"{field}: weight {weight!r} must be a number from -10 to 10", field=f"{field}.weight")
+        weight = _checked(specs.LORA_WEIGHT, weight, f"{field}.weight")
         ltype = models.lora[name].type
         if ltype and model_type and ltype != model_type:
             raise InvalidInput(f"{field}: LoRA {name!r} is for {ltype} models, the session's model is {model_type}; "
                                f"LoRAs for {model_type}: " + (", ".join(sorted(
                                    n for n, e in models.lora.items() if e.type in (None, model_type))) or "none"),
-                               field=field)
+                               field=f"{field}.name" if isinstance(item, dict) else field, code="lora_mismatch")
         out.append({"name": name, "weight": float(weight)})
     return out
 
@@ -108,31 +110,24 @@ def check_count_and_seeds(count: Any, seeds: Any, limits: Limits) -> tuple[int, 
     """The image count and one seed per image (drawn now for those not given).
 
     Raises:
-        InvalidInput: a count outside 1..limits.max_count, or seeds that are not integers or
-            do not match the count.
+        InvalidInput: a count outside 1..limits.max_count, or seeds that are not integers from
+            the spec's range or do not match the count.
     """
+    job = specs.apply_limits(specs.JOB, limits)
     if seeds is not None:
-        if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
-            seeds = [int(seeds)]
-        if not isinstance(seeds, (list, tuple)) or not seeds:
+        if not isinstance(seeds, (list, tuple)):
+            seeds = [seeds]  # one seed, as metafusion's seed=
+        if not seeds:
             raise InvalidInput("seeds must be a non-empty list of integers", field="seeds")
-        for i, s in enumerate(seeds):
-            if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= int(s) <= MAX_SEED:
-                raise InvalidInput(f"seeds[{i}] = {s!r}: seeds are integers from 0 to 2**64-1", field=f"seeds[{i}]")
+        seeds = [_checked(job["seeds"], s, f"seeds[{i}]") for i, s in enumerate(seeds)]
         if count is None:
             count = len(seeds)
-    if count is None:
-        count = 1
-    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or not 1 <= int(count) <= limits.max_count:
-        raise InvalidInput(f"count {count!r} is out of range: 1 to {limits.max_count} "
-                           "(limits.max_count in config.yaml)", field="count")
-    count = int(count)
+    count = _checked(job["count"], 1 if count is None else count, "count")
     if seeds is not None and len(seeds) != count:
         raise InvalidInput(f"seeds has {len(seeds)} values but count is {count}: give one seed per image "
                            "or leave seeds out to draw them", field="seeds")
     rng = secrets.SystemRandom()
-    return count, [int(s) for s in seeds] if seeds is not None else [rng.randint(0, MAX_DRAWN_SEED)
-                                                                     for _ in range(count)]
+    return count, seeds if seeds is not None else [rng.randint(0, specs.DRAWN_SEED_MAX) for _ in range(count)]
 
 
 def check_prompt(prompt: Any, field: str) -> Any:
@@ -141,7 +136,6 @@ def check_prompt(prompt: Any, field: str) -> Any:
         return prompt or ""
     if isinstance(prompt, (list, dict, tuple)):
         from multigen.pipes.cfgen import validate_grammar
-        from multigen.pipes.errors import PipeError
 
         try:
             validate_grammar(prompt, field)
@@ -153,85 +147,72 @@ def check_prompt(prompt: Any, field: str) -> Any:
 
 
 def check_priority(priority: Any) -> int:
-    if isinstance(priority, bool) or not isinstance(priority, numbers.Integral) or not -100 <= int(priority) <= 100:
-        raise InvalidInput(f"priority {priority!r} must be an integer from -100 to 100", field="priority")
-    return int(priority)
+    """A job's priority, in the spec's range (higher runs first).
+
+    Raises:
+        InvalidInput: not an integer in range.
+    """
+    return _checked(specs.JOB["priority"], priority, "priority")
 
 
 def check_setup_params(params: dict[str, Any], pipe_cls: Any, pipe_name: str, limits: Limits) -> None:
-    """Every name must be one the pipe's ``setup`` takes; common numbers must be in range.
+    """Every name must be one the pipe's ``setup`` takes, every value of the type and in the range
+    the pipe's spec declares, with the config's limits on top (the tighter wins).
+
+    Args:
+        params: the setup parameters of a job (images included, unchecked here).
+        pipe_cls: the pipe class (its ``SPEC``), its :class:`PipeSpec` itself (no torch import needed:
+            ``multigen.pipes.registry.pipe_spec(classname)``), or a stand-in with ``PARAMS`` (the
+            registered spec of its name, else its names typed as the pipe classes declare them).
+        pipe_name: the pipe's name in models.yaml, for messages.
+        limits: the config's limits.
 
     Raises:
-        InvalidInput: naming the parameter and the allowed names or range.
+        InvalidInput: naming the parameter and the allowed names or values.
     """
-    allowed = set(getattr(pipe_cls, "PARAMS", ())) | set(getattr(pipe_cls, "ALIASES", {}) or {})
+    spec = specs.apply_limits(spec_of(pipe_cls), limits)
     for key, value in params.items():
-        if key not in allowed:
-            names = ", ".join(sorted(set(getattr(pipe_cls, "PARAMS", ())) | set(JOB_FIELDS) - {"image_callback"}))
+        if key not in spec.accepted:
+            names = ", ".join(sorted(set(spec.names) | set(JOB_FIELDS) - {"image_callback"}))
             raise InvalidInput(f"parameter {key!r} is not taken by pipe {pipe_name!r} "
-                               f"({getattr(pipe_cls, '__name__', pipe_cls)}); allowed: {names}", field=key)
-        if value is None:
-            continue
-        if key in ("width", "height"):
-            top = limits.max_width if key == "width" else limits.max_height
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not MIN_SIDE <= int(value) <= top:
-                raise InvalidInput(f"{key} {value!r} must be an integer from {MIN_SIDE} to {top} (limits.max_{key}); "
-                                   "sizes that are not multiples of 8 are padded and cropped back", field=key)
-        elif key == "scale" and isinstance(value, (list, tuple)):  # [width, height] in pixels
-            sides = (limits.max_width, limits.max_height)
-            if len(value) != 2 or not all(
-                    not isinstance(v, bool) and isinstance(v, numbers.Integral) and MIN_SIDE <= int(v) <= top
-                    for v, top in zip(value, sides)):
-                raise InvalidInput(f"scale {value!r} must be a factor from {NUMERIC_PARAMS['scale'][1]} to "
-                                   f"{NUMERIC_PARAMS['scale'][2]} or [width, height] in pixels, each from {MIN_SIDE} "
-                                   f"to the limits.max_width/max_height ({sides[0]}x{sides[1]})", field=key)
-        elif key in NUMERIC_PARAMS:
-            integer, low, high = NUMERIC_PARAMS[key]
-            kind = numbers.Integral if integer else numbers.Real
-            # "not low <= value": NaN fails every comparison, so it must fail this one
-            if (isinstance(value, bool) or not isinstance(value, kind) or not low <= value
-                    or (high is not None and not value <= high)):
-                raise InvalidInput(f"{key} {value!r} must be {'an integer' if integer else 'a number'} "
-                                   f"from {low} to {high}", field=key)
+                               f"({getattr(pipe_cls, '__name__', None) or spec.classname}); allowed: {names}",
+                               field=key)
+        param = spec[spec.canonical(key)]
+        if value is not None and not param.image:
+            params[key] = _checked(param, value, key, field=key)  # the message names a list item
 
 
 def images_to_params(classname: str, images: Any, params: dict[str, Any], pipe_name: str) -> None:
-    """Map metafusion's ``images=[...]`` argument onto the pipe's setup parameters (in place)."""
+    """Map metafusion's ``images=[...]`` onto the pipe's image parameters (in place), as its spec says.
+
+    Raises:
+        InvalidInput: images for a pipe that takes none, too many, or one whose parameter is given too.
+    """
     if images is None:
         return
     if not isinstance(images, (list, tuple)):
         images = [images]
-    if not images:
-        return
-    if classname == "Prompt2ImPipe":
-        raise InvalidInput(f"pipe {pipe_name!r} (Prompt2ImPipe) takes no input images; "
-                           "open a session with an image pipe", field="images")
-    if classname == "MaskedIm2ImPipe":
-        params.setdefault("original_image", images[0])
-        if len(images) > 1 and params.get("mask") is None:
-            params.setdefault("image_painted", images[1])
-    elif classname == "InpaintingPipe":
-        params.setdefault("image", images[0])
-        if len(images) > 1:
-            params.setdefault("mask", images[1])
-    elif classname == "Cond2ImPipe":
-        params.setdefault("image", images[0] if len(images) == 1 else list(images))
-    else:
-        params.setdefault("image", images[0])
-    if len(images) > 2 or (len(images) == 2 and classname not in ("MaskedIm2ImPipe", "InpaintingPipe",
-                                                                    "Cond2ImPipe")):
-        raise InvalidInput(f"pipe {pipe_name!r} ({classname}) takes "
-                           f"{'up to 2 images' if classname in ('MaskedIm2ImPipe', 'InpaintingPipe') else 'one image'}"
-                           f", got {len(images)}", field="images")
+    try:
+        pipe_spec(classname).assign_images(list(images), params)
+    except PipeError as e:
+        hint = "; open a session with an image pipe" if not pipe_spec(classname).image_slots else ""
+        raise InvalidInput(f"pipe {pipe_name!r}: {e.message}{hint}", field="images") from None
 
 
 def check_has_image(classname: str, params: dict[str, Any], pipe_name: str) -> None:
-    if classname == "Prompt2ImPipe":
-        return
-    keys = ("original_image", "image", "fimage") if classname == "MaskedIm2ImPipe" else ("image", "fimage")
-    if all(params.get(k) is None for k in keys):
-        raise InvalidInput(f"pipe {pipe_name!r} ({classname}) needs an input image: pass images=[...] "
-                           f"(or {keys[0]}=)", field="images")
+    """The images the pipe cannot run without (its spec's ``required_images``) are there.
+
+    Raises:
+        InvalidInput: naming ``images`` for the input image, else the missing parameter.
+    """
+    spec = pipe_spec(classname)
+    for group in spec.missing_images(params):
+        if spec.image_slots and group[0] == spec.image_slots[0]:
+            raise InvalidInput(f"pipe {pipe_name!r} ({classname}) needs an input image: pass images=[...] "
+                               f"(or {group[0]}=)", field="images")
+        what = " or ".join(group)
+        raise InvalidInput(f"pipe {pipe_name!r} ({classname}) needs {what}: " + "; ".join(
+            f"{name}: {spec[name].description}" for name in group), field=group[-1])
 
 
 def controlnet_paths(models: ModelsConfig, pipe: str, model_type: str | None) -> list[str] | dict[str, str]:

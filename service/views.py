@@ -1,6 +1,7 @@
 """Sessions, jobs and images as the plain dicts of API.md (``Session``, ``Job``, ``Image``).
 
-The store keeps rows; these functions shape them for clients. Times are ISO 8601 UTC.
+The one place where the store's records (:mod:`multigen.service.records`) become what
+clients see. Times are ISO 8601 UTC. No server path appears in these dicts.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 from .inputs import public_params
 from .jobs import JobState
+from .records import ImageRecord, JobRecord, SessionRecord
+from .running import RunningJob
 
 JOB_STATES = tuple(s.value for s in JobState)
 
@@ -18,42 +21,51 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def image_view(row: dict[str, Any]) -> dict[str, Any]:
-    """API.md ``Image`` from an images row."""
-    return {"id": row["id"], "session_id": row["session_id"], "job_id": row["job_id"], "index": row["idx"],
-            "seed": row["seed"], "width": row["width"], "height": row["height"],
-            "url": f"/api/v1/images/{row['id']}", "created_at": row["created_at"]}
+def image_view(rec: ImageRecord) -> dict[str, Any]:
+    """API.md ``Image``."""
+    return {"id": rec.id, "session_id": rec.session_id, "job_id": rec.job_id, "index": rec.idx,
+            "seed": rec.seed, "width": rec.width, "height": rec.height,
+            "url": f"/api/v1/images/{rec.id}", "created_at": rec.created_at}
 
 
-def session_view(row: dict[str, Any], image_count: int, job_counts: dict[str, int]) -> dict[str, Any]:
-    """API.md ``Session`` from a sessions row and its counts."""
-    return {"id": row["id"], "user": row["user"], "project": row["project"], "pipe": row["pipe"],
-            "model": row["model"], "loras": row["loras"], "state": row["state"], "created_at": row["created_at"],
-            "closed_at": row["closed_at"], "image_count": image_count,
+def session_view(rec: SessionRecord, image_count: int, job_counts: dict[str, int]) -> dict[str, Any]:
+    """API.md ``Session``, with its image count and its jobs counted by state."""
+    return {"id": rec.id, "user": rec.user, "project": rec.project, "pipe": rec.pipe,
+            "model": rec.model, "loras": rec.loras, "state": rec.state, "created_at": rec.created_at,
+            "closed_at": rec.closed_at, "image_count": image_count,
             "job_counts": {s: int(job_counts.get(s, 0)) for s in JOB_STATES}}
 
 
-def job_view(row: dict[str, Any], images: list[dict[str, Any]], position: int | None,
-             running: Any = None) -> dict[str, Any]:
-    """API.md ``Job`` from a jobs row, its written images and, while it runs, its live state."""
-    state = row["state"]
-    count = row["count"]
+def metafusion_session_info(session: dict[str, Any], next_job: dict[str, Any] | None,
+                            running: bool) -> dict[str, Any]:
+    """metafusion's ``get_session_info`` answer (``available_images``, ``next_job``, ``status``)
+    with our ``Session`` keys beside it."""
+    status = "running" if running else "queued" if next_job else session["state"]
+    return {"available_images": session["image_count"], "next_job": next_job or "None", "status": status,
+            **session}
+
+
+def job_view(rec: JobRecord, images: list[ImageRecord], position: int | None,
+             live: RunningJob | None = None) -> dict[str, Any]:
+    """API.md ``Job`` from its record, its written images and, while it runs, its live state."""
+    state = rec.state
+    count = rec.count
     done = len(images)
-    if running is not None and state == JobState.RUNNING:
-        progress = dict(running.progress)
-        eta = running.eta_seconds
+    if live is not None and state == JobState.RUNNING:
+        progress = dict(live.progress)
+        eta = live.eta_seconds
     else:
         finished = state == JobState.SUCCEEDED
-        steps = row["params"].get("steps") or 0
+        steps = rec.params.get("steps") or 0
         progress = {"step": steps if finished else 0, "steps": steps, "image": done,
                     "fraction": 1.0 if finished else round(done / count, 4) if count else 0.0}
         eta = 0.0 if finished else None
-    return {"id": row["id"], "session_id": row["session_id"], "user": row["user"], "state": state,
+    return {"id": rec.id, "session_id": rec.session_id, "user": rec.user, "state": state,
             "position": position if state == JobState.QUEUED else None, "count": count, "done": done,
-            "seeds": row["seeds"], "prompt": row["prompt"], "negative_prompt": row["negative_prompt"],
-            "priority": row["priority"], "params": public_params(row["params"]), "progress": progress,
-            "eta_seconds": eta, "error": row["error"], "device": row["device"],
-            "cancel_requested": bool(running is not None and running.cancel_event.is_set()),
-            "timings": dict(running.timings) if running is not None else row.get("timings"),
-            "images": [image_view(i) for i in images], "created_at": row["created_at"],
-            "started_at": row["started_at"], "finished_at": row["finished_at"]}
+            "seeds": rec.seeds, "prompt": rec.prompt, "negative_prompt": rec.negative_prompt,
+            "priority": rec.priority, "params": public_params(rec.params), "progress": progress,
+            "eta_seconds": eta, "error": rec.error, "device": rec.device,
+            "cancel_requested": bool(live is not None and live.cancel_requested),
+            "timings": dict(live.timings) if live is not None else rec.timings,
+            "images": [image_view(i) for i in images], "created_at": rec.created_at,
+            "started_at": rec.started_at, "finished_at": rec.finished_at}

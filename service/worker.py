@@ -1,9 +1,11 @@
-"""Device workers: one loop per device taking jobs from the service, and their supervisor.
+"""Device workers: one loop per device taking jobs from the ledger, and their supervisor.
 
 Like huey's consumer, a worker is ``initialize()`` / ``loop()`` (one unit of work) /
-``shutdown()`` run as ``while not stop.is_set(): loop()``. The job boundary catches every
-exception (the job fails, the loop goes on). Should the loop itself die, the
-:class:`Supervisor` notices and starts it again.
+``shutdown()`` run as ``while not stop.is_set(): loop()``. It takes a job from the
+:class:`~multigen.service.ledger.JobLedger` and hands it to the
+:class:`~multigen.service.runner.JobRunner`, whose job boundary catches every exception
+(the job fails, the loop goes on). Should the loop itself die, the :class:`Supervisor`
+notices and starts it again.
 
 Each worker fixes its torch thread count in its own thread (OpenMP's setting is per
 thread, and the count changes pixels), and records it with every image.
@@ -13,11 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .runner import RunningJob
-    from .serviceThread import ServiceThread
+from .ledger import JobLedger
+from .runner import Device, JobRunner
+from .running import RunningJob
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,16 @@ class DeviceWorker:
     """The loop that runs jobs on one device.
 
     Args:
-        service: the owning service (gives jobs, runs them, records results).
+        ledger: gives jobs (and takes back those that break out of the runner).
+        runner: runs them.
         device: torch device name (``cpu``, ``cuda:0``).
         threads: torch intra-op threads to use in this worker.
         dtype: precision of the models this worker loads.
     """
 
-    def __init__(self, service: ServiceThread, device: str, threads: int, dtype: Any) -> None:
-        self.service = service
+    def __init__(self, ledger: JobLedger, runner: JobRunner, device: str, threads: int, dtype: Any) -> None:
+        self.ledger = ledger
+        self.runner = runner
         self.device = device
         self.threads = threads
         self.dtype = dtype
@@ -88,14 +92,15 @@ class DeviceWorker:
 
     def loop(self) -> None:
         """One unit of work: take the next job (or wait a little) and run it."""
-        job = self.service._next_job(self, timeout=IDLE_WAIT_SECONDS)
+        job = self.ledger.next_job(self.device, lambda: self.runner.held_models(self.device), self.stop_event,
+                                   IDLE_WAIT_SECONDS)
         if job is None:
             return
         self.current, self.state = job, "running"
         try:
-            self.service._run_job(self, job)  # catches at the job boundary
+            self.runner.run(Device(self.device, self.threads, self.dtype), job)  # catches at the job boundary
         except Exception as exc:  # a bug past that boundary: end the job, then let the loop die and restart
-            self.service._abandon(job, exc)
+            self.ledger.abandon(job, exc)
             raise
         finally:
             self.current, self.state = None, "idle"
@@ -138,3 +143,36 @@ class Supervisor:
                 n += 1
                 time.sleep(0)  # let it start before checking the next
         return n
+
+
+class WorkerPool:
+    """The service's workers (one per device) and their supervisor, started and stopped together.
+
+    Args:
+        make_worker: ``make_worker(device) -> DeviceWorker``.
+        devices: the devices, one worker each.
+    """
+
+    def __init__(self, make_worker: Callable[[str], DeviceWorker], devices: list[str]) -> None:
+        self.workers = [make_worker(d) for d in devices]
+        self.stop_event = threading.Event()
+        self.supervisor = Supervisor(self.workers, self.stop_event)
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+        self.supervisor.start()
+
+    def stop(self, timeout: float | None) -> bool:
+        """Stop every loop (waiting up to ``timeout`` for each); True when all of them ended."""
+        self.stop_event.set()
+        for w in self.workers:
+            w.stop_event.set()
+        for w in self.workers:
+            if w.thread is not None:
+                w.thread.join(timeout)
+        self.supervisor.thread.join(timeout)
+        return not any(w.alive() for w in self.workers)
+
+    def info(self) -> list[dict[str, Any]]:
+        return [w.info() for w in self.workers]

@@ -1,6 +1,7 @@
 """Shared fixtures: the default models (built by scripts/test), configs in temp folders."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -36,3 +37,25 @@ def config_file(tmp_path: Path, models_dir: Path) -> Path:
     text = text.replace("model_dir: ../models", f"model_dir: {models_dir}")
     (cfg / "config.yaml").write_text(text)
     return cfg / "config.yaml"
+
+
+@pytest.fixture()
+def make_api(config_file: Path):
+    """Builds HTTP API apps over a ServiceThread on fake pipes (``helpers_service.api_app``), all
+    stopped after the test: ``make_api(users=(), start=True, **config_text) -> ApiApp``. A service
+    holds the data folder: build a second app over ``api.svc`` rather than a second service."""
+    from helpers_service import api_app
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **kwargs: stack.enter_context(api_app(config_file, **kwargs))
+
+
+@pytest.fixture()
+def api(make_api):
+    """An app over a started service on fake pipes (``.app``, ``.svc``, ``.client()``)."""
+    return make_api()
+
+
+@pytest.fixture()
+def client(api):
+    return api.client()

@@ -4,18 +4,22 @@
   callback, honour the cancel check and make a flat image whose colour encodes the seed.
 * :func:`fake_loader`: a ``load_base`` stand-in that counts loads.
 * :class:`FakeService`: a ``ServiceThread`` wired to the fakes, on fake devices.
+* :func:`api_app`: the HTTP API over a :class:`ConfigFakeService` (a FakeService for the real
+  models.yaml), and :func:`open_session`, :func:`queue_job`, :func:`wait_job` for its tests.
 * ``python tests/helpers_service.py CONFIG [--queue SPEC.json] [--step-delay S]``: a small
   runner that starts a real ServiceThread (used by the SIGKILL test).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 
@@ -147,10 +151,10 @@ class FakeService(ServiceThread):
     preview_fn = staticmethod(fake_preview)
     fake_devices = ["fake:0"]
 
-    def _resolve_devices(self) -> list[str]:
+    def worker_devices(self) -> list[str]:
         return list(self.fake_devices)
 
-    def _dtype(self, device: str) -> Any:
+    def dtype_for(self, device: str) -> Any:
         return "float32"
 
 
@@ -197,6 +201,113 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> A
     raise AssertionError(f"condition not met in {timeout} s: {predicate}")
 
 
+# ---- the HTTP API over a service on fake pipes -------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def mirrored_pipe_class(classname: str) -> type:
+    """A :class:`FakePipe` with the declarations (upper-case class attributes: ``PARAMS``, ``ALIASES``...)
+    of the real pipe class ``classname``: the service and the API check requests as for the real one."""
+    import multigen.pipes
+
+    real = getattr(multigen.pipes, classname)
+    declared = {name: getattr(real, name) for name in dir(real) if name.isupper()}
+    return type(f"Fake{classname}", (FakePipe,), declared)
+
+
+class ConfigFakeService(FakeService):
+    """A :class:`FakeService` for a real models.yaml (the ``config_file`` fixture's): every pipe class it
+    names is a :func:`mirrored_pipe_class`, every model a :func:`fake_loader` stand-in."""
+
+    pipe_factory = staticmethod(mirrored_pipe_class)
+
+
+@dataclasses.dataclass
+class ApiApp:
+    """A Flask app over a :class:`ConfigFakeService`; ``tokens`` maps the users made for it to their tokens."""
+
+    app: Any
+    svc: ConfigFakeService
+    tokens: dict[str, str]
+
+    def client(self) -> Any:
+        return self.app.test_client()
+
+    def headers(self, user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[user]}"}
+
+
+@contextlib.contextmanager
+def api_app(config_file: Path, users: tuple[str, ...] = (), start: bool = True,
+            **config_text: str) -> Iterator[ApiApp]:
+    """An app over a ConfigFakeService (started unless ``start=False``: jobs then stay queued until
+    ``svc.start()``); fresh recorder. ``config_text`` replaces text of config.yaml first
+    (``**{"max_count: 100": "max_count: 3"}``); ``users`` are added with tokens."""
+    from multigen.service.api import create_app
+    from multigen.service.users import add_user
+
+    REC.__init__()  # type: ignore[misc]
+    text = config_file.read_text()
+    for old, new in config_text.items():
+        assert old in text, f"{old!r} is not in {config_file}"
+        text = text.replace(old, new)
+    config_file.write_text(text)
+    tokens = {name: add_user(str(config_file), name) for name in users}
+    cfg = load_config(config_file)
+    svc = ConfigFakeService(cfg)
+    app = None
+    try:
+        if start:
+            svc.start()
+        app = create_app(cfg, svc)
+        app.config["TESTING"] = True
+        yield ApiApp(app, svc, tokens)
+    finally:
+        if app is not None:
+            app.extensions["multigen.stopping"].set()  # event streams and the step timer end
+        svc.stop(timeout=10)
+
+
+def open_session(client: Any, pipe: str = "prompt2image", headers: dict[str, str] | None = None,
+                 **body: Any) -> dict[str, Any]:
+    """``POST /api/v1/sessions`` (project p1, tiny-sd unless given); returns the Session."""
+    r = client.post("/api/v1/sessions", json={"project": "p1", "pipe": pipe, "model": "tiny-sd", **body},
+                    headers=headers or {})
+    assert r.status_code == 201, r.get_json()
+    return r.get_json()["session"]
+
+
+def queue_job(client: Any, session_id: str, headers: dict[str, str] | None = None, **body: Any) -> dict[str, Any]:
+    """``POST /api/v1/sessions/{id}/jobs`` (prompt "x" unless given); returns the Job."""
+    r = client.post(f"/api/v1/sessions/{session_id}/jobs", json={"prompt": "x", **body}, headers=headers or {})
+    assert r.status_code == 202, r.get_json()
+    return r.get_json()["job"]
+
+
+def wait_job(client: Any, job_id: str, states: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+             headers: dict[str, str] | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """Poll ``GET /api/v1/jobs/{id}`` until the job is in one of ``states``; returns it."""
+    def reached() -> dict[str, Any] | None:
+        job = client.get(f"/api/v1/jobs/{job_id}", headers=headers or {}).get_json()["job"]
+        return job if job["state"] in states else None
+
+    return wait_for(reached, timeout)
+
+
+def read_sse(stream: Iterator[bytes], until: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+    """Server-sent events from a streamed test response (``iter(response.response)``), comments skipped,
+    as ``{"id": int, "event": str, "data": dict}``, until ``until(events so far)`` is true."""
+    out: list[dict[str, Any]] = []
+    buffer = ""
+    while not until(out):
+        buffer += next(stream).decode()
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            fields = dict(line.split(": ", 1) for line in block.splitlines()
+                          if not line.startswith(":") and ": " in line)
+            if "event" in fields:
+                out.append({"id": int(fields["id"]), "event": fields["event"], "data": json.loads(fields["data"])})
+    return out
+
+
 # ---- runner script for the SIGKILL test ------------------------------------------------------------------
 class SlowService(ServiceThread):
     """A real ServiceThread whose every step takes at least ``step_delay`` s (time to kill it mid-job)."""
@@ -204,30 +315,23 @@ class SlowService(ServiceThread):
     step_delay = 0.0
 
 
-def _slow_runner_class():
-    from multigen.service.runner import JobRunner
+def slow_pipe_factory(classname: str) -> type:
+    """The real pipe class, with every step slowed to ``SlowService.step_delay`` (time to kill it mid-job)."""
+    from multigen.pipes.registry import pipe_class
 
-    class SlowRunner(JobRunner):
-        def _one_image(self, worker, job, row, session, pipe, model_type, pos, written):  # noqa: ANN001
-            orig_gen = pipe.gen
+    class Slow(pipe_class(classname)):  # type: ignore[misc, valid-type]
+        def gen(self, inputs: dict[str, Any]) -> Any:
+            cb = inputs.get("callback")
 
-            def gen(inputs: dict[str, Any]):
-                cb = inputs.get("callback")
+            def slow_cb(step: int, steps: int, latents: Any) -> None:
+                time.sleep(SlowService.step_delay)
+                if cb:
+                    cb(step, steps, latents)
 
-                def slow_cb(step: int, steps: int, latents: Any) -> None:
-                    time.sleep(SlowService.step_delay)
-                    if cb:
-                        cb(step, steps, latents)
+            return super().gen(dict(inputs, callback=slow_cb))
 
-                return orig_gen(dict(inputs, callback=slow_cb))
-
-            pipe.gen = gen
-            try:
-                return super()._one_image(worker, job, row, session, pipe, model_type, pos, written)
-            finally:
-                del pipe.gen
-
-    return SlowRunner
+    Slow.__name__ = Slow.__qualname__ = classname
+    return Slow
 
 
 def main(argv: list[str]) -> int:
@@ -240,7 +344,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--exit-when-idle", action="store_true")
     args = p.parse_args(argv)
     SlowService.step_delay = args.step_delay
-    SlowService.runner_class = _slow_runner_class()
+    SlowService.pipe_factory = staticmethod(slow_pipe_factory)
     svc = SlowService(args.config)
     svc.start()
     if args.queue:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from api_fakes import build_app, fake, open_session  # noqa: F401  (fixtures)
+from helpers_service import REC, open_session, queue_job, read_sse, wait_for, wait_job
 from PIL import Image
 
 from multigen.service.config import load_config
@@ -14,24 +14,24 @@ from multigen.service.users import UserTable, add_user, hash_token
 
 
 @pytest.fixture()
-def two_users(config_file, fake):
-    app, tokens = build_app(config_file, fake, users=("alice", "bob"))
-    return app.test_client(), {u: {"Authorization": f"Bearer {t}"} for u, t in tokens.items()}, tokens
+def two_users(make_api):
+    api = make_api(users=("alice", "bob"))
+    return api.client(), {u: api.headers(u) for u in api.tokens}, api.tokens, api
 
 
 def err(r):
     return r.get_json()["error"]
 
 
-def test_tokens_are_stored_only_as_hashes(config_file, fake):
-    _, tokens = build_app(config_file, fake, users=("alice",))
+def test_tokens_are_stored_only_as_hashes(config_file, make_api):
+    tokens = make_api(users=("alice",)).tokens
     text = config_file.read_text()
     assert tokens["alice"] not in text and hash_token(tokens["alice"]) in text
     assert load_config(config_file).users["alice"]["token_sha256"] == hash_token(tokens["alice"])
 
 
 def test_no_or_bad_token_is_401_public_routes_stay_open(two_users):
-    client, headers, _ = two_users
+    client, headers, _, _ = two_users
     for h in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer "}):
         r = client.get("/api/v1/sessions", headers=h)
         assert r.status_code == 401 and err(r)["code"] == "unauthorized", h
@@ -45,21 +45,21 @@ def test_no_or_bad_token_is_401_public_routes_stay_open(two_users):
     assert client.get(f"/api/v1/sessions?access_token={two_users[2]['alice']}").status_code == 401
 
 
-def test_users_never_see_each_others_things(two_users, fake):
-    client, headers, tokens = two_users
-    s = open_session(client, headers=headers["alice"])
+def test_users_never_see_each_others_things(two_users):
+    client, headers, tokens, _ = two_users
+    alice, bob = headers["alice"], headers["bob"]
+    s = open_session(client, headers=alice)
     assert s["user"] == "alice"
-    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "count": 1},
-                      headers=headers["alice"]).get_json()["job"]
-    fake.run_job(job["id"])
-    image = client.get(f"/api/v1/sessions/{s['id']}/images", headers=headers["alice"]).get_json()["images"][0]
-    job2 = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x"}, headers=headers["alice"]).get_json()
-    bob = headers["bob"]
+    job = wait_job(client, queue_job(client, s["id"], headers=alice, steps=2)["id"], headers=alice)
+    image = client.get(f"/api/v1/sessions/{s['id']}/images", headers=alice).get_json()["images"][0]
+    REC.step_delay = 0.02
+    running = queue_job(client, s["id"], headers=alice, steps=500)  # 10 s: bob may try to cancel it
+    wait_for(lambda: client.get(f"/api/v1/jobs/{running['id']}/preview", headers=alice).status_code == 200)
     for method, path in [("get", f"/api/v1/sessions/{s['id']}"), ("delete", f"/api/v1/sessions/{s['id']}"),
                          ("get", f"/api/v1/sessions/{s['id']}/images"), ("get", f"/api/v1/sessions/{s['id']}/jobs"),
                          ("get", f"/api/v1/jobs/{job['id']}"),
-                         ("post", f"/api/v1/jobs/{job2['job']['id']}/cancel"),
-                         ("get", f"/api/v1/jobs/{job['id']}/preview"), ("get", f"/api/v1/images/{image['id']}"),
+                         ("post", f"/api/v1/jobs/{running['id']}/cancel"),
+                         ("get", f"/api/v1/jobs/{running['id']}/preview"), ("get", f"/api/v1/images/{image['id']}"),
                          ("get", f"/api/v1/images/{image['id']}/metadata"),
                          ("get", f"/api/v1/events?session_id={s['id']}")]:
         r = getattr(client, method)(path, headers=bob)
@@ -67,24 +67,24 @@ def test_users_never_see_each_others_things(two_users, fake):
     r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x"}, headers=bob)
     assert r.status_code == 404
     assert client.get("/api/v1/sessions", headers=bob).get_json()["sessions"] == []
-    assert fake.jobs[job2["job"]["id"]]["state"] == "queued"  # bob's cancel did nothing
-    assert fake.sessions[s["id"]]["state"] == "open"
+    running = client.get(f"/api/v1/jobs/{running['id']}", headers=alice).get_json()["job"]
+    assert running["state"] == "running" and running["cancel_requested"] is False  # bob's cancel did nothing
+    assert client.get(f"/api/v1/sessions/{s['id']}", headers=alice).get_json()["session"]["state"] == "open"
     # alice sees hers; files also take ?access_token= (for <img> tags)
     assert client.get(f"/api/v1/images/{image['id']}?access_token={tokens['alice']}").status_code == 200
     assert client.get(f"/api/v1/images/{image['id']}?access_token={tokens['bob']}").status_code == 404
     assert len(client.get("/api/v1/sessions", headers=headers["alice"]).get_json()["sessions"]) == 1
 
 
-def test_query_tokens_never_reach_the_logs(two_users, fake, caplog, monkeypatch):
+def test_query_tokens_never_reach_the_logs(two_users, caplog, monkeypatch):
     """?access_token= (for <img> and EventSource) is accepted on files and streams; whatever happens to
     such a request (served, refused, a bug), the token is not written to the log, while the failing
     request's path is."""
-    client, headers, tokens = two_users
+    client, headers, tokens, api = two_users
     token = tokens["alice"]
     s = open_session(client, headers=headers["alice"])
-    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x"},
-                      headers=headers["alice"]).get_json()["job"]
-    fake.run_job(job["id"])
+    job = wait_job(client, queue_job(client, s["id"], headers=headers["alice"], steps=2)["id"],
+                   headers=headers["alice"])
     image = client.get(f"/api/v1/sessions/{s['id']}/images", headers=headers["alice"]).get_json()["images"][0]
     with caplog.at_level("DEBUG"):
         assert client.get(f"/api/v1/images/{image['id']}?access_token={token}").status_code == 200
@@ -96,7 +96,7 @@ def test_query_tokens_never_reach_the_logs(two_users, fake, caplog, monkeypatch)
         def broken(image_id):
             raise RuntimeError("the store broke")
 
-        monkeypatch.setattr(fake, "get_image", broken)
+        monkeypatch.setattr(api.svc, "get_image", broken)
         r = client.get(f"/api/v1/images/{image['id']}?access_token={token}&format=webp")
         assert r.status_code == 500 and err(r)["code"] == "internal_error"
     logged = caplog.text + "".join(str(rec.args) for rec in caplog.records)
@@ -105,14 +105,14 @@ def test_query_tokens_never_reach_the_logs(two_users, fake, caplog, monkeypatch)
 
 
 def test_body_user_must_match_token(two_users):
-    client, headers, _ = two_users
+    client, headers, _, _ = two_users
     r = client.post("/api/v1/sessions", json={"user": "bob", "project": "p", "pipe": "prompt2image",
                                               "model": "tiny-sd"}, headers=headers["alice"])
     assert r.status_code == 403 and err(r)["field"] == "user"
 
 
 def test_uploads_are_private(two_users):
-    client, headers, _ = two_users
+    client, headers, _, _ = two_users
     buf = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buf, format="PNG")
     up = client.post("/api/v1/uploads", data={"file": (io.BytesIO(buf.getvalue()), "a.png")},
@@ -123,27 +123,31 @@ def test_uploads_are_private(two_users):
     assert r.status_code == 404 and err(r)["field"] == "images.0"
 
 
-def test_queue_hides_other_users_job_ids(two_users, fake):
-    client, headers, _ = two_users
+def test_queue_hides_other_users_job_ids(two_users):
+    client, headers, _, _ = two_users
+    REC.step_delay = 0.02
     s = open_session(client, headers=headers["alice"])
-    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x"}, headers=headers["alice"]).get_json()
-    fake.jobs[job["job"]["id"]]["state"] = "running"
-    assert client.get("/api/v1/queue", headers=headers["alice"]).get_json()["workers"][0]["job_id"] == job["job"]["id"]
+    job = queue_job(client, s["id"], headers=headers["alice"], steps=500)
+    wait_for(lambda: client.get("/api/v1/queue", headers=headers["alice"]).get_json()["workers"][0]["job_id"]
+             == job["id"])  # running on the worker
     assert client.get("/api/v1/queue", headers=headers["bob"]).get_json()["workers"][0]["job_id"] is None
-    assert "job_id" not in client.get("/api/v1/health").get_json()["queue"]["workers"][0]
+    health = client.get("/api/v1/health").get_json()
+    assert health["queue"]["running"] == 1 and "job_id" not in health["queue"]["workers"][0]
 
 
-def test_events_carry_only_own_sessions(two_users, fake):
-    client, headers, tokens = two_users
+def test_events_carry_only_own_sessions(two_users):
+    client, headers, tokens, _ = two_users
     sa = open_session(client, headers=headers["alice"])
     sb = open_session(client, headers=headers["bob"])
     r = client.get("/api/v1/events", headers=headers["bob"], buffered=False)
     stream = iter(r.response)
     assert next(stream).startswith(b"retry:")
-    ja = client.post(f"/api/v1/sessions/{sa['id']}/jobs", json={"prompt": "x"}, headers=headers["alice"]).get_json()
-    jb = client.post(f"/api/v1/sessions/{sb['id']}/jobs", json={"prompt": "x"}, headers=headers["bob"]).get_json()
-    chunk = next(stream).decode()
-    assert jb["job"]["id"] in chunk and ja["job"]["id"] not in chunk
+    ja = queue_job(client, sa["id"], headers=headers["alice"], steps=2)
+    jb = queue_job(client, sb["id"], headers=headers["bob"], steps=2)  # runs after alice's
+    events = read_sse(stream, lambda out: out and out[-1]["event"] == "job.succeeded")
+    assert {e["data"]["session_id"] for e in events} == {sb["id"]}
+    assert events[0]["event"] == "job.queued" and events[-1]["data"]["job"]["id"] == jb["id"]
+    assert all(ja["id"] not in str(e) for e in events)
     r.close()
     # EventSource cannot send headers: the stream also takes ?access_token=
     r = client.get(f"/api/v1/events?session_id={sb['id']}&access_token={tokens['bob']}", buffered=False)
@@ -158,7 +162,7 @@ def test_is_loopback(host, loop):
     assert is_loopback(host) is loop
 
 
-def test_bind_auth_rule(config_file, fake):
+def test_bind_auth_rule(config_file):
     cfg = load_config(config_file)
     assert check_bind_auth(cfg) == "anonymous-loopback"
     cfg.server.host = "0.0.0.0"
@@ -170,11 +174,11 @@ def test_bind_auth_rule(config_file, fake):
     assert check_bind_auth(cfg) == "tokens"
 
 
-def test_users_added_while_running_take_effect(config_file, fake, caplog):
+def test_users_added_while_running_take_effect(config_file, make_api, caplog):
     """`multigen users add` needs no restart; a config broken meanwhile keeps the users the server had."""
-    app, tokens = build_app(config_file, fake, users=("alice",))
-    client = app.test_client()
-    table = app.extensions["multigen.users"]
+    api = make_api(users=("alice",))
+    tokens, client = api.tokens, api.client()
+    table = api.app.extensions["multigen.users"]
     carol = add_user(str(config_file), "carol")
     table.refresh(force=True)
     for token in (carol, tokens["alice"]):

@@ -9,7 +9,7 @@ import struct
 import zlib
 
 import pytest
-from api_fakes import app, build_app, client, fake, open_session  # noqa: F401  (fixtures)
+from helpers_service import REC, open_session, queue_job, wait_job
 from PIL import Image
 
 
@@ -31,15 +31,15 @@ def png_bomb(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def run_session(client, fake, count=3):
+def run_session(client, count=3):
+    """A session with one job of ``count`` images, run; returns the session and its images."""
     s = open_session(client)
-    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "count": count}).get_json()["job"]
-    fake.run_job(job["id"])
+    assert wait_job(client, queue_job(client, s["id"], count=count, steps=2)["id"])["state"] == "succeeded"
     return s, client.get(f"/api/v1/sessions/{s['id']}/images").get_json()["images"]
 
 
-def test_images_after_polls_what_is_new(client, fake):
-    s, images = run_session(client, fake, count=3)
+def test_images_after_polls_what_is_new(client):
+    s, images = run_session(client, count=3)
     assert [im["index"] for im in images] == [0, 1, 2]
     assert [im["index"] for im in client.get(f"/api/v1/sessions/{s['id']}/images?after=0").get_json()["images"]] \
         == [1, 2]
@@ -52,8 +52,8 @@ def test_images_after_polls_what_is_new(client, fake):
 
 @pytest.mark.parametrize("fmt,mime,pil", [("png", "image/png", "PNG"), ("jpeg", "image/jpeg", "JPEG"),
                                           ("webp", "image/webp", "WEBP")])
-def test_image_file_formats_etag_and_304(client, fake, fmt, mime, pil):
-    _, images = run_session(client, fake, count=1)
+def test_image_file_formats_etag_and_304(client, fmt, mime, pil):
+    _, images = run_session(client, count=1)
     url = f"/api/v1/images/{images[0]['id']}?format={fmt}"
     r = client.get(url)
     assert r.status_code == 200 and r.mimetype == mime
@@ -65,40 +65,44 @@ def test_image_file_formats_etag_and_304(client, fake, fmt, mime, pil):
     assert since.status_code == 304
 
 
-def test_image_unknown_format_is_400(client, fake):
-    _, images = run_session(client, fake, count=1)
+def test_image_unknown_format_is_400(client):
+    _, images = run_session(client, count=1)
     r = client.get(f"/api/v1/images/{images[0]['id']}?format=gif")
     assert r.status_code == 400 and err(r)["field"] == "format" and "webp" in err(r)["message"]
 
 
-def test_metadata_reproduces_the_image(client, fake):
-    _, images = run_session(client, fake, count=1)
+def test_metadata_reproduces_the_image(api, client):
+    _, images = run_session(client, count=1)
     body = client.get(f"/api/v1/images/{images[0]['id']}/metadata").get_json()
-    assert body["metadata"]["seed"] == images[0]["seed"] and body["metadata"]["prompt"] == "x"
+    assert body["image"] == images[0]
+    meta = body["metadata"]
+    assert (meta["seed"], meta["prompt"], meta["model"], meta["params"]["steps"]) == (images[0]["seed"], "x",
+                                                                                     "tiny-sd", 2)
+    assert str(api.svc.config.output_dir) not in json.dumps(meta)  # no server paths reach users
     # without the sidecar, the PNG's JSON text chunk
-    path = fake.paths[images[0]["id"]]
-    os.remove(path[:-4] + ".json")
-    assert client.get(f"/api/v1/images/{images[0]['id']}/metadata").get_json()["metadata"]["seed"] == images[0]["seed"]
+    api.svc.image_file(images[0]["id"]).with_suffix(".json").unlink()
+    assert client.get(f"/api/v1/images/{images[0]['id']}/metadata").get_json()["metadata"] == meta
 
 
-@pytest.mark.parametrize("attack", ["../../../../etc/passwd", "absolute", "symlink", "encoded"])
-def test_no_path_leaves_the_output_folder(client, fake, tmp_path, attack):
-    _, images = run_session(client, fake, count=1)
+@pytest.mark.parametrize("attack", ["dotdot", "absolute", "symlink", "encoded"])
+def test_no_path_leaves_the_output_folder(api, client, tmp_path, monkeypatch, attack):
+    """Whatever path the service's record holds, only files inside output_dir are served."""
+    _, images = run_session(client, count=1)
     iid = images[0]["id"]
     secret = tmp_path / "secret.png"
     Image.new("RGB", (8, 8)).save(secret)
-    inside = fake.paths[iid]
-    if attack == "absolute":
-        fake.paths[iid] = str(secret)
-    elif attack == "symlink":
-        os.remove(inside)
-        os.symlink(secret, inside)
-    elif attack == "encoded":
+    inside = api.svc.image_file(iid)
+    if attack == "absolute":  # a record pointing elsewhere
+        monkeypatch.setattr(api.svc, "image_file", lambda image_id: secret)
+    elif attack == "dotdot":
+        monkeypatch.setattr(api.svc, "image_file", lambda image_id: inside.parent / "../../../../../secret.png")
+    elif attack == "symlink":  # the file itself replaced by a link out of the folder
+        inside.unlink()
+        inside.symlink_to(secret)
+    else:
         r = client.get("/api/v1/images/..%2F..%2F..%2Fsecret.png")
         assert r.status_code == 404 and err(r)["code"] == "not_found"
         return
-    else:
-        fake.paths[iid] = os.path.join(os.path.dirname(inside), attack)
     r = client.get(f"/api/v1/images/{iid}")
     assert r.status_code == 404 and err(r)["code"] == "not_found"
     assert client.get(f"/api/v1/images/{iid}/metadata").status_code == 404
@@ -113,7 +117,7 @@ def test_upload_png_jpeg_webp(client):
         assert up["width"] == 40 and up["height"] == 24 and up["format"] == fmt.lower() and up["id"].startswith("up_")
 
 
-def test_upload_applies_exif_orientation(client, app):
+def test_upload_applies_exif_orientation(api, client):
     image = Image.new("RGB", (40, 20))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
@@ -121,14 +125,13 @@ def test_upload_applies_exif_orientation(client, app):
     r = client.post("/api/v1/uploads", data={"file": (io.BytesIO(data), "x.jpg")}, content_type="multipart/form-data")
     up = r.get_json()["upload"]
     assert (up["width"], up["height"]) == (20, 40)
-    stored = app.extensions["multigen.uploads"].folder / f"{up['id']}.png"
+    stored = api.app.extensions["multigen.uploads"].folder / f"{up['id']}.png"
     assert Image.open(stored).size == (20, 40)
 
 
-def test_upload_rejects_other_formats_bombs_and_big_files(config_file, fake):
-    app, _ = build_app(config_file, fake, **{"upload_max_bytes: 20971520": "upload_max_bytes: 200000",
-                                             "upload_max_pixels: 16777216": "upload_max_pixels: 250000"})
-    client = app.test_client()
+def test_upload_rejects_other_formats_bombs_and_big_files(make_api):
+    client = make_api(**{"upload_max_bytes: 20971520": "upload_max_bytes: 200000",
+                         "upload_max_pixels: 16777216": "upload_max_pixels: 250000"}).client()
 
     def post(data):
         return client.post("/api/v1/uploads", data={"file": (io.BytesIO(data), "f")}, content_type="multipart/form-data")
@@ -151,19 +154,23 @@ def test_upload_rejects_other_formats_bombs_and_big_files(config_file, fake):
     assert r.status_code == 400 and err(r)["field"] == "file"
 
 
-def test_job_images_from_uploads_and_data_urls(client, fake):
+def test_job_images_from_uploads_and_data_urls(client):
     s = open_session(client, pipe="inpainting")
     png = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
     up = client.post("/api/v1/uploads", data={"file": (io.BytesIO(png), "a.png")},
                      content_type="multipart/form-data").get_json()["upload"]
-    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+    mask = encode(Image.new("L", (64, 64), 255), "PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(mask).decode()
     r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [up["id"]], "mask": data_url,
                                                                "strength": 0.6, "blur": 4})
     assert r.status_code == 202, r.get_json()
-    kwargs = fake.calls[-1][2]
-    assert kwargs["images"][0].endswith(f"{up['id']}.png") and os.path.isfile(kwargs["images"][0])
-    assert os.path.isfile(kwargs["mask"]) and Image.open(kwargs["mask"]).size == (64, 64)
-    assert kwargs["strength"] == 0.6 and kwargs["blur"] == 4
+    params = r.get_json()["job"]["params"]
+    assert params["strength"] == 0.6 and params["blur"] == 4
+    assert params["image"].startswith("<image") and params["mask"].startswith("<image")  # files, by name only
+    assert wait_job(client, r.get_json()["job"]["id"])["state"] == "succeeded"
+    setup = REC.setups[-1]  # what the pipe was given: the upload's and the data: URL's images
+    assert setup["image"].getpixel((0, 0)) == (1, 2, 3) and setup["mask"].getpixel((0, 0)) == 255
+    assert setup["image"].size == setup["mask"].size == (64, 64)
 
 
 @pytest.mark.parametrize("ref,status,field", [
@@ -179,7 +186,7 @@ def test_job_image_refs_errors(client, ref, status, field):
     assert r.status_code == status and err(r)["field"] == field, r.get_json()
 
 
-def test_job_images_are_capped_before_any_is_stored(client, app, fake):
+def test_job_images_are_capped_before_any_is_stored(api, client):
     """Every data: URL of a job is decoded and stored: a list of thousands of tiny ones used to be taken."""
     from multigen.service.api.schemas import MAX_JOB_IMAGES
 
@@ -187,38 +194,39 @@ def test_job_images_are_capped_before_any_is_stored(client, app, fake):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format="PNG")
     tiny = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     s = open_session(client, pipe="image2image")
-    uploads = app.extensions["multigen.uploads"].folder
+    uploads = api.app.extensions["multigen.uploads"].folder
     r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [tiny] * 500})
     assert r.status_code == 400 and err(r)["field"] == "images", r.get_json()
     assert not uploads.exists() or not any(uploads.iterdir())
     doc = client.get("/api/v1/openapi.json").get_json()
-    images = doc["components"]["schemas"]["JobCreate_image2image"]["properties"]["images"]["anyOf"][0]
-    assert images["maxItems"] == MAX_JOB_IMAGES
-    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [tiny]})
+    cap = doc["components"]["schemas"]["JobCreate_image2image"]["properties"]["images"]["anyOf"][0]["maxItems"]
+    assert 1 <= cap <= MAX_JOB_IMAGES  # as many as the pipe takes
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [tiny] * (cap + 1)})
+    assert r.status_code == 400 and err(r)["field"] == "images", r.get_json()
+    r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [tiny] * cap})
     assert r.status_code == 202, r.get_json()
 
 
-def test_data_url_size_checked_before_decoding(config_file, fake):
-    app, _ = build_app(config_file, fake, **{"upload_max_bytes: 20971520": "upload_max_bytes: 1000"})
-    client = app.test_client()
+def test_data_url_size_checked_before_decoding(make_api):
+    client = make_api(**{"upload_max_bytes: 20971520": "upload_max_bytes: 1000"}).client()
     s = open_session(client, pipe="image2image")
     big = "data:image/png;base64," + base64.b64encode(os.urandom(3000)).decode()
     r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [big]})
     assert r.status_code == 413 and err(r)["field"] == "images.0"
 
 
-def test_uploads_record_owner(client, app):
+def test_uploads_record_owner(api, client):
     png = encode(Image.new("RGB", (8, 8)), "PNG")
     up = client.post("/api/v1/uploads", data={"file": (io.BytesIO(png), "a.png")},
                      content_type="multipart/form-data").get_json()["upload"]
-    meta = json.loads((app.extensions["multigen.uploads"].folder / f"{up['id']}.json").read_text())
+    meta = json.loads((api.app.extensions["multigen.uploads"].folder / f"{up['id']}.json").read_text())
     assert meta["user"] == "local"
 
 
-def test_unused_uploads_are_deleted_after_keep_hours(config_file, fake):
-    app, _ = build_app(config_file, fake, **{"upload_keep_hours: 168": "upload_keep_hours: 2"})
-    client = app.test_client()
-    store = app.extensions["multigen.uploads"]
+def test_unused_uploads_are_deleted_after_keep_hours(make_api):
+    api = make_api(**{"upload_keep_hours: 168": "upload_keep_hours: 2"})
+    client = api.client()
+    store = api.app.extensions["multigen.uploads"]
 
     def upload():
         r = client.post("/api/v1/uploads", data={"file": (io.BytesIO(encode(Image.new("RGB", (8, 8)), "PNG")), "a.png")},
@@ -243,8 +251,8 @@ def test_unused_uploads_are_deleted_after_keep_hours(config_file, fake):
     assert r.status_code == 404 and err(r)["field"] == "images.0" and old in err(r)["message"]
 
 
-def test_upload_keep_hours_0_keeps_everything(app, client):
-    store = app.extensions["multigen.uploads"]
+def test_upload_keep_hours_0_keeps_everything(api, client):
+    store = api.app.extensions["multigen.uploads"]
     store.keep_seconds = 0
     r = client.post("/api/v1/uploads", data={"file": (io.BytesIO(encode(Image.new("RGB", (8, 8)), "PNG")), "a.png")},
                     content_type="multipart/form-data")

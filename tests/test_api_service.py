@@ -1,12 +1,18 @@
 """Routing errors, the OpenAPI document and page, /metrics, the event stream and `multigen users add`."""
 from __future__ import annotations
 
+import inspect
+import re
 import subprocess
 import sys
 
 import pytest
-from api_fakes import app, build_app, client, fake, open_session  # noqa: F401  (fixtures)
+from helpers_service import REC, open_session, queue_job, read_sse, wait_for, wait_job
 
+from multigen.service.api import create_app
+from multigen.service.config import load_config
+from multigen.service.protocol import SERVICE_METHODS, EventSubscription, GenerationService
+from multigen.service.serviceThread import ServiceThread
 from multigen.service.users import hash_token
 
 
@@ -43,7 +49,6 @@ def test_openapi_document_comes_from_the_request_models(client):
         assert method in paths[path], path
     # every $ref resolves
     text = str(doc)
-    import re
     for ref in set(re.findall(r"#/components/schemas/([A-Za-z0-9_]+)", text)):
         assert ref in schemas, ref
     assert doc["x-multigen-job-schemas"]["inpainting"].endswith("JobCreate_inpainting")
@@ -81,22 +86,48 @@ def test_docs_page_is_self_contained(client):
     assert "http://" not in html and "https://" not in html and "<script src" not in html
 
 
-def test_metrics(client, fake):
+def test_metrics(make_api):
+    api = make_api(start=False)
+    client = api.client()
     s = open_session(client)
-    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "count": 2}).get_json()["job"]
+    first = queue_job(client, s["id"], count=2, steps=2)
     client.get("/api/v1/jobs/nope")
-    client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x"})
-    fake.run_job(job["id"])
+    second = queue_job(client, s["id"], steps=2)
     text = client.get("/metrics").get_data(as_text=True)
-    assert 'multigen_queue_jobs{state="queued"} 1.0' in text
-    assert 'multigen_jobs{state="succeeded"} 1.0' in text
-    assert "multigen_images_written_total 2.0" in text
-    assert "multigen_model_loads_total 1.0" in text and "multigen_cache_hits_total 3.0" in text
-    assert "multigen_image_seconds_count 2.0" in text and "multigen_step_seconds_bucket" in text
+    assert 'multigen_queue_jobs{state="queued"} 2.0' in text and 'multigen_jobs{state="queued"} 2.0' in text
+    assert "multigen_images_written_total 0.0" in text and "multigen_model_loads_total 0.0" in text
+
+    api.svc.start()
+    for job in (first, second):
+        assert wait_job(client, job["id"])["state"] == "succeeded"
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'multigen_queue_jobs{state="queued"} 0.0' in text and 'multigen_workers{device="fake:0",state=' in text
+    assert 'multigen_jobs{state="succeeded"} 2.0' in text and 'multigen_jobs{state="queued"} 0.0' in text
+    assert "multigen_images_written_total 3.0" in text and "multigen_image_seconds_count 3.0" in text
+    # one model load for the first job, a cache hit for the second: the service's cache counts them
+    assert api.svc.stats()["cache"]["loads"] == 1 and len(REC.loads) == 1
+    assert "multigen_model_loads_total 1.0" in text and "multigen_cache_hits_total 1.0" in text
     assert 'multigen_http_requests_total{method="POST",route="/api/v1/sessions/<session_id>/jobs",status="202"} 2.0' \
         in text
     assert 'route="/api/v1/jobs/<job_id>",status="404"' in text
     assert "multigen_http_request_seconds_bucket" in text
+
+
+def test_metrics_time_steps_from_progress_events(make_api):
+    api = make_api()
+    client = api.client()
+    REC.step_delay = 0.02
+    s = open_session(client)
+    # progress events come at most every 0.25 s and at each image's last step: several steps between two
+    assert wait_job(client, queue_job(client, s["id"], steps=30)["id"])["state"] == "succeeded"
+    hist = api.app.extensions["multigen.metrics"].step_seconds
+
+    def samples():
+        return {x.name: x.value for m in hist.collect() for x in m.samples if not x.labels}
+
+    # the steps after the first progress event (the timer reads the events in a thread of its own)
+    wait_for(lambda: samples()["multigen_step_seconds_count"] == 29)
+    assert 0.01 <= samples()["multigen_step_seconds_sum"] / 29 < 0.2  # 0.02 s a step, measured as events arrive
 
 
 def test_metrics_series_stay_bounded(client):
@@ -112,19 +143,9 @@ def test_metrics_series_stay_bounded(client):
     assert "nope" not in text
 
 
-def test_metrics_without_service_stats(client, fake):
-    fake.stats = None  # the service has no stats(): jobs and images are summed from the sessions
-    s = open_session(client)
-    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "count": 3}).get_json()["job"]
-    fake.run_job(job["id"])
-    text = client.get("/metrics").get_data(as_text=True)
-    assert "multigen_images_written_total 3.0" in text and 'multigen_jobs{state="succeeded"} 1.0' in text
-    assert "multigen_model_loads_total" not in text
-
-
-def test_step_timer_observes_steps_between_progress_events(app):
-    timer = app.extensions["multigen.metrics"].step_timer
-    hist = app.extensions["multigen.metrics"].step_seconds
+def test_step_timer_observes_steps_between_progress_events(api):
+    timer = api.app.extensions["multigen.metrics"].step_timer
+    hist = api.app.extensions["multigen.metrics"].step_seconds
 
     def progress(image, step, t):
         timer.observe({"type": "job.progress", "data": {"job_id": "j", "progress": {"image": image, "step": step}}}, t)
@@ -141,51 +162,107 @@ def test_step_timer_observes_steps_between_progress_events(app):
     assert "j" not in timer.last
 
 
-def test_apps_have_their_own_registries(config_file, fake):
-    a, _ = build_app(config_file, fake)
-    b, _ = build_app(config_file, fake)
-    a.test_client().get("/api/v1/health")
-    text = b.test_client().get("/metrics").get_data(as_text=True)
-    assert "/api/v1/health" not in text
+def test_apps_have_their_own_registries(api):
+    other = create_app(api.app.extensions["multigen.config"], api.svc)
+    try:
+        api.client().get("/api/v1/health")
+        text = other.test_client().get("/metrics").get_data(as_text=True)
+        assert "/api/v1/health" not in text
+    finally:
+        other.extensions["multigen.stopping"].set()
 
 
-def read_events(stream, n):
-    """The next ``n`` SSE messages (not comments) from a streamed test response."""
-    out = []
-    buffer = ""
-    while len(out) < n:
-        buffer += next(stream).decode()
-        while "\n\n" in buffer:
-            block, buffer = buffer.split("\n\n", 1)
-            fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":")
-                          and ": " in line)
-            if "event" in fields:
-                out.append(fields)
-    return out
+def test_service_thread_is_a_generation_service(config_file):
+    """ServiceThread has every method of the Protocol the API is written against, taking the same arguments."""
+    svc = ServiceThread(load_config(config_file))  # not started: nothing runs
+    try:
+        assert isinstance(svc, GenerationService)
+        sub = svc.subscribe()
+        assert isinstance(sub, EventSubscription)
+        sub.close()
+        assert sub.closed and sub.get(timeout=0) is None
+    finally:
+        svc.stop()
+    assert set(SERVICE_METHODS) >= {"create_session", "queue_gen", "cancel_job", "subscribe", "stats"}
+    for name in SERVICE_METHODS:
+        assert_accepts(inspect.signature(getattr(GenerationService, name)),
+                       inspect.signature(getattr(ServiceThread, name)), name)
 
 
-def test_event_stream_types_ids_and_heartbeat(app, client, fake):
-    app.config["MULTIGEN_HEARTBEAT_SECONDS"] = 0.2
+def assert_accepts(proto: inspect.Signature, impl: inspect.Signature, name: str) -> None:
+    """Every call the Protocol's signature allows binds to the implementation's the same way."""
+    P = inspect.Parameter
+    impl_params = list(impl.parameters.values())
+    by_name = {p.name: p for p in impl_params}
+    for i, p in enumerate(proto.parameters.values()):
+        if p.kind is P.POSITIONAL_OR_KEYWORD:  # may be passed by position: same place, same name
+            assert i < len(impl_params) and impl_params[i].name == p.name, (name, p.name, impl)
+            assert impl_params[i].kind is P.POSITIONAL_OR_KEYWORD, (name, p.name)
+        elif p.kind is P.KEYWORD_ONLY:  # by name: a parameter of that name (not swallowed by **kwargs)
+            q = by_name.get(p.name)
+            assert q is not None and q.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY), (name, p.name)
+        else:  # *args / **kwargs
+            assert any(q.kind is p.kind for q in impl_params), (name, p.name)
+        q = by_name.get(p.name)
+        if p.default is not P.empty and q is not None:  # optional in the Protocol: optional there too
+            assert q.default == p.default, (name, p.name, q.default, p.default)
+    covered = set(proto.parameters)
+    for q in impl_params:  # what the Protocol does not pass must not be required
+        assert q.name in covered or q.default is not P.empty or q.kind in (P.VAR_POSITIONAL, P.VAR_KEYWORD), \
+            (name, q.name)
+
+
+def test_create_app_needs_a_generation_service(config_file, api):
+    """No service, or one lacking a call the API makes, is refused when the app is built, not at the first request."""
+    cfg = load_config(config_file)
+    with pytest.raises(TypeError, match="stats"):
+        create_app(cfg, None)
+
+    class NoStats:  # a service as it was before /metrics read stats()
+        def __getattr__(self, name):
+            if name == "stats":
+                raise AttributeError(name)
+            return getattr(api.svc, name)
+
+    with pytest.raises(TypeError, match=r"NoStats lacks stats$"):
+        create_app(cfg, NoStats())
+
+
+def test_event_stream_types_ids_and_heartbeat(api, client):
+    api.app.config["MULTIGEN_HEARTBEAT_SECONDS"] = 0.2
     s = open_session(client)
     r = client.get(f"/api/v1/events?session_id={s['id']}", buffered=False)
     assert r.status_code == 200 and r.mimetype == "text/event-stream" and r.headers["Cache-Control"] == "no-cache"
     stream = iter(r.response)
     assert next(stream).startswith(b"retry:")
     assert next(stream) == b": heartbeat\n\n"
-    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "count": 1}).get_json()["job"]
-    fake.run_job(job["id"])
+    job = queue_job(client, s["id"], steps=4)
+    assert wait_job(client, job["id"])["state"] == "succeeded"
     client.delete(f"/api/v1/sessions/{s['id']}")
-    events = read_events(stream, 6)
+    events = read_sse(stream, lambda out: out and out[-1]["event"] == "session.closed")
     types = [e["event"] for e in events]
-    assert types == ["job.queued", "job.started", "job.progress", "image.created", "job.succeeded", "session.closed"]
-    assert all(e["id"] for e in events) and job["id"] in events[0]["data"]
-    assert "/preview" in events[2]["data"]
+    # progress comes at the first step, then at most every 0.25 s, and at the image's last step
+    assert [t for i, t in enumerate(types) if i == 0 or t != types[i - 1]] == [
+        "job.queued", "job.started", "job.progress", "image.created", "job.succeeded", "session.closed"]
+    ids = [e["id"] for e in events]
+    assert ids == sorted(set(ids))
+    assert all(e["data"]["session_id"] == s["id"] for e in events)
+    by_type = {e["event"]: e["data"] for e in events}
+    assert by_type["job.queued"]["job"]["id"] == job["id"] and by_type["job.queued"]["job"]["state"] == "queued"
+    assert by_type["job.started"]["job"]["state"] == "running"
+    progress = by_type["job.progress"]
+    assert progress["job_id"] == job["id"] and progress["preview_url"] == f"/api/v1/jobs/{job['id']}/preview"
+    assert progress["progress"]["step"] == progress["progress"]["steps"] == 4 and progress["progress"]["image"] == 0
+    assert by_type["image.created"]["job_id"] == job["id"] and by_type["image.created"]["index"] == 0
+    assert by_type["image.created"]["url"] == f"/api/v1/images/{by_type['image.created']['id']}"
+    assert by_type["job.succeeded"]["job"]["state"] == "succeeded" and by_type["job.succeeded"]["job"]["done"] == 1
+    assert by_type["session.closed"]["session"]["state"] == "closed"
     r.close()
-    assert app.extensions["multigen.event_streams"].open == 0
+    assert api.app.extensions["multigen.event_streams"].open == 0
 
 
-def test_event_streams_are_capped(app, client, fake):
-    limiter = app.extensions["multigen.event_streams"]
+def test_event_streams_are_capped(api, client):
+    limiter = api.app.extensions["multigen.event_streams"]
     streams = [client.get("/api/v1/events", buffered=False) for _ in range(limiter.limit)]
     assert all(r.status_code == 200 for r in streams)
     r = client.get("/api/v1/events", buffered=False)
@@ -196,40 +273,29 @@ def test_event_streams_are_capped(app, client, fake):
     assert again.status_code == 200
     for s in streams[1:] + [again]:
         s.close()
-    assert limiter.open == 0 and len(fake.subs) == 1  # what is left is the metrics' step timer
+    assert limiter.open == 0 and api.svc.events.subscriber_count == 1  # what is left is the metrics' step timer
 
 
-def test_last_event_id_replays_and_a_bad_one_is_400(config_file, tmp_path):
+def test_last_event_id_replays_and_a_bad_one_is_400(api, client):
     """Last-Event-ID resumes a stream from the service's history; one that is not an event id used to
     reach the service's integer comparison and answer 500."""
-    from api_fakes import FakeService
-
-    from multigen.service.events import EventBus
-
-    class ReplayingService(FakeService):  # the real EventBus behind the fake's events
-        def __init__(self, output_dir):
-            super().__init__(output_dir)
-            self.bus = EventBus()
-
-        def emit(self, type_, data):
-            self.bus.publish(type_, data, session_id=data.get("session_id"))
-
-        def subscribe(self, session_id=None, last_event_id=None):
-            return self.bus.subscribe(session_id=session_id, last_event_id=last_event_id)
-
-    svc = ReplayingService(tmp_path / "outputs")
-    app = build_app(config_file, svc)[0]
-    client = app.test_client()
-    limiter = app.extensions["multigen.event_streams"]
+    limiter = api.app.extensions["multigen.event_streams"]
     s = open_session(client)
-    job = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x"}).get_json()["job"]
-    svc.run_job(job["id"])
-    r = client.get(f"/api/v1/events?session_id={s['id']}", headers={"Last-Event-ID": "1"}, buffered=False)
-    assert r.status_code == 200
+    r = client.get(f"/api/v1/events?session_id={s['id']}", buffered=False)
     stream = iter(r.response)
     next(stream)  # retry + connected
-    replayed = read_events(stream, 2)
-    assert [e["event"] for e in replayed] == ["job.started", "job.progress"] and replayed[0]["id"] == "2"
+    job = queue_job(client, s["id"], steps=2)
+    live = read_sse(stream, lambda out: out and out[-1]["event"] == "job.succeeded")
+    r.close()
+    assert live[0]["event"] == "job.queued" and live[0]["data"]["job"]["id"] == job["id"]
+
+    r = client.get(f"/api/v1/events?session_id={s['id']}", headers={"Last-Event-ID": str(live[0]["id"])},
+                   buffered=False)
+    assert r.status_code == 200
+    stream = iter(r.response)
+    next(stream)
+    replayed = read_sse(stream, lambda out: len(out) == len(live) - 1)
+    assert replayed == live[1:] and replayed[0]["event"] == "job.started"
     r.close()
     for headers, query, field in [({"Last-Event-ID": "abc"}, "", "Last-Event-ID"),
                                   ({"Last-Event-ID": "-3"}, "", "Last-Event-ID"),
@@ -240,19 +306,30 @@ def test_last_event_id_replays_and_a_bad_one_is_400(config_file, tmp_path):
     assert limiter.open == 0
 
 
-def test_event_stream_ends_when_the_server_stops(app, client):
+def test_event_stream_ends_when_the_server_stops(api, client):
     r = client.get("/api/v1/events", buffered=False)
     stream = iter(r.response)
     next(stream)
-    app.extensions["multigen.stopping"].set()
+    api.app.extensions["multigen.stopping"].set()
     assert list(stream) == []  # the generator ends, its thread goes back to waitress
     r.close()
-    assert app.extensions["multigen.event_streams"].open == 0
+    assert api.app.extensions["multigen.event_streams"].open == 0
 
 
-def test_event_stream_cap_leaves_threads_for_other_requests(config_file, fake):
-    app, _ = build_app(config_file, fake, **{"threads: 8": "threads: 3", "max_event_streams: 4": "max_event_streams: 9"})
-    assert app.extensions["multigen.event_streams"].limit == 1
+def test_event_stream_ends_when_the_service_stops(api, client):
+    r = client.get("/api/v1/events", buffered=False)
+    stream = iter(r.response)
+    next(stream)
+    api.svc.stop(timeout=10)
+    rest = [chunk.decode() for chunk in stream if not chunk.startswith(b":")]  # ends: the service closed it
+    assert len(rest) == 1 and "event: service.stopped" in rest[0]  # what was sent before still goes out
+    r.close()
+    assert api.app.extensions["multigen.event_streams"].open == 0
+
+
+def test_event_stream_cap_leaves_threads_for_other_requests(make_api):
+    api = make_api(**{"threads: 8": "threads: 3", "max_event_streams: 4": "max_event_streams: 9"})
+    assert api.app.extensions["multigen.event_streams"].limit == 1
 
 
 def test_users_add_cli(config_file):
@@ -271,6 +348,5 @@ def test_users_add_cli(config_file):
 
 
 @pytest.mark.parametrize("path", ["/", "/api/v1/health"])
-def test_web_and_health_need_no_token(config_file, fake, path):
-    app, _ = build_app(config_file, fake, users=("alice",))
-    assert app.test_client().get(path).status_code == 200
+def test_web_and_health_need_no_token(make_api, path):
+    assert make_api(users=("alice",)).client().get(path).status_code == 200

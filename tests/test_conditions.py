@@ -194,3 +194,31 @@ def test_bad_type_and_option(rect):
     assert info.value.param == "image"
     with pytest.raises(InvalidValueError):
         make_condition("soft-sobel", rect, ksize=4)
+
+
+def test_registry_derives_the_type_lists_and_options():
+    import inspect
+
+    from multigen.pipes import spec
+    from multigen.pipes.conditions import CONDITIONS, MODEL_FREE_TYPES, MODEL_TYPES, OPTIONS, reads_option
+
+    assert tuple(CONDITIONS) == CONDITION_TYPES
+    assert MODEL_FREE_TYPES == ("canny", "soft-sobel", "soft", "ip2p", "inpaint", "qr")
+    assert MODEL_TYPES == ("depth", "pose")
+    assert OPTIONS == ("low", "high", "ksize", "sigma", "mask", "cutoff", "model", "models")
+    for name, cond in CONDITIONS.items():
+        # the table's options are exactly the keywords its function takes after the image
+        params = list(inspect.signature(cond.make).parameters)[1:]
+        assert params == list(cond.options), name
+    assert reads_option("inpaint", "mask") and not reads_option("canny", "mask") and not reads_option("x", "mask")
+    # the torch-free parameter spec lists the same types for request validation
+    assert spec.CONDITION_TYPES == CONDITION_TYPES
+
+
+def test_one_set_of_options_serves_several_types(rect):
+    mask = Image.new("L", (W, H), 0)
+    opts = {"mask": mask, "low": 50, "high": 150, "models": {"depth": lambda im: np.zeros((H, W), np.float32)}}
+    outs = {c: make_condition(c, rect, **opts) for c in ("canny", "inpaint", "depth")}
+    assert np.array_equal(np.asarray(outs["canny"]), np.asarray(make_condition("canny", rect, low=50, high=150)))
+    assert np.array_equal(np.asarray(outs["inpaint"]), np.asarray(rect))  # empty mask: nothing blacked out
+    assert grey(outs["depth"]).max() == 0

@@ -77,9 +77,10 @@ def test_serve_with_bad_config_exits_with_message(config_file: Path):
 
 @pytest.mark.parametrize("defaults,key,fix", [
     ("{colour: red}", "base.tiny-sd.defaults.colour", "use some of"),
-    ("{steps: 0}", "base.tiny-sd.defaults.steps", "positive whole number"),
-    ("{steps: many}", "base.tiny-sd.defaults.steps", "positive whole number"),
-    ("{clip_skip: -1}", "base.tiny-sd.defaults.clip_skip", "0 or more"),
+    ("{steps: 0}", "base.tiny-sd.defaults.steps", "give steps 1 to 1000"),
+    ("{steps: many}", "base.tiny-sd.defaults.steps", "an integer from 1 to 1000"),
+    ("{steps: 5000}", "base.tiny-sd.defaults.steps", "1 to 1000"),  # the spec's range, not just "positive"
+    ("{clip_skip: -1}", "base.tiny-sd.defaults.clip_skip", "0 to 10"),
     ("{guidance_scale: high}", "base.tiny-sd.defaults.guidance_scale", "number"),
     ("[128, 128]", "base.tiny-sd.defaults", "mapping"),
 ])
@@ -119,3 +120,33 @@ def test_builtin_model_ids(config_file: Path):
     path = cfg.models.base["tiny-sdxl"].path
     assert path.parts[-2:] == ("demo", "model") and path.parent.name == "demo"
     assert (path.parent / "scenes.py").is_file()  # the package folder of multigen.pipes.demo
+
+
+METAFUSION_MODELS = "base:\n  sdxl1: {id: tiny-sdxl, type: SDXL}\npipes:\n  prompt2image: {classname: Prompt2ImPipe}\n"
+
+
+def test_metafusion_three_key_config_keeps_its_folders_beside_it(tmp_path: Path, models_dir: Path):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "config.yaml").write_text(f"model_list: models.yaml\nmodel_dir: {models_dir}/\nlogging_folder: ./logs/\n")
+    (work / "models.yaml").write_text(METAFUSION_MODELS)
+    cfg = load_config(work / "config.yaml")
+    assert cfg.data_dir == work / "data" and cfg.output_dir == work / "outputs"  # not tmp_path/data
+    assert cfg.logging_folder == work / "logs" and cfg.model_dir == models_dir.resolve()
+    assert cfg.models.base["sdxl1"].path == (models_dir / "tiny-sdxl").resolve()
+
+
+def test_config_with_only_model_list_puts_every_folder_beside_it(tmp_path: Path):
+    (tmp_path / "config.yaml").write_text("model_list: models.yaml\n")
+    (tmp_path / "models.yaml").write_text(METAFUSION_MODELS)
+    cfg = load_config(tmp_path / "config.yaml", check_models_exist=False)
+    assert (cfg.model_dir, cfg.logging_folder, cfg.data_dir, cfg.output_dir) == (
+        tmp_path / "models", tmp_path / "logs", tmp_path / "data", tmp_path / "outputs")
+    assert cfg.models.base["sdxl1"].path == tmp_path / "models" / "tiny-sdxl"
+
+
+def test_repository_config_names_its_top_level_folders():
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "config" / "config.yaml", check_models_exist=False)
+    assert (cfg.model_dir, cfg.logging_folder, cfg.data_dir, cfg.output_dir) == (
+        root / "models", root / "logs", root / "data", root / "outputs")

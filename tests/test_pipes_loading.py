@@ -100,3 +100,43 @@ def test_corrupt_checkpoint_is_an_error_naming_model_id(tmp_path, name):
     with pytest.raises(PipeError) as err:
         load_base(bad, config_dir=tmp_path)
     assert err.value.param == "model_id" and name in str(err.value)
+
+
+def test_families_recognise_folders_files_and_pipelines(models_dir, sd_base, tmp_path):
+    from safetensors.torch import save_file
+
+    from multigen.pipes.families import (SD, SDXL, family, family_of_checkpoint, family_of_folder,
+                                         family_of_pipeline)
+
+    assert family_of_folder(models_dir / "tiny-sd") is SD and family_of_folder(models_dir / "tiny-sdxl") is SDXL
+    assert family_of_checkpoint(models_dir / "single" / "tiny-sd.safetensors") is SD
+    assert family_of_pipeline(sd_base) is SD and family("sdxl") is SDXL and family(ModelType.SD) is SD
+    # an SDXL file holds SD's UNet names too: the second text encoder decides
+    xl = tmp_path / "xl.safetensors"
+    save_file({"model.diffusion_model.x": torch.zeros(1), "conditioner.embedders.1.model.y": torch.zeros(1)}, xl)
+    assert family_of_checkpoint(xl) is SDXL
+    flux = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, flux)
+    with pytest.raises(InvalidValueError) as e:
+        load_base(flux, config_dir=tmp_path)
+    assert "not supported yet" in str(e.value) and e.value.param == "model_type"
+    (tmp_path / "fluxdir" / "transformer").mkdir(parents=True)
+    with pytest.raises(InvalidValueError) as e:
+        load_base(tmp_path / "fluxdir")
+    assert "transformer" in str(e.value)
+
+
+def test_each_pipe_class_gets_its_family_pipeline(sd_base, models_dir):
+    import diffusers
+
+    from multigen.pipes import InpaintingPipe, MaskedIm2ImPipe
+    from multigen.pipes.families import FAMILIES, Role
+
+    xl, _ = load_base(models_dir / "tiny-sdxl", dtype="float32")
+    for base, prefix in ((sd_base, "StableDiffusion"), (xl, "StableDiffusionXL")):
+        for cls, kind in ((Prompt2ImPipe, "Pipeline"), (Im2ImPipe, "Img2ImgPipeline"),
+                          (MaskedIm2ImPipe, "InpaintPipeline"), (InpaintingPipe, "InpaintPipeline")):
+            assert type(cls(pipe=base).pipe).__name__ == prefix + kind
+    for fam in FAMILIES:  # every role of every family names a diffusers class
+        assert {r: fam.pipeline_class(r) for r in Role} == {r: getattr(diffusers, n) for r, n in fam.pipelines.items()}
+        assert len(fam.latent_rgb_factors) == fam.latent_channels == 4

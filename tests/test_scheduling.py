@@ -29,17 +29,37 @@ def test_user_who_just_ran_waits_for_the_others():
     assert q.pop().job_id == "a1"
     q.push(QueuedJob("a2", "alice", "m"))
     q.push(QueuedJob("b1", "bob", "m"))
-    # alice was served last when she had a turn; with a fresh queue she is first again in arrival order
-    assert drain(q) == ["a2", "b1"]
+    # alice's queue emptied when she ran; she queued again first, but bob has not had a turn yet
+    assert q.order() == ["b1", "a2"]
+    assert drain(q) == ["b1", "a2"]
 
 
-def test_priority_goes_first_and_orders_within_a_user():
+def test_priority_orders_a_users_own_jobs_only():
     q = FairQueue()
     q.push(QueuedJob("a1", "alice", "m"))
     q.push(QueuedJob("a2", "alice", "m", priority=5))
     q.push(QueuedJob("b1", "bob", "m"))
     q.push(QueuedJob("c1", "carol", "m", priority=5))
-    assert drain(q) == ["a2", "c1", "b1", "a1"]
+    # turns by user in arrival order; alice's priority-5 job goes before her own earlier one
+    assert drain(q) == ["a2", "b1", "c1", "a1"]
+
+
+def test_fifty_jobs_at_priority_100_do_not_hold_back_another_user():
+    q = FairQueue()
+    for i in range(50):
+        q.push(QueuedJob(f"a{i}", "alice", "m", priority=100))
+    q.push(QueuedJob("b0", "bob", "m", priority=0))
+    assert q.position("b0") == 1
+    assert drain(q)[:2] == ["a0", "b0"]
+
+
+def test_a_user_served_long_ago_goes_before_one_served_just_now():
+    q = FairQueue()
+    for jid, user in [("a1", "alice"), ("b1", "bob"), ("b2", "bob")]:
+        q.push(QueuedJob(jid, user, "m"))
+    assert [q.pop().job_id for _ in range(2)] == ["a1", "b1"]
+    q.push(QueuedJob("a2", "alice", "m"))  # alice was served before bob's last turn
+    assert drain(q) == ["a2", "b2"]
 
 
 def test_positions_follow_the_order_and_update():
@@ -69,10 +89,10 @@ def test_affinity_with_no_held_model_is_plain_round_robin():
     assert q.pop({"m3"}).job_id == "a1"
 
 
-def test_affinity_does_not_jump_priority():
+def test_affinity_does_not_jump_priority_within_a_user():
     q = FairQueue()
     q.push(QueuedJob("a1", "alice", "m1", priority=1))
-    q.push(QueuedJob("b1", "bob", "m2"))
+    q.push(QueuedJob("a2", "alice", "m2"))
     assert q.pop({"m2"}).job_id == "a1"
 
 

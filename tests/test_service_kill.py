@@ -85,9 +85,9 @@ def test_sigkill_mid_job_then_restart_writes_every_image_once(tmp_path, config_f
 
     store = SQLiteStore(config_file.parent.parent / "data" / "multigen.sqlite3")
     job = store.get_job(ids["job_id"])
-    assert job["state"] == "succeeded" and job["seeds"] == SEEDS
+    assert job.state == "succeeded" and job.seeds == SEEDS
     rows = store.list_images(job_id=ids["job_id"], state=None)
-    assert sorted(r["idx"] for r in rows) == list(range(len(SEEDS))) and {r["state"] for r in rows} == {"done"}
+    assert sorted(r.idx for r in rows) == list(range(len(SEEDS))) and {r.state for r in rows} == {"done"}
     store.close()
 
     # a resumed image has the pixels its seed gives (same thread count as the workers)

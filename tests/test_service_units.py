@@ -14,6 +14,7 @@ from multigen.service.cache import ModelCache
 from multigen.service.errors import Conflict, InvalidInput
 from multigen.service.events import EventBus
 from multigen.service.jobs import JobState, check_transition
+from multigen.service.records import NewImage
 from multigen.service.writer import ImageWriter, a1111_parameters
 
 
@@ -150,13 +151,12 @@ def test_image_written_but_not_recorded_before_a_crash_is_adopted_not_redone(tmp
     with fake_service(tmp_path, start=False) as svc:
         sid = svc.open_session("alice", "p", "prompt2image", "m1")["session_id"]
         out = svc.queue_gen(sid, prompt="x", seeds=[1, 2])
-        job = svc.store.get_job(out["job_id"])
         # the state a kill leaves between "files renamed" and "row marked done": job running, row writing
         svc.store.update_job(out["job_id"], state="running")
-        folder = Path(svc.store.get_session(sid)["folder"])
-        rec = svc.store.reserve_image({"id": "img0", "session_id": sid, "job_id": job["id"], "pos": 0, "seed": 1,
-                                       "width": 64, "height": 64, "path": str(folder / "{index}.png")})
-        svc.writer.write(folder, rec["idx"], Image.new("RGB", (64, 64), (1, 0, 0)), {"seed": 1})
+        folder = Path(svc.store.get_session(sid).folder)
+        rec = svc.store.reserve_image(NewImage(id="img0", session_id=sid, job_id=out["job_id"], pos=0, seed=1,
+                                               width=64, height=64, folder=str(folder)))
+        svc.writer.write(folder, rec.idx, Image.new("RGB", (64, 64), (1, 0, 0)), {"seed": 1})
         (folder / ".00001.png.999.tmp").write_bytes(b"half")
     with fake_service(tmp_path) as svc:
         assert svc.wait_idle(10)
@@ -236,10 +236,10 @@ def test_a_restarting_worker_never_exposes_an_unstarted_thread(monkeypatch):
     from multigen.service.worker import DeviceWorker
 
     class Idle:
-        def _next_job(self, worker, timeout):  # noqa: ANN001
+        def next_job(self, device, prefer, stop, timeout):  # noqa: ANN001
             return None
 
-    worker = DeviceWorker(Idle(), "cpu", 1, None)
+    worker = DeviceWorker(Idle(), None, "cpu", 1, None)
     worker.stop_event.set()
     seen = []
     original = threading.Thread.start

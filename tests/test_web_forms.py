@@ -57,6 +57,8 @@ def test_advanced_parameters_reach_the_server(server: Server, browser: Any):
     parameters; what is set there is in the job's params on the server, a bad value is named there."""
     d = browser
     load_page(d, server)
+    weight = d.find_element(By.CSS_SELECTOR, "#lora-list input.weight")  # the LoRA weight range is the server's
+    assert (weight.get_attribute("min"), weight.get_attribute("max")) == ("-10", "10")
     sid = open_session(d, "web-advanced", "prompt2image")
     advanced = d.find_element(By.ID, "advanced")
     assert advanced.is_displayed() and advanced.get_attribute("open") is None
@@ -64,7 +66,16 @@ def test_advanced_parameters_reach_the_server(server: Server, browser: Any):
     shown = d.execute_script("return [...document.querySelectorAll('#advanced [data-param]')]"
                              ".filter(e => !e.hidden).map(e => e.dataset.param)")
     assert shown == ["clip_skip", "timestep_spacing"], shown
-    assert d.find_element(By.ID, "clip_skip").get_attribute("max") == "10"  # from the OpenAPI schema
+    # ranges, defaults and help texts come from the server's parameter spec (GET /api/v1/models)
+    from multigen.pipes import spec as specs
+
+    attr = lambda k, a: d.find_element(By.ID, k).get_attribute(a)  # noqa: E731
+    assert attr("clip_skip", "max") == str(specs.CLIP_SKIP.maximum) == "10"
+    assert attr("clip_skip", "placeholder") == str(specs.CLIP_SKIP.default)
+    assert (attr("steps", "min"), attr("steps", "max")) == (str(specs.STEPS.minimum), str(specs.STEPS.maximum))
+    assert specs.STEPS.description in attr("steps", "title") and "1 to 1000" in attr("steps", "title")
+    assert attr("width", "min") == str(specs.WIDTH.minimum) and attr("count", "max") == "100"  # limits.max_count
+    assert attr("guidance_scale", "max") == str(specs.GUIDANCE_SCALE.maximum).removesuffix(".0")
     summary = d.find_element(By.CSS_SELECTOR, "#advanced > summary")
     d.execute_script("arguments[0].focus()", summary)
     summary.send_keys(Keys.ENTER)
@@ -116,6 +127,10 @@ def test_advanced_parameters_reach_the_server(server: Server, browser: Any):
     assert shown == ["clip_skip", "timestep_spacing", "scale", "guess_mode", "control_guidance_start",
                      "control_guidance_end"], shown
     assert d.find_element(By.ID, "control_guidance_end").get_attribute("max") == "1"
+    assert attr("cscale", "max") == str(specs.CSCALES.maximum).removesuffix(".0")  # the page said 4
+    options = d.execute_script("return [...document.getElementById('ctype').options].map(o => o.value)")
+    assert options == list(specs.CONDITION_TYPES)
+    assert attr("strength", "max") == "1" and specs.STRENGTH.description in attr("strength", "title")
     assert d.execute_script(LABELS_JS) == []
     shoot(d, "11-advanced-controlnet", WIDE, scroll_to="#advanced")
     shoot(d, "11-advanced-controlnet", NARROW, scroll_to="#advanced")

@@ -10,11 +10,15 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from multigen.pipes import list_schedulers
+from multigen.pipes.errors import PipeError
+
 from .. import __version__
 from ..config import Config
 from ..errors import MultigenError
+from ..protocol import GenerationService, missing_methods
 from ..users import UserTable
-from . import auth, events, images, jobs, metrics, sessions, uploads
+from . import auth, context, events, images, jobs, metrics, sessions, uploads
 from .docs_page import DOCS_HTML
 from .openapi import build_document
 from .schemas import Schemas
@@ -33,37 +37,42 @@ BODY_OVERHEAD = 64 * 1024
 
 @bp.get("/health")
 def health() -> dict[str, Any]:
-    service = current_app.extensions.get("multigen.service")
-    info: dict[str, Any] = {"status": "ok", "version": __version__, "devices": [], "queue": {},
-                            "auth": auth.auth_enabled()}
-    if service is not None:
-        info["devices"] = service.devices()
-        queue = dict(service.queue_info())
-        if info["auth"]:  # public route: no job ids of anyone
-            queue["workers"] = [{k: v for k, v in w.items() if k != "job_id"} for w in queue.get("workers", [])]
-        info["queue"] = queue
-    return info
+    svc = context.service()
+    queue = svc.queue_info()
+    if auth.auth_enabled():  # a public route: no job ids of anyone
+        queue["workers"] = [{k: v for k, v in w.items() if k != "job_id"} for w in queue["workers"]]
+    return {"status": "ok", "version": __version__, "devices": svc.devices(), "queue": queue,
+            "auth": auth.auth_enabled()}
 
 
 @bp.get("/models")
 def models() -> dict[str, Any]:
-    """What a session can be opened with: models, LoRAs, pipes, schedulers."""
-    cfg: Config = current_app.extensions["multigen.config"]
-    try:
-        from multigen.pipes import list_schedulers
+    """What a session can be opened with: models, LoRAs, pipes (with their parameters), schedulers.
 
-        schedulers = list(list_schedulers())
-    except ImportError:
-        schedulers = []
+    Each pipe's ``params`` describe its setup parameters (name, type, min, max, default, unit,
+    description, image) from the parameter spec with the config's limits on top; ``images`` says
+    how ``images=[...]`` map onto them; ``job_params`` and ``lora_weight`` describe the job-level
+    fields. The web page's form reads its ranges and help texts from here.
+    """
+    from multigen.pipes import spec as specs
+    from multigen.pipes.registry import pipe_spec
+
+    cfg: Config = current_app.extensions["multigen.config"]
+    pipes = []
+    for p in cfg.models.pipes.values():
+        spec = specs.apply_limits(pipe_spec(p.classname), cfg.limits)
+        pipes.append({"name": p.name, "title": p.title, "classname": p.classname, "need_imgs": p.need_imgs,
+                      "needs_cnet": p.needs_cnet, "schema": f"#/components/schemas/JobCreate_{p.name}",
+                      "params": spec.describe(), "images": spec.describe_images()})
     return {
         "models": [{"name": e.name, "type": e.type, "native_size": e.native_size(), "defaults": e.defaults}
                    for e in cfg.models.base.values()],
         "loras": [{"name": e.name, "type": e.type} for e in cfg.models.lora.values()],
-        "pipes": [{"name": p.name, "title": p.title, "classname": p.classname, "need_imgs": p.need_imgs,
-                   "needs_cnet": p.needs_cnet, "schema": f"#/components/schemas/JobCreate_{p.name}"}
-                  for p in cfg.models.pipes.values()],
+        "pipes": pipes,
         "controlnets": [{"name": e.name, "type": e.type} for e in cfg.models.controlnet.values()],
-        "schedulers": schedulers,
+        "schedulers": list_schedulers(),
+        "job_params": specs.apply_limits(specs.JOB, cfg.limits).describe(),
+        "lora_weight": specs.LORA_WEIGHT.describe(),
     }
 
 
@@ -85,14 +94,6 @@ def error_response(code: str, message: str, status: int, field: str | None = Non
     return jsonify({"error": err}), status
 
 
-def _pipe_error_class() -> type[Exception] | None:
-    try:
-        from multigen.pipes.errors import PipeError
-    except ImportError:
-        return None
-    return PipeError
-
-
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(MultigenError)
     def _multigen_error(e: MultigenError):
@@ -112,12 +113,13 @@ def _register_errors(app: Flask) -> None:
             response.headers["Allow"] = ", ".join(e.valid_methods)
         return response, status
 
+    @app.errorhandler(PipeError)
+    def _pipe_error(e: PipeError):  # bad input found by a pipe's own checks
+        allowed = f"; allowed: {e.allowed}" if e.allowed else ""
+        return error_response("invalid", f"{e}{allowed}", 400, e.param)
+
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):
-        pipe_error = _pipe_error_class()
-        if pipe_error is not None and isinstance(e, pipe_error):  # bad input found by a pipe
-            allowed = f"; allowed: {e.allowed}" if getattr(e, "allowed", None) else ""
-            return error_response("invalid", f"{e}{allowed}", 400, getattr(e, "param", None))
         # the path only, never the query string: it may carry an ?access_token=
         log.exception("unexpected error in %s %s", request.method, request.path)
         return error_response("internal_error", "internal server error (logged)", 500)
@@ -132,16 +134,23 @@ def _stream_cap(config: Config) -> int:
     return cap
 
 
-def create_app(config: Config, service: Any = None) -> Flask:
+def create_app(config: Config, service: GenerationService) -> Flask:
     """Build the application.
 
     Args:
         config: the loaded configuration.
-        service: a started ServiceThread (kept in ``app.extensions["multigen.service"]``).
+        service: the generation service, usually a started ServiceThread (kept in
+            ``app.extensions["multigen.service"]``).
 
     Returns:
         the Flask app; ``app.extensions["multigen.stopping"]`` is set to end event streams on shutdown.
+
+    Raises:
+        TypeError: ``service`` lacks a method of :class:`GenerationService`.
     """
+    missing = missing_methods(service)
+    if missing:
+        raise TypeError(f"create_app needs a GenerationService; {type(service).__name__} lacks {', '.join(missing)}")
     here = Path(__file__).resolve().parent
     # explicit paths: Flask cannot search for the package path of `multigen`, which has no folder of its own
     app = Flask(__name__, root_path=str(here), instance_path=str(config.data_dir / "instance"),

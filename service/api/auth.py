@@ -12,11 +12,12 @@ or a browser ``EventSource`` cannot send a header.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from flask import current_app, g, request
 
 from ..errors import Forbidden, NotFound, Unauthorized
+from .context import service
 
 log = logging.getLogger(__name__)
 
@@ -73,49 +74,40 @@ def list_filter_user() -> str | None:
     return g.user if g.get("user") else (request.args.get("user") or None)
 
 
-def _service():
-    return current_app.extensions["multigen.service"]
-
-
-def _lookup(fn, key: str) -> Any:
-    """Call a service getter; unknown ids (None, NotFound, KeyError) come back as None."""
+def _lookup(getter: Callable[[str], dict[str, Any]], kind: str, key: str) -> dict[str, Any]:
+    """A service record, with the same 404 for an unknown id as for another user's (nothing leaks)."""
     try:
-        return fn(key)
-    except (NotFound, KeyError, LookupError):
-        return None
+        return getter(key)
+    except NotFound:
+        raise NotFound(f"no {kind} {key!r}", field=f"{kind}_id") from None
 
 
 def owned_session(session_id: str) -> dict[str, Any]:
     """The session, if it exists and the request's user may see it, else 404."""
-    session = _lookup(_service().get_session_info, session_id)
-    if not isinstance(session, dict) or "error" in session and "id" not in session:
-        raise NotFound(f"no session {session_id!r}", field="session_id")
-    _check_owner(session.get("user"), "session", session_id, "session_id")
+    session = _lookup(service().get_session, "session", session_id)
+    _check_owner(session["user"], "session", session_id)
     return session
 
 
 def owned_job(job_id: str) -> dict[str, Any]:
     """The job, if it exists and belongs to one of the user's sessions, else 404."""
-    return _owned_through_session("job", _service().get_job, job_id)
+    return _owned_through_session(service().get_job, "job", job_id)
 
 
 def owned_image(image_id: str) -> dict[str, Any]:
     """The image record, if it exists and belongs to one of the user's sessions, else 404."""
-    return _owned_through_session("image", _service().get_image, image_id)
+    return _owned_through_session(service().get_image, "image", image_id)
 
 
-def _owned_through_session(kind: str, getter: Any, key: str) -> dict[str, Any]:
+def _owned_through_session(getter: Callable[[str], dict[str, Any]], kind: str, key: str) -> dict[str, Any]:
     """A job or image record whose session belongs to the user (with auth on), else 404."""
-    record = _lookup(getter, key)
-    if not isinstance(record, dict):
-        raise NotFound(f"no {kind} {key!r}", field=f"{kind}_id")
+    record = _lookup(getter, kind, key)
     if g.get("user"):
-        session = _lookup(_service().get_session_info, record.get("session_id"))
-        _check_owner((session or {}).get("user"), kind, key, f"{kind}_id")
+        _check_owner(service().get_session(record["session_id"])["user"], kind, key)
     return record
 
 
-def _check_owner(owner: str | None, kind: str, key: str, field: str) -> None:
+def _check_owner(owner: str, kind: str, key: str) -> None:
     if g.get("user") and owner != g.user:
         log.info("user %s asked for %s %s of another user: 404", g.user, kind, key)
-        raise NotFound(f"no {kind} {key!r}", field=field)
+        raise NotFound(f"no {kind} {key!r}", field=f"{kind}_id")

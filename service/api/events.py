@@ -7,18 +7,16 @@ noticed. With auth on, a stream carries only events of the user's own sessions.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
 from ..errors import InvalidInput, MultigenError, NotFound
+from ..protocol import GenerationService, ServiceEvent
 from .auth import owned_session
 from .context import service
 
@@ -56,25 +54,13 @@ class StreamLimiter:
         self._sem.release()
 
 
-def event_session(event: dict[str, Any]) -> str | None:
-    """The session an event is about: the event's ``session_id``, else its data's."""
-    data = event.get("data")
-    return event.get("session_id") or (data.get("session_id") if isinstance(data, dict) else None)
-
-
-def format_event(event: dict[str, Any]) -> str:
+def format_event(event: ServiceEvent) -> str:
     """One SSE message: ``id``, ``event`` (the type) and ``data`` (JSON, with the ``session_id``)."""
-    lines = []
-    if event.get("id") is not None:
-        lines.append(f"id: {event['id']}")
-    lines.append(f"event: {event.get('type', 'message')}")
-    data = event.get("data", {})
-    sid = event_session(event)
-    if isinstance(data, dict) and sid and "session_id" not in data:
-        data = {"session_id": sid, **data}
-    data = json.dumps(data, separators=(",", ":"), default=str)
-    lines.append(f"data: {data}")
-    return "\n".join(lines) + "\n\n"
+    data = event["data"]
+    if event["session_id"] and "session_id" not in data:
+        data = {"session_id": event["session_id"], **data}
+    return (f"id: {event['id']}\nevent: {event['type']}\n"
+            f"data: {json.dumps(data, separators=(',', ':'), default=str)}\n\n")
 
 
 def _last_event_id() -> int | None:
@@ -95,44 +81,25 @@ def _last_event_id() -> int | None:
     return int(value)
 
 
-def _subscribe(svc: Any, session_id: str | None, last_event_id: int | None) -> Any:
-    """``svc.subscribe``; passes ``last_event_id`` on when the service can replay from it."""
-    try:
-        accepted = inspect.signature(svc.subscribe).parameters
-    except (TypeError, ValueError):
-        accepted = {}
-    if last_event_id is not None and "last_event_id" in accepted:
-        return svc.subscribe(session_id=session_id, last_event_id=last_event_id)
-    return svc.subscribe(session_id=session_id)
-
-
-def _next(sub: Any, timeout: float) -> dict[str, Any] | None:
-    try:
-        return sub.get(timeout=timeout)
-    except queue.Empty:
-        return None
-
-
 class _Visibility:
     """With auth on, which sessions' events the stream's user may see (cached per stream)."""
 
-    def __init__(self, svc: Any, user: str | None):
+    def __init__(self, svc: GenerationService, user: str | None):
         self.svc = svc
         self.user = user
         self.allowed: dict[str, bool] = {}
 
-    def __call__(self, event: dict[str, Any]) -> bool:
+    def __call__(self, event: ServiceEvent) -> bool:
         if self.user is None:
             return True
-        sid = event_session(event)
-        if sid is None:
+        sid = event["session_id"]
+        if sid is None:  # service-wide events say nothing about anyone's sessions
             return False
         if sid not in self.allowed:
             try:
-                session = self.svc.get_session_info(sid)
-            except (LookupError, NotFound):
-                session = None
-            self.allowed[sid] = isinstance(session, dict) and session.get("user") == self.user
+                self.allowed[sid] = self.svc.get_session(sid)["user"] == self.user
+            except NotFound:
+                self.allowed[sid] = False
         return self.allowed[sid]
 
 
@@ -149,9 +116,9 @@ def events():
                              "GET /api/v1/jobs/{id} and /sessions/{id}/images?after= instead, or retry later")
     heartbeat = float(current_app.config.get("MULTIGEN_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS))
     stopping: threading.Event = current_app.extensions["multigen.stopping"]
+    svc = service()
     try:
-        svc = service()
-        sub = _subscribe(svc, session_id, last_event_id)
+        sub = svc.subscribe(session_id=session_id, last_event_id=last_event_id)
     except BaseException:
         limiter.release()
         raise
@@ -172,8 +139,10 @@ def events():
         try:
             yield f"retry: 3000\n: connected {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n\n"
             next_beat = time.monotonic() + heartbeat
-            while not stopping.is_set() and not getattr(sub, "closed", False):
-                event = _next(sub, timeout=min(1.0, max(0.05, next_beat - time.monotonic())))
+            while not stopping.is_set():
+                event = sub.get(timeout=min(1.0, max(0.05, next_beat - time.monotonic())))
+                if event is None and sub.closed:  # the service stopped: what it sent before is out
+                    break
                 if event is not None and visible(event):
                     yield format_event(event)
                 if time.monotonic() >= next_beat:

@@ -41,37 +41,32 @@ def list_images(session_id: str):
             raise InvalidInput(f"after must be an image index (a whole number), got {after_arg!r}",
                                field="after") from None
         after = max(-1, min(after, MAX_INDEX))  # the store's integers are 64-bit
-    images = sorted(service().list_images(session_id, after=after), key=lambda im: im.get("index", 0))
-    return {"images": images}
+    return {"images": service().list_images(session_id, after=after)}
 
 
-def safe_image_path(image: dict[str, Any]) -> Path:
-    """The file of an image record, checked to lie inside ``output_dir``.
+def safe_image_path(image_id: str) -> Path:
+    """The file of an image, checked to lie inside ``output_dir`` (symlinks resolved).
 
     Raises:
         NotFound: no file, or one whose real path leaves the output folder.
     """
-    path = image.get("path")
-    if not path:
-        path = service().get_image_pathname(image["session_id"], image["index"])
-    if not path:
-        raise NotFound(f"image {image['id']} has no file", field="image_id")
+    path = service().image_file(image_id)
     root = os.path.realpath(config().output_dir)
     real = os.path.realpath(path)
     if os.path.commonpath([root, real]) != root or not os.path.isfile(real):
-        log.warning("image %s: path %s is outside %s or missing: not served", image.get("id"), path, root)
-        raise NotFound(f"image {image['id']} has no file", field="image_id")
+        log.warning("image %s: path %s is outside %s or missing: not served", image_id, path, root)
+        raise NotFound(f"image {image_id} has no file", field="image_id")
     return Path(real)
 
 
 @bp.get("/images/<image_id>")
 def image_file(image_id: str):
     """The image file; ``?format=png|jpeg|webp`` converts it. ETag and Last-Modified allow caching."""
-    image = owned_image(image_id)
+    owned_image(image_id)
     fmt = (request.args.get("format") or "png").lower()
     if fmt not in CONVERSIONS:
         raise InvalidInput(f"unknown format {fmt!r}; allowed: png, jpeg, webp", field="format")
-    path = safe_image_path(image)
+    path = safe_image_path(image_id)
     if fmt == "png" and path.suffix.lower() == ".png":
         return send_file(path, mimetype="image/png", conditional=True, etag=True, max_age=3600)
     stat = path.stat()
@@ -120,4 +115,4 @@ def read_metadata(path: Path) -> dict[str, Any]:
 def image_metadata(image_id: str):
     """The parameters that reproduce the image (and its record)."""
     image = owned_image(image_id)
-    return {"image": image, "metadata": read_metadata(safe_image_path(image))}
+    return {"image": image, "metadata": read_metadata(safe_image_path(image_id))}

@@ -1,34 +1,24 @@
 """Jobs: queue into a session, read, cancel, preview; and the queue (``/api/v1/jobs``, ``/queue``)."""
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from ..errors import Conflict, InvalidInput, NotFound
+
+from ..errors import InvalidInput, NotFound
+from ..jobs import JobState
 from .auth import owned_job, owned_session
-from .context import json_body, service, unwrap
+from .context import config, json_body, service
 from .schemas import parse, pipe_params
 from .sessions import job_schema_for
 from .uploads import upload_store
 
-log = logging.getLogger(__name__)
-
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1")
 
-FINISHED = ("succeeded", "failed", "cancelled")
-JOB_STATES = ("queued", "running", *FINISHED)
+JOB_STATES = tuple(state.value for state in JobState)
 #: job fields that are arguments of queue_gen rather than setup parameters
 QUEUE_ARGS = ("prompt", "negative_prompt", "count", "seeds", "priority")
-
-
-def _known_schedulers() -> list[str] | None:
-    try:
-        from multigen.pipes import list_schedulers
-    except ImportError:
-        return None
-    return list(list_schedulers())
 
 
 def build_queue_args(session: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
@@ -36,21 +26,14 @@ def build_queue_args(session: dict[str, Any], body: dict[str, Any]) -> dict[str,
 
     Image references become stored file paths (upload ids are checked against the user),
     ``control`` becomes ``ctypes``/``cscales``, and only parameters the request gave are passed,
-    so the pipe's defaults apply to the rest.
+    so the pipe's defaults apply to the rest. The service checks the values (count and seeds included).
     """
-    from flask import current_app
-
-    classname = current_app.extensions["multigen.config"].models.pipes[session["pipe"]].classname
+    classname = config().models.pipes[session["pipe"]].classname
     params = pipe_params(classname)
     store = upload_store()
-    owner = session.get("user") or "local"
+    owner = session["user"]
     user = g.get("user")
     args: dict[str, Any] = {k: body.pop(k) for k in QUEUE_ARGS if k in body}
-    if args.get("seeds") is not None and "count" not in args:
-        args["count"] = len(args["seeds"])
-    if args.get("seeds") is not None and len(args["seeds"]) != args["count"]:
-        raise InvalidInput(f"seeds has {len(args['seeds'])} values for count {args['count']}: give one seed "
-                           "per image or leave seeds out", field="seeds")
     images = body.pop("images", None)
     if images:
         args["images"] = [store.resolve(ref, user, owner, f"images.{i}") for i, ref in enumerate(images)]
@@ -68,10 +51,6 @@ def build_queue_args(session: dict[str, Any], body: dict[str, Any]) -> dict[str,
             raise InvalidInput("control: this pipe takes condition images, not condition types: give `scale` "
                                "only", field="control")
         args["cscales"] = [c["scale"] for c in control]
-    scheduler = body.get("scheduler")
-    known = _known_schedulers() if scheduler is not None else None
-    if known is not None and scheduler not in known:
-        raise InvalidInput(f"unknown scheduler {scheduler!r}; known: {', '.join(known)}", field="scheduler")
     args.update(body)
     return args
 
@@ -82,13 +61,7 @@ def create_job(session_id: str):
     session = owned_session(session_id)
     body = parse(job_schema_for(session), json_body()).model_dump(exclude_unset=True, exclude_none=True,
                                                                     mode="json")
-    if session.get("state") == "closed":
-        raise Conflict(f"session {session_id} is closed: open a new one", field="session_id")
-    args = build_queue_args(session, body)
-    svc = service()
-    result = unwrap(svc.queue_gen(session_id, **args), "queue_gen")
-    log.info("session=%s job=%s queued at %s", session_id, result.get("job_id"), result.get("position"))
-    return {"job": svc.get_job(result["job_id"])}, 202
+    return {"job": service().queue_gen(session_id, **build_queue_args(session, body))["job"]}, 202
 
 
 @bp.get("/sessions/<session_id>/jobs")
@@ -98,7 +71,7 @@ def list_jobs(session_id: str):
     state = request.args.get("state") or None
     if state is not None and state not in JOB_STATES:
         raise InvalidInput(f"unknown state {state!r}; allowed: {', '.join(JOB_STATES)}", field="state")
-    return {"jobs": list(service().list_jobs(session_id, state=state))}
+    return {"jobs": service().list_jobs(session_id, state=state)}
 
 
 @bp.get("/jobs/<job_id>")
@@ -109,14 +82,8 @@ def get_job(job_id: str):
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
     """Cancel: queued -> cancelled now, running -> after the current step, finished -> 409."""
-    job = owned_job(job_id)
-    if job.get("state") in FINISHED:
-        raise Conflict(f"job {job_id} already {job['state']}", field="job_id", code="job_finished")
-    result = service().cancel_job(job_id)
-    if isinstance(result, dict) and "error" in result:
-        unwrap(result, "cancel_job")
-    log.info("job=%s cancel requested", job_id)
-    return {"job": service().get_job(job_id)}
+    owned_job(job_id)
+    return {"job": service().cancel_job(job_id)}
 
 
 @bp.get("/jobs/<job_id>/preview")
@@ -132,12 +99,12 @@ def job_preview(job_id: str):
 @bp.get("/queue")
 def queue():
     """Queue depth and workers; with auth on, other users' job ids are hidden."""
-    info = dict(service().queue_info())
+    info = service().queue_info()
     if g.get("user"):
         workers = []
-        for w in info.get("workers", []):
+        for w in info["workers"]:
             w = dict(w)
-            if w.get("job_id"):
+            if w["job_id"]:
                 try:
                     owned_job(w["job_id"])
                 except NotFound:

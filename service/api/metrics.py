@@ -1,11 +1,11 @@
 """``GET /metrics``: Prometheus text format, from a registry of the app's own.
 
 - HTTP requests are counted and timed by route template and status as they happen.
-- Queue depth and workers come from ``service.queue_info()``; jobs by state and images
-  written from the sessions' counts (``list_sessions()``: the store, so restarts are counted
-  right), read at scrape time by :class:`ServiceCollector`.
-- Model loads, cache hits and per-image time come from ``service.stats()`` when the service
-  has it (``{"cache": {"loads", "hits"}, "image_seconds": {"count", "sum"}}``).
+- Queue depth and workers come from ``service.queue_info()``; jobs by state from the sessions'
+  counts (``list_sessions()``: the store, so restarts are counted right), read at scrape time
+  by :class:`ServiceCollector`.
+- Images written, model loads, cache hits and per-image time come from ``service.stats()``
+  (counters since the service started).
 - Step times: the service does not time single steps for others to read, so
   :class:`StepTimer` listens to the ``job.progress`` events and observes, for each event,
   the time since the previous one of the same image divided by the steps done in between.
@@ -15,19 +15,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
+from ..jobs import JobState
+from ..protocol import EventSubscription, GenerationService, ServiceEvent
+
 log = logging.getLogger(__name__)
 
 bp = Blueprint("metrics", __name__)
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATES = tuple(state.value for state in JobState)
 #: methods counted by name; any other (a client may send any token) is counted as "other"
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: events after which a job's step times are measured from its next progress event
+JOB_RESTART_EVENTS = frozenset({"job.queued", "job.succeeded", "job.failed", "job.cancelled"})
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -41,98 +45,81 @@ class ServiceCollector:
         return []
 
     def collect(self):
-        service = self.app.extensions.get("multigen.service")
-        if service is None:
-            return
         try:
-            yield from self._collect(service)
+            yield from self._collect(self.app.extensions["multigen.service"])
         except Exception:  # a scrape must not fail because the service is busy or stopping
             log.exception("metrics: reading the service failed")
 
-    def _collect(self, service: Any):
-        info = service.queue_info() or {}
+    def _collect(self, service: GenerationService):
+        info = service.queue_info()
         depth = GaugeMetricFamily("multigen_queue_jobs", "jobs waiting or running", labels=["state"])
-        depth.add_metric(["queued"], float(info.get("queued", 0)))
-        depth.add_metric(["running"], float(info.get("running", 0)))
+        depth.add_metric(["queued"], float(info["queued"]))
+        depth.add_metric(["running"], float(info["running"]))
         yield depth
         workers = GaugeMetricFamily("multigen_workers", "device workers by state", labels=["device", "state"])
-        for w in info.get("workers", []) or []:
-            workers.add_metric([str(w.get("device")), str(w.get("state"))], 1.0)
+        for w in info["workers"]:
+            workers.add_metric([str(w["device"]), str(w["state"])], 1.0)
         yield workers
 
-        jobs, images = self._counts_from_sessions(service)
         family = GaugeMetricFamily("multigen_jobs", "jobs in the store by state", labels=["state"])
-        for state in JOB_STATES:
-            family.add_metric([state], float(jobs.get(state, 0)))
+        for state, n in self._jobs_by_state(service).items():
+            family.add_metric([state], float(n))
         yield family
-        stats = service.stats() if callable(getattr(service, "stats", None)) else None
-        stats = stats if isinstance(stats, dict) else {}
-        written = stats.get("images_written")
-        yield CounterMetricFamily("multigen_images_written", "images written (since start when the service "
-                                  "counts them, else all in the store)",
-                                  value=float(images if written is None else written))
-        cache = stats.get("cache") or {}
-        for key, name, help_text in (("loads", "model_loads", "models loaded into the cache"),
-                                     ("hits", "cache_hits", "pipes served from the model cache")):
-            if cache.get(key) is not None:
-                yield CounterMetricFamily(f"multigen_{name}", help_text, value=float(cache[key]))
-        per_image = stats.get("image_seconds") or {}
-        if per_image.get("count") is not None:
-            yield SummaryMetricFamily("multigen_image_seconds", "generation time per image",
-                                      count_value=float(per_image["count"]), sum_value=float(per_image["sum"]))
+        stats = service.stats()
+        yield CounterMetricFamily("multigen_images_written", "images written since the service started",
+                                  value=float(stats["images_written"]))
+        yield CounterMetricFamily("multigen_model_loads", "models loaded into the cache",
+                                  value=float(stats["cache"]["loads"]))
+        yield CounterMetricFamily("multigen_cache_hits", "pipes served from the model cache",
+                                  value=float(stats["cache"]["hits"]))
+        per_image = stats["image_seconds"]
+        yield SummaryMetricFamily("multigen_image_seconds", "generation time per image",
+                                  count_value=float(per_image["count"]), sum_value=float(per_image["sum"]))
 
     @staticmethod
-    def _counts_from_sessions(service: Any) -> tuple[dict[str, int], int]:
+    def _jobs_by_state(service: GenerationService) -> dict[str, int]:
         jobs = dict.fromkeys(JOB_STATES, 0)
-        images = 0
         for session in service.list_sessions():
-            images += int(session.get("image_count") or 0)
-            for state, n in (session.get("job_counts") or {}).items():
-                jobs[state] = jobs.get(state, 0) + int(n or 0)
-        return jobs, images
+            for state, n in session["job_counts"].items():
+                jobs[state] += int(n)
+        return jobs
 
 
 class StepTimer:
     """Observes denoising step times from ``job.progress`` events, in a thread of its own.
 
     Args:
-        service: has ``subscribe()``.
+        service: whose ``job.progress`` events are timed.
         histogram: where the step times go.
         stop_event: ends the thread when set (the app's ``multigen.stopping``).
     """
 
-    def __init__(self, service: Any, histogram: Histogram, stop_event: threading.Event | None = None):
+    def __init__(self, service: GenerationService, histogram: Histogram, stop_event: threading.Event | None = None):
         self.service = service
         self.histogram = histogram
         self.last: dict[str, tuple[float, int, int]] = {}  # job -> (time, image, step)
         self.stop_event = stop_event or threading.Event()
-        self.sub: Any = None
+        self.sub: EventSubscription | None = None
         self.thread = threading.Thread(target=self._run, name="multigen-step-timer", daemon=True)
 
     def start(self) -> StepTimer:
         """Subscribe (now, so no event is missed) and start listening."""
-        try:
-            self.sub = self.service.subscribe()
-        except Exception:
-            log.exception("metrics: cannot subscribe to the service's events; no step times")
-            return self
+        self.sub = self.service.subscribe()
         self.thread.start()
         return self
 
     def stop(self) -> None:
         self.stop_event.set()
 
-    def observe(self, event: dict[str, Any], now: float) -> None:
+    def observe(self, event: ServiceEvent, now: float) -> None:
         """Account for one event (public for tests)."""
-        data = event.get("data") or {}
-        kind = event.get("type")
-        job_id = data.get("job_id") or (data.get("job") or {}).get("id")
+        kind, data = event["type"], event["data"]
+        if kind in JOB_RESTART_EVENTS:  # the job's next progress event starts afresh
+            self.last.pop(data["job"]["id"], None)
         if kind != "job.progress":
-            if kind in ("job.succeeded", "job.failed", "job.cancelled", "job.queued"):
-                self.last.pop(job_id, None)
             return
-        progress = data.get("progress") or {}
-        image, step = int(progress.get("image", 0)), int(progress.get("step", 0))
+        job_id, progress = data["job_id"], data["progress"]
+        image, step = int(progress["image"]), int(progress["step"])
         prev = self.last.get(job_id)
         self.last[job_id] = (now, image, step)
         if prev is None or prev[1] != image or step <= prev[2]:
@@ -144,10 +131,14 @@ class StepTimer:
     def _run(self) -> None:
         sub = self.sub
         try:
-            while not self.stop_event.is_set() and not getattr(sub, "closed", False):
+            while not self.stop_event.is_set() and not sub.closed:
                 event = sub.get(timeout=1.0)
-                if event is not None:
+                if event is None:
+                    continue
+                try:
                     self.observe(event, time.monotonic())
+                except Exception:  # one odd event must not end the step times for good
+                    log.exception("metrics: cannot time event %s", event["type"])
         finally:
             sub.close()
 
@@ -165,9 +156,8 @@ class HttpMetrics:
         self.registry.register(ServiceCollector(app))
         self.step_seconds = Histogram("multigen_step_seconds", "time of one denoising step (from progress events)",
                                       registry=self.registry, buckets=STEP_BUCKETS)
-        service = app.extensions.get("multigen.service")
-        self.step_timer = (StepTimer(service, self.step_seconds, app.extensions.get("multigen.stopping")).start()
-                           if callable(getattr(service, "subscribe", None)) else None)
+        self.step_timer = StepTimer(app.extensions["multigen.service"], self.step_seconds,
+                                    app.extensions["multigen.stopping"]).start()
         app.before_request(self._start)
         app.after_request(self._record)
 

@@ -1,21 +1,21 @@
 """Request models (pydantic): they validate request bodies and generate the OpenAPI schemas.
 
-``JobCreate`` is built per pipe of models.yaml from the pipe class's ``PARAMS`` (what its
-``setup`` accepts) and the table :data:`PARAM_FIELDS` of types and ranges, with
-``extra="forbid"``: a parameter the session's pipe does not take is a 400 naming it.
-Parameters that carry images (``image``, ``mask``, ...) are not taken directly: the request
-gives ``images`` and ``mask`` as upload ids or ``data:`` URLs, which the API decodes.
+``JobCreate_<pipe>`` is built per pipe of models.yaml from the parameter spec of its class
+(``multigen.pipes.spec``: types, ranges, defaults, help texts) with the config's ``limits``
+on top, and ``extra="forbid"``: a parameter the session's pipe does not take is a 400 naming
+it. Parameters that carry images (``image``, ``mask``, ...) are not taken directly: the
+request gives ``images`` and ``mask`` as upload ids or ``data:`` URLs, which the API decodes,
+and ControlNet pipes take ``control`` (types and scales) for ``ctypes``/``cscales``.
 """
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from multigen.pipes.base import MAX_CLIP_SKIP
-from multigen.pipes.im2im import MAX_BLUR
-from multigen.pipes.images import MIN_SIDE
+from multigen.pipes import spec as specs
+from multigen.pipes.registry import pipe_spec
 
 from ..config import Config
 from ..errors import InvalidInput
@@ -23,72 +23,70 @@ from ..errors import InvalidInput
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-MAX_SEED = 2**63 - 1
-CONDITION_TYPES = ("canny", "soft-sobel", "soft", "ip2p", "inpaint", "qr", "depth", "pose")
 #: deepest nesting of a prompt grammar: deeper ones only serve to exhaust the server's recursion
 MAX_GRAMMAR_DEPTH = 32
 #: most characters in a prompt (all the strings of a grammar together): some 5000 tokens, 65 chunks
 #: of 77 for the text encoder; a multi-megabyte prompt would hold a worker and its memory for minutes
 MAX_PROMPT_CHARS = 20000
-#: most input images of one job (one per ControlNet at most, in practice)
-MAX_JOB_IMAGES = 8
-
-#: setup parameters common to every pipe class (internals.md)
-COMMON_PARAMS = ("width", "height", "steps", "guidance_scale", "clip_skip", "scheduler", "timestep_spacing", "lpw")
-#: used when ``multigen.pipes`` cannot be imported (it is written at the same time as the API)
-FALLBACK_PARAMS: dict[str, tuple[str, ...]] = {
-    "Prompt2ImPipe": COMMON_PARAMS,
-    "Im2ImPipe": COMMON_PARAMS + ("image", "fimage", "strength", "scale"),
-    "MaskedIm2ImPipe": COMMON_PARAMS + ("original_image", "image", "image_painted", "mask", "blur",
-                                        "blur_compose", "strength", "scale"),
-    "InpaintingPipe": COMMON_PARAMS + ("image", "mask", "blur", "strength"),
-    "Cond2ImPipe": COMMON_PARAMS + ("image", "cscales", "guess_mode", "control_guidance_start",
-                                    "control_guidance_end"),
-    "CIm2ImPipe": COMMON_PARAMS + ("image", "ctypes", "cscales", "strength", "control_guidance_start",
-                                   "control_guidance_end"),
-}
-#: setup parameters that carry an image: the request names them through ``images`` / ``mask``
-IMAGE_PARAMS = frozenset({"image", "fimage", "original_image", "image_painted", "mask", "mask_image"})
-
-Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+#: most input images of one job (the spec's: one per ControlNet at most, in practice)
+MAX_JOB_IMAGES = specs.MAX_IMAGES
 
 
-def _param_fields(cfg: Config) -> dict[str, tuple[Any, Any]]:
-    """Type and range of every known setup parameter, as pydantic field definitions."""
-    lim = cfg.limits
-    return {
-        # not multiples of 8 are fine: the pipes pad the latent and crop the image back
-        "width": (int, Field(None, ge=MIN_SIDE, le=lim.max_width, description="image width in pixels")),
-        "height": (int, Field(None, ge=MIN_SIDE, le=lim.max_height, description="image height in pixels")),
-        "steps": (int, Field(None, ge=1, le=500, description="denoising steps")),
-        "guidance_scale": (float, Field(None, ge=0.0, le=50.0, description="classifier-free guidance scale")),
-        # the pipes' own ranges: a value they refuse must be a 400 now, not a failed job later
-        "clip_skip": (int, Field(None, ge=0, le=MAX_CLIP_SKIP, description="CLIP layers to skip")),
-        "scheduler": (str, Field(None, description="scheduler name, see GET /api/v1/models")),
-        "timestep_spacing": (Literal["leading", "trailing", "linspace"], Field(None)),
-        "lpw": (bool, Field(None, description="prompt weighting `(word:1.3)` and long prompts")),
-        "strength": (float, Field(None, ge=0.0, le=1.0, description="how much the input image changes")),
-        "scale": (Union[Annotated[float, Field(ge=0.01, le=16.0)],
-                        Annotated[list[Annotated[int, Field(ge=MIN_SIDE, le=max(lim.max_width, lim.max_height))]],
-                                  Field(min_length=2, max_length=2)]],
-                  Field(None, description="resize of the input image: a factor, or [width, height] in pixels")),
-        "blur": (int, Field(None, ge=0, le=MAX_BLUR, description="mask blur radius in pixels")),
-        "blur_compose": (int, Field(None, ge=0, le=MAX_BLUR, description="blur radius in pixels of the mask "
-                                    "that composes the result onto the original")),
-        "cscales": (Union[Annotated[float, Field(ge=0.0, le=4.0)], list[Annotated[float, Field(ge=0.0, le=4.0)]]],
-                    Field(None, description="ControlNet conditioning scale(s)")),
-        "ctypes": (list[Literal[CONDITION_TYPES]], Field(None, description="condition types computed from the input")),
-        "guess_mode": (bool, Field(None)),
-        "vae_tiling": (bool, Field(None, description="decode in tiles (large images, less memory)")),
-        "control_guidance_start": (Union[Unit, list[Unit]], Field(None)),
-        "control_guidance_end": (Union[Unit, list[Unit]], Field(None)),
-    }
+def _bounds(param: specs.Param) -> dict[str, Any]:
+    """The range of ``param`` as pydantic's ``ge``/``gt``/``le``/``lt``."""
+    return {"gt" if param.exclusive_minimum else "ge": param.minimum,
+            "lt" if param.exclusive_maximum else "le": param.maximum}
+
+
+def _one(param: specs.Param) -> Any:
+    """The pydantic type of one value of ``param``, with its range."""
+    t = param.type
+    if t is specs.ParamType.INT:
+        return Annotated[int, Field(**_bounds(param))]
+    if t is specs.ParamType.FLOAT:
+        return Annotated[float, Field(**_bounds(param), allow_inf_nan=False)]
+    if t is specs.ParamType.BOOL:
+        return bool
+    if t is specs.ParamType.CHOICE:
+        return Literal[param.choices]  # type: ignore[valid-type]
+    if t is specs.ParamType.SCALE:
+        factor = Annotated[float, Field(**_bounds(param), allow_inf_nan=False)]
+        if not param.sides:
+            return factor
+        return Union[factor, tuple[_one(param.sides[0]), _one(param.sides[1])]]
+    if t is specs.ParamType.PROMPT:
+        return Union[str, list[Any], dict[str, Any]]
+    if t is specs.ParamType.STR:
+        return str
+    return Any
+
+
+def annotation(param: specs.Param) -> Any:
+    """The pydantic type of ``param``: one value, or for ``many`` parameters also a list of them."""
+    one = _one(param)
+    if param.many:
+        return Union[one, Annotated[list[one], Field(min_length=1, max_length=param.max_items)]]  # type: ignore
+    return one
+
+
+def field_doc(param: specs.Param) -> str:
+    """The help text of a field: the spec's description, with its default."""
+    doc = param.description
+    if param.default is not None and param.default != "":
+        doc += f" (default {param.default})"
+    return doc
+
+
+def optional_field(param: specs.Param) -> tuple[Any, Any]:
+    """``(type, Field)`` of a setup parameter: optional, since the pipe has defaults."""
+    return Optional[annotation(param)], Field(None, description=field_doc(param))
 
 
 class LoraRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    weight: float = Field(1.0, ge=-4.0, le=4.0)
+    weight: _one(specs.LORA_WEIGHT) = Field(specs.LORA_WEIGHT.default,  # type: ignore[valid-type]
+                                            description=specs.LORA_WEIGHT.description)
 
 
 class SessionCreate(BaseModel):
@@ -106,20 +104,30 @@ class ControlRef(BaseModel):
     """One ControlNet condition: its type (for pipes that compute conditions) and scale."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal[CONDITION_TYPES] | None = None
-    scale: float = Field(1.0, ge=0.0, le=4.0)
+    type: Optional[_one(specs.CTYPES)] = Field(None, description=specs.CTYPES.description)  # type: ignore
+    scale: _one(specs.CSCALES) = Field(1.0, description="ControlNet conditioning scale")  # type: ignore
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scale_given(cls, data: Any) -> Any:
+        # the API dumps bodies with exclude_unset: a scale left out must still reach the job as its default
+        if isinstance(data, dict) and "scale" not in data:
+            data = {**data, "scale": cls.model_fields["scale"].default}
+        return data
 
 
 class JobBase(BaseModel):
     """Fields every job takes, whatever the pipe."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: Union[str, list[Any], dict[str, Any]] = Field(
-        description="a string, or metafusion's Cfgen grammar as JSON")
-    negative_prompt: Union[str, list[Any], dict[str, Any], None] = None
-    count: int = Field(1, ge=1)
-    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(None, min_length=1)
-    priority: int = Field(0, ge=-100, le=100)
+    prompt: _one(specs.PROMPT) = Field(description=specs.PROMPT.description)  # type: ignore[valid-type]
+    negative_prompt: Optional[_one(specs.NEGATIVE_PROMPT)] = Field(  # type: ignore[valid-type]
+        None, description=specs.NEGATIVE_PROMPT.description)
+    count: _one(specs.COUNT) = Field(specs.COUNT.default, description=specs.COUNT.description)  # type: ignore
+    seeds: Optional[Annotated[list[_one(specs.SEEDS)], Field(min_length=1)]] = Field(  # type: ignore[valid-type]
+        None, description=specs.SEEDS.description)
+    priority: _one(specs.PRIORITY) = Field(specs.PRIORITY.default,  # type: ignore[valid-type]
+                                           description=specs.PRIORITY.description)
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -150,41 +158,39 @@ def grammar_size(value: Any) -> tuple[int, int]:
 
 
 def pipe_params(classname: str) -> tuple[str, ...]:
-    """The setup parameters of a pipe class: its ``PARAMS`` or the fallback table."""
-    try:
-        import multigen.pipes as pipes
+    """The setup parameters of a pipe class (its spec's names).
 
-        cls = getattr(pipes, classname)
-        return tuple(cls.PARAMS)
-    except (ImportError, AttributeError):
-        return FALLBACK_PARAMS.get(classname, COMMON_PARAMS)
+    Raises:
+        UnknownPipeClassError: not a pipe class (the message lists the known ones).
+    """
+    return pipe_spec(classname).names
 
 
 def job_model(cfg: Config, pipe_name: str, classname: str) -> type[BaseModel]:
-    """Build ``JobCreate`` for one pipe of models.yaml."""
-    params = pipe_params(classname)
-    table = _param_fields(cfg)
-    fields: dict[str, Any] = {"count": (int, Field(1, ge=1, le=cfg.limits.max_count)),
-                              "seeds": (list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None,
-                                        Field(None, min_length=1, max_length=cfg.limits.max_count,
-                                              description="one per image; drawn when left out"))}
-    for name in params:
-        if name in IMAGE_PARAMS:
-            continue
-        fields[name] = table.get(name, (Any, Field(None, description="passed to the pipe's setup")))
-        # every setup parameter is optional: the pipe has defaults
-        kind, info = fields[name]
-        fields[name] = (Union[kind, None], info)
-    if IMAGE_PARAMS & set(params):
+    """Build ``JobCreate_<pipe_name>`` for one pipe of models.yaml from its class's spec and the limits."""
+    spec = specs.apply_limits(pipe_spec(classname), cfg.limits)
+    job = specs.apply_limits(specs.JOB, cfg.limits)
+    count, seeds = job["count"], job["seeds"]
+    fields: dict[str, Any] = {
+        "count": (_one(count), Field(count.default, description=count.description)),
+        "seeds": (Optional[Annotated[list[_one(seeds)], Field(min_length=1, max_length=seeds.max_items)]],
+                  Field(None, description=seeds.description))}
+    for param in spec:
+        if not param.image:
+            fields[param.name] = optional_field(param)
+    if spec.image_params:
         # each data: URL is decoded and stored before the job is queued: a long list of tiny ones
         # would fill the uploads folder from one request
-        fields["images"] = (list[str] | None, Field(None, max_length=MAX_JOB_IMAGES,
-                                                    description="upload ids or data: URLs"))
-    if {"mask", "image_painted"} & set(params):
-        fields["mask"] = (str | None, Field(None, description="mask: an upload id or a data: URL"))
-    if "cscales" in params:
-        fields["control"] = (list[ControlRef] | None, Field(
-            None, description="ControlNet conditions (types and scales); sets ctypes/cscales"))
+        fields["images"] = (Optional[list[str]], Field(
+            None, max_length=spec.max_images or MAX_JOB_IMAGES,
+            description=f"upload ids or data: URLs, for {', '.join(spec.image_slots)}"))
+    if {"mask", "image_painted"} & set(spec.names):
+        fields["mask"] = (Optional[str], Field(None, description="the mask (white = redraw): an upload id or a "
+                                                                "data: URL"))
+    if "cscales" in spec:
+        fields["control"] = (Optional[list[ControlRef]], Field(
+            None, max_length=specs.CSCALES.max_items,
+            description="ControlNet conditions (types and scales); sets ctypes/cscales"))
     model = create_model(f"JobCreate_{pipe_name}", __base__=JobBase, **fields)
     model.__doc__ = f"Body of POST /api/v1/sessions/{{id}}/jobs for a session of pipe `{pipe_name}` ({classname})."
     model.model_config["title"] = f"JobCreate_{pipe_name}"
@@ -200,6 +206,21 @@ class Schemas:
             name: job_model(cfg, name, entry.classname) for name, entry in cfg.models.pipes.items()}
 
 
+def _is_union_tag(part: Any) -> bool:
+    """pydantic names the alternatives of a union in error paths (``scale.tuple[int, int].0``); people
+    and the web page's field lookup want the path of the value (``scale.0``)."""
+    return isinstance(part, str) and ("[" in part or part.startswith("constrained-")
+                                      or part in ("str", "int", "float", "bool", "list", "tuple", "dict"))
+
+
+def _telling_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report: of the first offending field, the one of the union alternative that got
+    furthest (``[63, 64]`` for a scale is a pair with a side too small, not a number of the wrong type)."""
+    field = errors[0]["loc"][:1]
+    same = [e for e in errors if e["loc"][:1] == field]
+    return min(same, key=lambda e: (e["type"].endswith("_type"), -len(e["loc"])))
+
+
 def parse(model: type[BaseModel], body: Any) -> BaseModel:
     """Validate ``body`` against ``model``.
 
@@ -211,8 +232,8 @@ def parse(model: type[BaseModel], body: Any) -> BaseModel:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
+        err = _telling_error(e.errors())
+        loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(sorted(model.model_fields))
             what = model.model_config.get("title") or model.__name__

@@ -10,7 +10,7 @@ const SESSION_KEY = "multigen.session";
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  models: [], loras: [], pipes: [], schedulers: [], openapi: null, maxCount: null,
+  models: [], loras: [], pipes: [], schedulers: [], openapi: null, maxCount: null, jobParams: [], loraWeight: null,
   sessions: [], session: null, events: null, streaming: false, timer: null,
 };
 
@@ -70,7 +70,10 @@ async function loadCatalog() {
   state.loras = (m.loras || []).map(item);
   state.pipes = (m.pipes || []).map(item);
   state.schedulers = (m.schedulers || []).map((s) => (typeof s === "string" ? s : item(s).id));
-  state.maxCount = m.max_count || (m.limits && m.limits.max_count) || null;
+  state.jobParams = Array.isArray(m.job_params) ? m.job_params : [];
+  state.loraWeight = m.lora_weight || null;  // its range and help, from the server's parameter spec
+  const count = state.jobParams.find((p) => p.name === "count");
+  state.maxCount = (count && count.max) || m.max_count || (m.limits && m.limits.max_count) || null;
   state.openapi = await api("GET", "openapi.json").catch(() => null);
   fillSelect($("pipe"), state.pipes);
   fillSelect($("model"), state.models);
@@ -94,6 +97,13 @@ function renderLoras() {
       <label for="lora-w-${i}" class="sr-only"></label>
       <input type="number" id="lora-w-${i}" step="0.05" value="1" class="weight">`;
     row.querySelector("input[type=checkbox]").value = l.id;
+    const weight = row.querySelector("input.weight");
+    const w = state.loraWeight;
+    if (w) {
+      if (w.min != null) weight.min = String(w.min);
+      if (w.max != null) weight.max = String(w.max);
+      weight.title = `${w.description}; range ${w.min} to ${w.max}`;
+    }
     row.querySelector(`label[for="lora-${i}"]`).textContent = l.label;
     row.querySelector(`label[for="lora-w-${i}"]`).textContent = `weight of ${l.label}`;
     return row;
@@ -205,7 +215,7 @@ async function switchSession(id) {
   const s = state.session;
   $("current-session").textContent = "in " + sessionLabel(s);
   const pipe = state.pipes.find((p) => p.id === s.pipe) || { id: s.pipe };
-  form.configure(pipe, state.openapi, state.schedulers, state.maxCount);
+  form.configure(pipe, state.openapi, state.schedulers, state.maxCount, state.jobParams);
   form.applyModel(state.models.find((m) => m.id === s.model) || { id: s.model });
   await Promise.all([jobs.switchTo(s.id), gallery.switchTo(s.id)]);
 }

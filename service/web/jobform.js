@@ -4,47 +4,69 @@
 import { api, ApiError } from "./api.js";
 import { MaskPainter } from "./mask.js";
 
-// What each pipe class takes, used when the OpenAPI document has no job schema for the pipe.
-const IMAGE = ["images", "strength"];
-const FIXED_PARAMS = {
-  Prompt2ImPipe: [],
-  Im2ImPipe: IMAGE,
-  MaskedIm2ImPipe: [...IMAGE, "mask"],
-  InpaintingPipe: [...IMAGE, "mask"],
-  Cond2ImPipe: ["images", "control"],
-  CIm2ImPipe: [...IMAGE, "control", "ctypes"],
-};
-const COMMON = ["prompt", "negative_prompt", "count", "seeds", "width", "height", "steps",
-  "guidance_scale", "scheduler"];
-const MASK_REQUIRED = new Set(["MaskedIm2ImPipe", "InpaintingPipe"]);
-// the "Advanced" section: shown only for the parameters the pipe's job schema has; empty = pipe default
+// What a pipe takes, its ranges and help texts come from the server: GET /api/v1/models lists each
+// pipe's parameters (the server's parameter spec, with its limits applied); the page declares none.
+const JOB_FIELDS = ["prompt", "negative_prompt", "count", "seeds"];
+// form fields that are number inputs named as the parameter they set
+const NUMBER_FIELDS = ["width", "height", "steps", "guidance_scale", "strength"];
+// the "Advanced" section: shown only for the parameters the pipe takes; empty = pipe default
 const ADVANCED_NUMBERS = ["clip_skip", "scale", "blur", "blur_compose", "control_guidance_start",
   "control_guidance_end"];
 const ADVANCED_CHOICES = ["timestep_spacing"];
 const ADVANCED_FLAGS = ["guess_mode"];
 const ADVANCED = [...ADVANCED_NUMBERS, ...ADVANCED_CHOICES, ...ADVANCED_FLAGS];
-// the pipe ids of config/models.yaml, for a server that lists pipes by id only
-const CLASS_OF = {
-  prompt2image: "Prompt2ImPipe", image2image: "Im2ImPipe", masked_image2image: "MaskedIm2ImPipe",
-  inpainting: "InpaintingPipe", cond2image: "Cond2ImPipe", cimage2image: "CIm2ImPipe",
-};
 // API parameter → the element that shows its error
 const ERROR_SLOT = { image: "images", fimage: "images", original_image: "images", image_painted: "mask",
   ctypes: "control", cscales: "control", cscale: "control", ctype: "control" };
 
 const $ = (id) => document.getElementById(id);
 
-/** The parameter names a pipe's job form shows (OpenAPI job schema first, else the fixed table). */
+/**
+ * The form fields a pipe's job shows, and the server's description of each parameter ({name, type,
+ * min, max, default, unit, description, image, choices?}) by name. From the pipe's `params` in
+ * GET /api/v1/models; a server without them is read from its OpenAPI job schema instead.
+ */
 export function pipeParams(pipe, openapi) {
-  const cls = pipe.classname || CLASS_OF[pipe.id] || "Prompt2ImPipe";
+  if (Array.isArray(pipe.params)) {
+    const names = new Set(JOB_FIELDS);
+    const info = {};
+    for (const p of pipe.params) {
+      info[p.name] = p;
+      // images are uploaded; a mask (or the painted copy) is painted on the mask canvas
+      names.add(p.image ? (p.name === "mask" || p.name === "image_painted" ? "mask" : "images") : p.name);
+    }
+    if (names.has("cscales")) names.add("control");  // scales (and types) go in `control`
+    return { names, info, schema: null, source: "models" };
+  }
   const schema = (pipe.schema && openapi && resolveRef(openapi, { $ref: pipe.schema }))
-    || findJobSchema(openapi, pipe.id, cls);
+    || findJobSchema(openapi, pipe.id, pipe.classname);
   if (schema && schema.properties) {
     const names = new Set(Object.keys(schema.properties));
     if (names.has("image") || names.has("images")) names.add("images");
-    return { names, schema, source: "openapi" };
+    return { names, info: {}, schema, source: "openapi" };
   }
-  return { names: new Set([...COMMON, ...(FIXED_PARAMS[cls] || [])]), schema: null, source: "table" };
+  return { names: new Set(JOB_FIELDS), info: {}, schema: null, source: "none" };
+}
+
+/** A parameter's help text: the server's description, range, unit and default. */
+export function helpText(p) {
+  const bound = (v, open) => `${v}${open ? " (exclusive)" : ""}`;
+  const range = p.min != null && p.max != null ? `${bound(p.min, p.exclusive_min)} to ${bound(p.max, p.exclusive_max)}`
+    : p.min != null ? `${bound(p.min, p.exclusive_min)} or more` : p.max != null ? `at most ${p.max}` : "";
+  return [p.description, range && `range ${range}${p.unit ? " " + p.unit : ""}`,
+    p.default != null && p.default !== "" && `default ${p.default}`].filter(Boolean).join("; ");
+}
+
+/** Set a number input's min/max/step and help from the server's description of its parameter. */
+function applyParam(input, p) {
+  if (!input || !p) return;
+  for (const [attr, v] of [["min", p.min], ["max", p.max]]) {
+    if (v === null || v === undefined) input.removeAttribute(attr); else input.setAttribute(attr, String(v));
+  }
+  if (p.type === "int") input.step = "1";
+  input.title = helpText(p);
+  // an empty advanced field keeps the pipe's default: show which
+  if (input.closest("#advanced") && p.default != null) input.placeholder = String(p.default);
 }
 
 /** A schema property's alternatives ({anyOf: [{type: "integer", ...}, {type: "null"}]} or the property). */
@@ -72,7 +94,7 @@ function resolveRef(openapi, s) {
   return s;
 }
 
-function findJobSchema(openapi, pipeId, cls) {
+function findJobSchema(openapi, pipeId, cls) {  // a server whose /models names no schema
   const schemas = openapi && openapi.components && openapi.components.schemas;
   if (!schemas) return null;
   const keys = [norm(pipeId), norm(cls)].filter(Boolean);
@@ -89,7 +111,7 @@ function findJobSchema(openapi, pipeId, cls) {
 
 export class JobForm {
   constructor() {
-    this.params = new Set(COMMON);
+    this.params = new Set(JOB_FIELDS);
     this.uploadId = null;
     this.model = null;  // the model whose size and defaults the form shows
     this.painter = new MaskPainter($("mask-canvas"), $("brush"));
@@ -101,14 +123,16 @@ export class JobForm {
     $("image").addEventListener("change", () => this.upload());
   }
 
-  /** Show the fields of this pipe; enable the form. */
-  configure(pipe, openapi, schedulers, maxCount) {
-    const { names, schema } = pipeParams(pipe, openapi);
+  /**
+   * Show the fields of this pipe with the server's ranges and help texts; enable the form.
+   * `jobParams`: the job-level fields of GET /api/v1/models (count, seeds, priority).
+   */
+  configure(pipe, openapi, schedulers, maxCount, jobParams = []) {
+    const { names, info, schema } = pipeParams(pipe, openapi);
     this.params = names;
     this.clearErrors();  // another session's errors do not belong to this one
-    // masked pipes need a mask; for the others (ControlNet "inpaint") it is optional
-    const cls = pipe.classname || CLASS_OF[pipe.id];
-    this.maskRequired = MASK_REQUIRED.has(cls);
+    // a mask is required where the pipe cannot run without one (its required images name it)
+    this.maskRequired = ((pipe.images && pipe.images.required) || []).some((group) => group.includes("mask"));
     $("mask-label").textContent = this.maskRequired ? "Mask (paint the part to regenerate)"
       : "Mask, optional (paint the part to regenerate)";
     for (const el of document.querySelectorAll("#job-form [data-param]")) {
@@ -116,25 +140,45 @@ export class JobForm {
     }
     $("size").closest(".field").hidden = !names.has("width");
     const props = (schema && schema.properties) || {};
-    for (const k of ADVANCED_NUMBERS) if (names.has(k)) applyLimits($(k), props[k]);
-    const spacing = variants(props.timestep_spacing).find((v) => Array.isArray(v.enum));
+    for (const k of [...NUMBER_FIELDS, ...ADVANCED_NUMBERS]) {
+      if (names.has(k)) { if (info[k]) applyParam($(k), info[k]); else applyLimits($(k), props[k]); }
+    }
+    applyParam($("cscale"), info.cscales);
+    for (const k of ["scheduler", "guess_mode", "lpw"]) if (info[k] && $(k)) $(k).title = helpText(info[k]);
+    const spacing = (info.timestep_spacing && info.timestep_spacing.choices)
+      || (variants(props.timestep_spacing).find((v) => Array.isArray(v.enum)) || {}).enum;
     if (spacing) {
       const sel = $("timestep_spacing");
       const keepSpacing = sel.value;
-      sel.replaceChildren(new Option("default", ""), ...spacing.enum.map((v) => new Option(v, v)));
-      sel.value = spacing.enum.includes(keepSpacing) ? keepSpacing : "";
+      sel.replaceChildren(new Option("default", ""), ...spacing.map((v) => new Option(v, v)));
+      sel.value = spacing.includes(keepSpacing) ? keepSpacing : "";
+      if (info.timestep_spacing) sel.title = helpText(info.timestep_spacing);
     }
     $("advanced").hidden = !ADVANCED.some((k) => names.has(k));
     $("mask-canvas").closest(".field").hidden = !names.has("mask");
-    // pipes that compute their condition from the input image take a condition type
-    $("ctype-field").hidden = !(names.has("ctypes") || pipe.classname === "CIm2ImPipe");
+    // pipes that compute their condition from the input image take condition types: the server's
+    $("ctype-field").hidden = !names.has("ctypes");
+    if (info.ctypes && info.ctypes.choices) {
+      const sel = $("ctype");
+      const keepType = sel.value;
+      const labels = Object.fromEntries([...sel.options].map((o) => [o.value, o.textContent]));
+      sel.replaceChildren(...info.ctypes.choices.map((c) => new Option(labels[c] || c, c)));
+      if (info.ctypes.choices.includes(keepType)) sel.value = keepType;
+      sel.title = helpText(info.ctypes);
+    }
     const sel = $("scheduler");
     const keep = sel.value;
     sel.replaceChildren(new Option("pipe default", ""), ...schedulers.map((s) => new Option(s, s)));
     sel.value = schedulers.includes(keep) ? keep : "";
-    const count = schema && schema.properties && schema.properties.count;
-    const max = (count && count.maximum) || maxCount;
-    if (max) $("count").max = String(max); else $("count").removeAttribute("max");
+    const count = jobParams.find((p) => p.name === "count");
+    if (count) applyParam($("count"), count);
+    else {
+      const prop = schema && schema.properties && schema.properties.count;
+      const max = (prop && prop.maximum) || maxCount;
+      if (max) $("count").max = String(max); else $("count").removeAttribute("max");
+    }
+    const seeds = jobParams.find((p) => p.name === "seeds");
+    if (seeds) $("seeds").title = helpText(seeds);
     $("job-fields").disabled = false;
   }
 

@@ -1,0 +1,322 @@
+"""Model families: how each is recognised, which diffusers classes run it, and its per-family data.
+
+A :class:`Family` holds everything that differs between SD 1.x and SDXL (and later Flux,
+Qwen-Image, Z-Image): how a diffusers folder, a single-file checkpoint, a loaded pipeline or
+a ControlNet is recognised as one of its own; the diffusers class of each pipe role; the
+latent-to-RGB preview factors; and metafusion's default ControlNet folders and scales.
+The rest of the pipes ask ``family(model_type)`` instead of comparing model types, so a
+new family is one more entry in ``FAMILIES``.
+
+``ModelType`` stays the user-facing name of a family (``"SD"``, ``"SDXL"``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .errors import InvalidValueError, PipeError
+
+logger = logging.getLogger(__name__)
+
+
+class ModelType(str, Enum):
+    """Model family of a base checkpoint (room for ``FLUX`` later)."""
+
+    SD = "SD"
+    SDXL = "SDXL"
+
+    @classmethod
+    def parse(cls, value: "ModelType | str | None") -> "ModelType | None":
+        """Turn ``"SD"``/``"sdxl"``/a ``ModelType``/None into a ``ModelType`` or None.
+
+        Raises:
+            InvalidValueError: the name is not a known model type.
+        """
+        if value is None or isinstance(value, ModelType):
+            return value
+        name = str(value).upper().replace("MODELTYPE.", "")
+        try:
+            return cls(name)
+        except ValueError:
+            raise InvalidValueError(f"model_type {value!r} is not known; allowed: "
+                                    f"{', '.join(m.value for m in cls)}", "model_type",
+                                    ", ".join(m.value for m in cls)) from None
+
+
+class Role(str, Enum):
+    """What a pipe class does; each family names the diffusers class that does it."""
+
+    TEXT2IMAGE = "text2image"
+    IMAGE2IMAGE = "image2image"
+    INPAINT = "inpaint"
+    CONTROLNET = "controlnet"
+    CONTROLNET_IMAGE2IMAGE = "controlnet_image2image"
+
+
+def _frozen(mapping: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    return MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family.
+
+    Attributes:
+        model_type: its user-facing name.
+        pipelines: the diffusers class name of each role.
+        folder_load_kwargs: extra ``from_pretrained`` arguments for a diffusers folder.
+        recognises_folder: ``(folder, unet_config) -> bool`` for a diffusers folder.
+        checkpoint_prefixes: tensor-name prefixes that mark a single-file checkpoint as this family.
+        recognises_pipeline: ``pipeline -> bool`` for a loaded diffusers pipeline.
+        recognises_controlnet: ``controlnet_config -> bool``: the ControlNet fits this family.
+        latent_rgb_factors: ``channels x 3`` latent-to-RGB projection of the previews.
+        latent_rgb_bias: the 3 offsets added after it.
+        controlnet_folder: metafusion's default ControlNet folder (relative to the working directory).
+        controlnet_models: the folder name in it of each condition type's ControlNet (metafusion's).
+        controlnet_scales: default ``cscales`` per condition type (metafusion's).
+    """
+
+    model_type: ModelType
+    pipelines: Mapping[Role, str]
+    folder_load_kwargs: Mapping[str, Any]
+    recognises_folder: Callable[[Path, dict[str, Any]], bool]
+    checkpoint_prefixes: tuple[str, ...]
+    recognises_pipeline: Callable[[Any], bool]
+    recognises_controlnet: Callable[[Mapping[str, Any]], bool]
+    latent_rgb_factors: tuple[tuple[float, float, float], ...]
+    latent_rgb_bias: tuple[float, float, float]
+    controlnet_folder: str
+    controlnet_models: Mapping[str, str]
+    controlnet_scales: Mapping[str, float]
+
+    @property
+    def name(self) -> str:
+        return self.model_type.value
+
+    @property
+    def latent_channels(self) -> int:
+        return len(self.latent_rgb_factors)
+
+    def pipeline_class(self, role: Role | str) -> type:
+        """The diffusers class that runs ``role`` for this family.
+
+        Raises:
+            InvalidValueError: the family has no pipeline for this role.
+        """
+        name = self.pipelines.get(Role(role))
+        if name is None:
+            raise InvalidValueError(f"{self.name} models have no {Role(role).value} pipeline; allowed families: "
+                                    f"{', '.join(f.name for f in FAMILIES if Role(role) in f.pipelines)}",
+                                    "model_type", ", ".join(f.name for f in FAMILIES if Role(role) in f.pipelines))
+        import diffusers
+
+        return getattr(diffusers, name)
+
+    def default_cscale(self, ctype: str) -> float:
+        """The default conditioning scale of ``ctype`` (1.0 for types metafusion has none for)."""
+        return float(self.controlnet_scales.get(ctype, 1.0))
+
+
+def _has_text_time(config: Mapping[str, Any]) -> bool:
+    return config.get("addition_embed_type") == "text_time"
+
+
+def _sdxl_folder(folder: Path, unet: dict[str, Any]) -> bool:
+    return _has_text_time(unet) or (folder / "text_encoder_2").is_dir()
+
+
+def _sdxl_pipeline(pipe: Any) -> bool:
+    unet = getattr(pipe, "unet", None)
+    return getattr(pipe, "text_encoder_2", None) is not None or (unet is not None and _has_text_time(unet.config))
+
+
+def _sd_pipeline(pipe: Any) -> bool:
+    return getattr(pipe, "unet", None) is not None and not _sdxl_pipeline(pipe)
+
+
+#: metafusion's SD ControlNet scales (its ``cond_scales_defaults``)
+_SD_CSCALES = {"canny": 0.75, "pose": 1.0, "ip2p": 0.5, "soft-sobel": 0.3, "soft": 0.95, "scribble": 0.95,
+               "depth": 0.5, "inpaint": 1.0, "qr": 1.5}
+
+SD = Family(
+    model_type=ModelType.SD,
+    pipelines=_frozen({
+        Role.TEXT2IMAGE: "StableDiffusionPipeline",
+        Role.IMAGE2IMAGE: "StableDiffusionImg2ImgPipeline",
+        Role.INPAINT: "StableDiffusionInpaintPipeline",
+        Role.CONTROLNET: "StableDiffusionControlNetPipeline",
+        Role.CONTROLNET_IMAGE2IMAGE: "StableDiffusionControlNetImg2ImgPipeline",
+    }),
+    # the tiny and most community SD folders have no safety checker; do not ask for one
+    folder_load_kwargs=_frozen({"safety_checker": None, "requires_safety_checker": False}),
+    recognises_folder=lambda folder, unet: not _sdxl_folder(folder, unet),
+    checkpoint_prefixes=("cond_stage_model.", "model.diffusion_model."),
+    recognises_pipeline=_sd_pipeline,
+    recognises_controlnet=lambda config: not _has_text_time(config),
+    # ComfyUI comfy/latent_formats.py (SD15): no bias
+    latent_rgb_factors=((0.3512, 0.2297, 0.3227),
+                        (0.3250, 0.4974, 0.2350),
+                        (-0.2829, 0.1762, 0.2721),
+                        (-0.2120, -0.2616, -0.7177)),
+    latent_rgb_bias=(0.0, 0.0, 0.0),
+    controlnet_folder="models-cn",
+    controlnet_models=_frozen({
+        "canny": "sd-controlnet-canny",
+        "pose": "control_v11p_sd15_openpose",
+        "ip2p": "control_v11e_sd15_ip2p",
+        "soft-sobel": "control_v11p_sd15_softedge",
+        "soft": "control_v11p_sd15_softedge",
+        "scribble": "control_v11p_sd15_scribble",
+        "depth": "control_v11f1p_sd15_depth",
+        "inpaint": "control_v11p_sd15_inpaint",
+        "qr": "controlnet_qrcode-control_v1p_sd15",
+    }),
+    controlnet_scales=_frozen(_SD_CSCALES),
+)
+
+SDXL = Family(
+    model_type=ModelType.SDXL,
+    pipelines=_frozen({
+        Role.TEXT2IMAGE: "StableDiffusionXLPipeline",
+        Role.IMAGE2IMAGE: "StableDiffusionXLImg2ImgPipeline",
+        Role.INPAINT: "StableDiffusionXLInpaintPipeline",
+        Role.CONTROLNET: "StableDiffusionXLControlNetPipeline",
+        Role.CONTROLNET_IMAGE2IMAGE: "StableDiffusionXLControlNetImg2ImgPipeline",
+    }),
+    folder_load_kwargs=_frozen({}),
+    recognises_folder=_sdxl_folder,
+    # the second text encoder; SDXL files also hold SD's "model.diffusion_model." names
+    checkpoint_prefixes=("conditioner.embedders.1.",),
+    recognises_pipeline=_sdxl_pipeline,
+    recognises_controlnet=_has_text_time,
+    # ComfyUI comfy/latent_formats.py (SDXL)
+    latent_rgb_factors=((0.3651, 0.4232, 0.4341),
+                        (-0.2533, -0.0042, 0.1068),
+                        (0.1076, 0.1111, -0.0362),
+                        (-0.3165, -0.2492, -0.2188)),
+    latent_rgb_bias=(0.1084, -0.0175, -0.0011),
+    controlnet_folder="models-cn-xl",
+    controlnet_models=_frozen({
+        "soft": "controlnet-softedge-sdxl",
+        "scribble": "controlnet-scribble-sdxl",
+        "canny": "controlnet-canny-sdxl",
+        "pose": "controlnet-openpose-sdxl",
+        "depth": "controlnet-depth-sdxl",
+        "inpaint": "controlnet-inpaint-sdxl",
+        "qr": "controlnet-qr-pattern-sdxl",
+    }),
+    controlnet_scales=_frozen({**_SD_CSCALES, "qr": 0.5}),
+)
+
+#: every supported family, most specific first: detection takes the first that recognises a
+#: model (an SDXL checkpoint also holds SD's tensor names, so SDXL is asked before SD)
+FAMILIES: tuple[Family, ...] = (SDXL, SD)
+_BY_TYPE: dict[ModelType, Family] = {f.model_type: f for f in FAMILIES}
+#: what transformer-based models (Flux and later families) look like, to say "not supported yet"
+_TRANSFORMER_FOLDER = "transformer"
+_TRANSFORMER_TENSORS = ("double_blocks.", "transformer_blocks.")
+_SUPPORTED = ", ".join(f.name for f in FAMILIES[::-1])
+
+
+def family(model_type: ModelType | str) -> Family:
+    """The family of a model type (a ``ModelType`` or its name).
+
+    Raises:
+        InvalidValueError: an unknown model type.
+    """
+    mt = ModelType.parse(model_type)
+    if mt not in _BY_TYPE:
+        raise InvalidValueError(f"model_type {model_type!r} is not supported; allowed: {_SUPPORTED}", "model_type",
+                                _SUPPORTED)
+    return _BY_TYPE[mt]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def family_of_folder(folder: Path) -> Family:
+    """The family of a diffusers folder, from its UNet config and components.
+
+    Raises:
+        InvalidValueError: a transformer (Flux-like) model, not supported yet.
+        PipeError: not a diffusers folder with a UNet.
+    """
+    unet = _read_json(folder / "unet" / "config.json")
+    if not unet:
+        if (folder / _TRANSFORMER_FOLDER).is_dir():
+            raise InvalidValueError(f"{folder} holds a transformer (Flux-like) model, which is not supported "
+                                    f"yet; allowed: {_SUPPORTED}", "model_type", _SUPPORTED)
+        raise PipeError(f"model {folder} is not a diffusers folder with a unet/config.json", "model_id")
+    for fam in FAMILIES:
+        if fam.recognises_folder(folder, unet):
+            return fam
+    raise PipeError(f"model {folder} is a UNet model of no known family; allowed: {_SUPPORTED}", "model_id",
+                    _SUPPORTED)  # pragma: no cover - SD recognises every UNet folder
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The tensor names of a single-file checkpoint (``.safetensors`` without loading tensors).
+
+    Raises:
+        PipeError: the file cannot be read (truncated or corrupt).
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        import torch
+
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd)
+        return [str(k) for k in sd.keys()]
+    except Exception as exc:  # a truncated or corrupt file: SafetensorError, UnpicklingError, EOFError, ...
+        raise PipeError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); allowed: an intact "
+                        ".safetensors or .ckpt file", "model_id") from exc
+
+
+def family_of_checkpoint(path: Path) -> Family:
+    """The family of a single-file checkpoint, from its tensor names.
+
+    Raises:
+        InvalidValueError: a Flux-like checkpoint, not supported yet.
+        PipeError: unreadable, or no known tensor names.
+    """
+    names = tensor_names(path)
+    for fam in FAMILIES:
+        if any(k.startswith(fam.checkpoint_prefixes) for k in names):
+            return fam
+    if any(k.startswith(_TRANSFORMER_TENSORS) for k in names):
+        raise InvalidValueError(f"{path} looks like a Flux checkpoint, not supported yet; allowed: {_SUPPORTED}",
+                                "model_type", _SUPPORTED)
+    raise PipeError(f"cannot tell the model type of {path}: no {' or '.join(f.name for f in FAMILIES[::-1])} "
+                    "tensor names found", "model_id")
+
+
+def family_of_pipeline(pipe: Any) -> Family:
+    """The family of a loaded diffusers pipeline (from its components, not its class name).
+
+    Raises:
+        InvalidValueError: a pipeline of no supported family (no UNet).
+    """
+    for fam in FAMILIES:
+        if fam.recognises_pipeline(pipe):
+            return fam
+    raise InvalidValueError(f"pipeline {type(pipe).__name__} has no UNet; allowed: {_SUPPORTED} pipelines", "pipe",
+                            _SUPPORTED)
+
+
+def family_of_controlnet(config: Mapping[str, Any]) -> Family | None:
+    """The family a ControlNet (by its config) belongs to, or None."""
+    return next((fam for fam in FAMILIES if fam.recognises_controlnet(config)), None)

@@ -1,0 +1,106 @@
+"""``ModelCatalog``: what models.yaml says about a session's model and pipe, in one place.
+
+The model's type (declared, or detected from its files once), the LoRA files of a
+session with their weights, the model's ``defaults:``, the pipe class a models.yaml pipe
+names, and the constructor arguments its pipe class needs beyond the shared base
+(ControlNets, condition models).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ModelsConfig, PipeEntry
+from .errors import InvalidInput
+from .records import SessionRecord
+from .validation import check_choice, check_name, controlnet_paths, model_type_of, normalize_loras
+
+PipeFactory = Callable[[str], Any]
+
+
+def registry_pipe_class(classname: str) -> Any:
+    """The pipe class a models.yaml ``classname`` names, from the pipes' registry."""
+    from multigen.pipes.registry import pipe_class
+
+    return pipe_class(classname)
+
+
+class ModelCatalog:
+    """models.yaml, read for the service.
+
+    Args:
+        models: the parsed models.yaml.
+        model_dir: the folder model ids are relative to (condition models too).
+        pipe_factory: ``pipe_factory(classname) -> class``; default: the pipes' registry.
+    """
+
+    def __init__(self, models: ModelsConfig, model_dir: Path, pipe_factory: PipeFactory | None = None) -> None:
+        self.models = models
+        self.model_dir = model_dir
+        self.pipe_factory: PipeFactory = pipe_factory or registry_pipe_class
+        self._types: dict[str, str | None] = {}
+        self._lock = threading.Lock()
+
+    def check_session(self, user: Any, project: Any, pipe: Any, model: Any, loras: Any) -> list[dict[str, Any]]:
+        """Check what a session is opened with; returns its LoRAs as ``[{"name", "weight"}]``.
+
+        Raises:
+            InvalidInput: a bad name, an unknown pipe/model/LoRA (naming the known ones), a LoRA
+                of another family, or a ControlNet pipe with no ControlNet for the model.
+        """
+        models = self.models
+        check_name(user, "user")
+        check_name(project, "project")
+        check_choice(pipe, models.pipes, "pipe", "pipe")
+        check_choice(model, models.base, "model", "model")
+        mtype = self.model_type(model)
+        norm = normalize_loras(loras, models, mtype)
+        if models.pipes[pipe].needs_cnet and not controlnet_paths(models, pipe, mtype):
+            usable = sorted(n for n in models.base if controlnet_paths(models, pipe, self.model_type(n)))
+            raise InvalidInput(f"pipe {pipe!r} needs a ControlNet for {mtype} models and none is configured "
+                               f"(add one under `controlnet:` in {models.file.name}, by condition type for pipes "
+                               f"that compute conditions); models it can use: {', '.join(usable) or 'none'}; "
+                               f"pipes usable with {model!r}: "
+                               + ", ".join(n for n, e in models.pipes.items() if not e.needs_cnet),
+                               field="model", code="no_controlnet")
+        return norm
+
+    def model_type(self, model: str) -> str | None:
+        """The base model's family (``SD``, ``SDXL``): declared, else detected from its files once."""
+        with self._lock:
+            if model not in self._types:
+                self._types[model] = model_type_of(self.models.base[model])
+            return self._types[model]
+
+    def pipe(self, name: str) -> PipeEntry:
+        return self.models.pipes[name]
+
+    def pipe_class(self, pipe: str) -> Any:
+        """The class of a models.yaml pipe (``Prompt2ImPipe``...)."""
+        return self.pipe_factory(self.models.pipes[pipe].classname)
+
+    def lora_files(self, loras: list[dict[str, Any]]) -> list[tuple[str, float]]:
+        """A session's LoRAs as ``(file, weight)`` for ``pipe.set_loras``."""
+        return [(str(self.models.lora[x["name"]].path), float(x["weight"])) for x in loras]
+
+    def defaults(self, model: str) -> dict[str, Any]:
+        """The model's ``defaults:`` from models.yaml (what a job leaves out)."""
+        return dict(self.models.base[model].defaults)
+
+    def pipe_kwargs(self, session: SessionRecord) -> dict[str, Any]:
+        """Constructor arguments of the session's pipe class beyond the shared base (ControlNets)."""
+        entry = self.models.pipes[session.pipe]
+        if not entry.needs_cnet:
+            return {}
+        kwargs: dict[str, Any] = {
+            "controlnets": controlnet_paths(self.models, session.pipe, self.model_type(session.model))}
+        conditions = entry.extra.get("condition_models")
+        computes_conditions = "ctypes" in getattr(self.pipe_class(session.pipe), "PARAMS", ())
+        if computes_conditions and isinstance(conditions, dict):  # depth/pose models, under model_dir
+            kwargs["condition_models"] = {str(c): str(self.model_dir / str(p)) for c, p in conditions.items()}
+        return kwargs
+
+    def path_names(self) -> dict[str, str]:
+        """Resolved model/LoRA/ControlNet paths -> their models.yaml names (for image metadata)."""
+        return self.models.path_names

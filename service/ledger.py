@@ -1,0 +1,336 @@
+"""``JobLedger``: the queue, the running jobs, every state transition and the image callbacks.
+
+One lock (a condition variable) guards them together, so that a job is always in exactly
+one place: stored and queued, taken by one worker (``running``), or finished. Every state
+change goes through :meth:`JobLedger.transition`, which checks it (jobs.py), stores it, logs
+one line and announces it. The worker side (:meth:`next_job`, :meth:`finish`,
+:meth:`requeue`, :meth:`abandon`) never raises: a transition the store refuses, or a
+user's callback that raises, is logged and the worker loop goes on.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any, Callable, Collection, Iterator
+
+from .errors import Conflict, MultigenError, NotFound
+from .events import EventBus
+from .jobs import EVENT_FOR_STATE, JobState, check_transition
+from .records import JobRecord
+from .running import RunningJob
+from .scheduling import FairQueue, QueuedJob
+from .stats import ServiceStats
+from .store import Store
+from .views import job_view, now_iso
+
+log = logging.getLogger(__name__)
+
+ImageCallback = Callable[[str], Any]
+
+
+class JobLedger:
+    """Where every job is, under one lock.
+
+    Args:
+        store: the persistent store (jobs are stored before they are queued).
+        events: where transitions are announced.
+        counters: finished jobs are counted there.
+        queue: the fair queue of queued jobs.
+    """
+
+    def __init__(self, store: Store, events: EventBus, counters: ServiceStats, queue: FairQueue) -> None:
+        self.store = store
+        self.events = events
+        self.counters = counters
+        self.queue = queue
+        self._cv = threading.Condition()
+        self._running: dict[str, RunningJob] = {}
+        self._callbacks: dict[str, ImageCallback] = {}
+        self._closed = threading.Event()  # stop(): workers take nothing more
+        self._draining = False  # stop(finish_running=True): running jobs finish, nothing new starts
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the ledger's lock: for checks that must not race with queueing (session limits, closing)."""
+        with self._cv:
+            yield
+
+    # ---- queue side ----------------------------------------------------------------------------
+    def check_room(self, user: str) -> None:
+        """Raise QueueFull when ``user`` cannot queue one more job."""
+        with self._cv:
+            self.queue.check_room(user)
+
+    def add(self, job: JobRecord, callback: ImageCallback | None = None,
+            guard: Callable[[], None] | None = None) -> tuple[int, dict[str, Any]]:
+        """Store and queue a new job; returns its queue position and its view.
+
+        Args:
+            job: the job as it will be stored (state ``queued``).
+            callback: called with each image's path once it is written.
+            guard: run under the lock before the job is stored; raise to refuse it (the
+                session closed meanwhile).
+
+        Raises:
+            QueueFull, or what ``guard`` raises.
+        """
+        with self._cv:
+            self.queue.check_room(job.user)
+            if guard is not None:
+                guard()
+            job = self.store.create_job(job)
+            position = self.queue.push(QueuedJob(job.id, job.user, job.model, job.priority, seq=job.seq))
+            if callback is not None:
+                self._callbacks[job.id] = callback
+            self._cv.notify_all()
+            view = self._view_locked(job.id)
+        self.events.publish("job.queued", {"job": view}, session_id=job.session_id)
+        return position, view
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a job: a queued one at once, a running one at its next step; returns its view.
+
+        Raises:
+            NotFound: unknown job.
+            Conflict: the job has already finished.
+        """
+        with self._cv:
+            job = self.store.get_job(job_id)
+            if job is None:
+                raise NotFound(f"job {job_id} not found", field="job_id")
+            if JobState(job.state).finished:
+                raise Conflict(f"job {job_id} has already {job.state}: nothing to cancel", field="job_id",
+                               code="job_finished")
+            self._cancel_locked(job)
+            return self._view_locked(job_id)
+
+    def cancel_session(self, session_id: str) -> None:
+        """Cancel every queued and running job of a session (call with :meth:`locked` held or not)."""
+        with self._cv:
+            for job in self.store.list_jobs(session_id=session_id, states=[JobState.QUEUED, JobState.RUNNING]):
+                self._cancel_locked(job)
+
+    def _cancel_locked(self, job: JobRecord) -> None:
+        running = self._running.get(job.id)
+        if running is not None:
+            running.cancel_event.set()
+            log.info("session=%s job=%s cancel requested: stops at the next step", job.session_id, job.id)
+            return
+        self.queue.remove(job.id)
+        self._callbacks.pop(job.id, None)
+        self.transition(job, JobState.CANCELLED, finished_at=now_iso())
+
+    # ---- reading -------------------------------------------------------------------------------
+    def view(self, job_id: str, job: JobRecord | None = None) -> dict[str, Any]:
+        """API.md ``Job``. Raises NotFound.
+
+        The store is safe across threads: only the queue position and the running job's
+        progress need the lock, so polling does not wait on the store behind other callers.
+        """
+        job = job or self.store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found", field="job_id")
+        images = self.store.list_images(job_id=job_id)
+        with self._cv:
+            return job_view(job, images, self.queue.position(job_id), self._running.get(job_id))
+
+    def _view_locked(self, job_id: str) -> dict[str, Any]:
+        job = self.store.get_job(job_id)
+        if job is None:  # pragma: no cover - only ever called for a job just read or written
+            raise NotFound(f"job {job_id} not found", field="job_id")
+        return job_view(job, self.store.list_images(job_id=job_id), self.queue.position(job_id),
+                        self._running.get(job_id))
+
+    def preview(self, job_id: str) -> bytes | None:
+        """The latest preview (JPEG bytes) of a running job, or None."""
+        job = self._running.get(job_id)
+        return job.preview if job is not None else None
+
+    def next_job_of(self, session_id: str) -> dict[str, Any] | None:
+        """metafusion's ``next_job`` of a session: ``{"queue_number", "image_count"}`` of its first
+        running or queued job, or None."""
+        with self._cv:
+            for job in self._running.values():
+                if job.session_id == session_id:
+                    return {"queue_number": 0, "image_count": job.count}
+        for job in self.store.list_jobs(session_id=session_id, states=[JobState.QUEUED]):
+            position = self.queue.position(job.id)
+            if position is not None:
+                return {"queue_number": position, "image_count": job.count}
+        return None
+
+    def is_running_in(self, session_id: str) -> bool:
+        with self._cv:
+            return any(job.session_id == session_id for job in self._running.values())
+
+    def counts(self) -> tuple[int, int]:
+        """(queued, running) jobs."""
+        with self._cv:
+            return len(self.queue), len(self._running)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no job is queued or running; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not len(self.queue) and not self._running, timeout)
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def drain(self, timeout: float | None) -> None:
+        """Start nothing new and wait (up to ``timeout``) for the running jobs to end."""
+        with self._cv:
+            self._draining = True
+            self._cv.wait_for(lambda: not self._running, timeout)
+
+    def close(self) -> None:
+        """Workers take nothing more; running jobs stop at their next step and go back to ``queued``."""
+        with self._cv:
+            self._closed.set()
+            for job in self._running.values():
+                job.requeue_event.set()
+            self._cv.notify_all()
+
+    # ---- worker side (never raises past a log line) --------------------------------------------
+    def next_job(self, device: str, prefer: Callable[[], Collection[str]], stop: threading.Event,
+                 timeout: float) -> RunningJob | None:
+        """Take the next job for a worker on ``device`` (waiting up to ``timeout``), or None.
+
+        Args:
+            device: the worker's device.
+            prefer: the models already loaded on the device (model affinity).
+            stop: the worker's own stop flag.
+            timeout: seconds to wait for work.
+        """
+        with self._cv:
+            if self._idle(stop):
+                return None
+            queued = self.queue.pop(prefer())
+            if queued is None:
+                self._cv.wait(timeout)
+                if self._idle(stop):
+                    return None
+                queued = self.queue.pop(prefer())
+                if queued is None:
+                    return None
+            record = self.store.get_job(queued.job_id)
+            if record is None:  # pragma: no cover - queued jobs are stored first
+                log.error("job=%s was queued but is not in the store: dropped", queued.job_id)
+                return None
+            job = RunningJob(job_id=record.id, session_id=record.session_id, user=record.user, model=record.model,
+                             priority=record.priority, seq=record.seq, count=record.count, device=device)
+            self._running[job.job_id] = job
+            try:
+                self.transition(record, JobState.RUNNING, started_at=now_iso(), device=device)
+            except Exception:  # its state changed under us: leave it alone rather than run it
+                self._running.pop(job.job_id, None)
+                log.exception("session=%s job=%s could not start", record.session_id, record.id)
+                return None
+            return job
+
+    def _idle(self, stop: threading.Event) -> bool:
+        return self._closed.is_set() or self._draining or stop.is_set()
+
+    def running(self, job_id: str) -> RunningJob | None:
+        return self._running.get(job_id)
+
+    def image_written(self, job: RunningJob, path: str) -> None:
+        """Call the job's ``image_callback`` (the user's code: its exceptions are logged, never raised)."""
+        callback = self._callbacks.get(job.job_id)
+        if callback is None:
+            return
+        try:
+            callback(path)
+        except Exception:
+            log.exception("session=%s job=%s: image_callback raised", job.session_id, job.job_id)
+
+    def finish(self, job: RunningJob, state: JobState, error: dict[str, Any] | None = None) -> None:
+        """End a running job in ``state`` (succeeded, failed or cancelled)."""
+        with self._cv:
+            self._running.pop(job.job_id, None)
+            self._callbacks.pop(job.job_id, None)
+            record = None
+            try:
+                record = self.store.get_job(job.job_id)
+                if record is None:
+                    raise NotFound(f"job {job.job_id} vanished from the store")
+                self.transition(record, state, finished_at=now_iso(), error=error, timings=job.timings or None)
+                self.counters.job_finished(state.value)
+            except Exception as e:  # e.g. the store is locked, or the job changed under us: the loop goes on
+                log.exception("session=%s job=%s: could not record its end (%s)", job.session_id, job.job_id, state)
+                self._fail_unrecorded(record, job, e)
+            finally:
+                self._cv.notify_all()
+
+    def _fail_unrecorded(self, record: JobRecord | None, job: RunningJob, e: Exception) -> None:
+        """A job whose end could not be stored must not stay ``running``: record it failed if it still is."""
+        try:
+            current = self.store.get_job(job.job_id) if record is not None else None
+            if current is not None and current.state == JobState.RUNNING.value:
+                self.transition(current, JobState.FAILED, finished_at=now_iso(), timings=job.timings or None,
+                                error={"type": type(e).__name__, "message": f"internal error: {e}"})
+                self.counters.job_finished(JobState.FAILED.value)
+        except Exception:  # the store itself is broken: the next start's recovery puts the job back
+            log.exception("session=%s job=%s: could not record it failed either", job.session_id, job.job_id)
+
+    def requeue(self, job: RunningJob) -> None:
+        """Put a job stopped by stop() back to ``queued`` (resumed at its first unwritten image)."""
+        with self._cv:
+            self._running.pop(job.job_id, None)
+            try:
+                record = self.store.get_job(job.job_id)
+                if record is None:
+                    raise NotFound(f"job {job.job_id} vanished from the store")
+                self.transition(record, JobState.QUEUED)
+                if not self._closed.is_set():
+                    self.queue.push(QueuedJob(job.job_id, job.user, job.model, job.priority, seq=job.seq),
+                                    force=True)
+            except Exception:
+                log.exception("session=%s job=%s: could not requeue it", job.session_id, job.job_id)
+            finally:
+                self._cv.notify_all()
+
+    def abandon(self, job: RunningJob, exc: BaseException) -> None:
+        """End a job whose run broke out of the job boundary (a bug in the runner).
+
+        Without this the job would stay ``running`` until the next restart, and ``wait_idle``
+        and ``drain_on_exit`` would wait for it for ever.
+        """
+        with self._cv:
+            current = self._running.get(job.job_id)
+            if current is not None and current is not job:  # requeued and taken again meanwhile
+                return
+            self._running.pop(job.job_id, None)
+            self._callbacks.pop(job.job_id, None)
+            try:
+                record = self.store.get_job(job.job_id)
+                if record is not None and record.state == JobState.RUNNING.value and job.job_id not in self.queue:
+                    if job.requeue_event.is_set():  # stop(): resumed at the next start
+                        self.transition(record, JobState.QUEUED)
+                    else:
+                        state = JobState.CANCELLED if job.cancel_event.is_set() else JobState.FAILED
+                        error = None if state == JobState.CANCELLED else {
+                            "type": type(exc).__name__, "message": f"internal error: {exc}"}
+                        self.transition(record, state, finished_at=now_iso(), error=error,
+                                        timings=job.timings or None)
+                        self.counters.job_finished(state.value)
+            except Exception:  # the store itself may be what broke: the restart's recovery puts it right
+                log.exception("session=%s job=%s: could not record the end of the job", job.session_id, job.job_id)
+            finally:
+                self._cv.notify_all()
+
+    # ---- the one transition --------------------------------------------------------------------
+    def transition(self, job: JobRecord, new: JobState, **fields: Any) -> None:
+        """Every job state change: checked, stored, logged (one line) and announced.
+
+        Raises:
+            Conflict: the change is not allowed from the job's state.
+        """
+        new = check_transition(job.id, job.state, new)
+        self.store.update_job(job.id, state=new.value, **fields)
+        error = fields.get("error")
+        log.info("session=%s job=%s %s -> %s%s", job.session_id, job.id, job.state, new.value,
+                 f" ({error['type']}: {error['message']})" if error else "")
+        try:
+            view = self._view_locked(job.id)
+        except MultigenError:  # pragma: no cover
+            return
+        self.events.publish(EVENT_FOR_STATE[new], {"job": view}, session_id=job.session_id)

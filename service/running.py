@@ -1,0 +1,46 @@
+"""``RunningJob``: what the service knows of a job while a worker runs it (in memory only).
+
+The ledger creates one when a worker takes a job and drops it when the job ends; the runner
+updates its progress; views show it. It holds no reference to any of them.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunningJob:
+    """A job taken by a worker: its identity, the stop signals and the live progress."""
+
+    job_id: str
+    session_id: str
+    user: str
+    model: str
+    priority: int
+    seq: int
+    count: int
+    device: str | None = None
+    #: set by a cancel: the job stops at its next step and ends ``cancelled``
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    #: set by stop(): the job stops at its next step and goes back to ``queued``
+    requeue_event: threading.Event = field(default_factory=threading.Event)
+    progress: dict[str, Any] = field(default_factory=lambda: {"step": 0, "steps": 0, "image": 0, "fraction": 0.0})
+    eta_seconds: float | None = None
+    preview: bytes | None = None
+    preview_at: float = 0.0
+    progress_event_at: float = 0.0
+    gen_seconds: float = 0.0  # wall time inside gen() so far
+    steps_done: int = 0
+    preview_seconds: float = 0.0
+    timings: dict[str, Any] = field(default_factory=dict)  # prepare/gen/preview seconds, model_loaded
+    model_defaults: dict[str, Any] = field(default_factory=dict)  # what models.yaml filled in for this job
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def should_stop(self) -> bool:
+        """The cancel check given to ``gen``: a cancel or a stop() that requeues."""
+        return self.cancel_event.is_set() or self.requeue_event.is_set()
