@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Union
 
 from .errors import InvalidValueError
-from .spec import DRAWN_SEED_MAX, SEEDS
+from .spec import DRAWN_SEED_MAX, MAX_GRAMMAR_DEPTH, MAX_GRAMMAR_ITEMS, MAX_PROMPT_CHARS, SEEDS
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ Grammar = Union[str, list, dict]
 MAX_SEED = DRAWN_SEED_MAX
 
 CONCAT_MARK = "+"
+_END = object()  # the end of an iterator in _check_size
 ALLOWED_SHAPES = (
     'a string; a list (top level: parts joined with ", "; nested: one item chosen at random; '
     'nested and starting with "+": the other items joined with a space); '
@@ -51,16 +52,56 @@ ALLOWED_SHAPES = (
 
 
 def validate_grammar(grammar: Any, param: str = "prompt") -> None:
-    """Check that ``grammar`` has only the shapes the prompt grammar allows.
+    """Check that ``grammar`` is not too big and has only the shapes the prompt grammar allows.
+
+    Its size is checked first, without recursion: at most :data:`~.spec.MAX_GRAMMAR_ITEMS` items,
+    :data:`~.spec.MAX_GRAMMAR_DEPTH` levels and :data:`~.spec.MAX_PROMPT_CHARS` characters.
 
     Args:
         grammar: The grammar to check.
         param: Parameter name used in error messages (``prompt`` or ``negative_prompt``).
 
     Raises:
-        InvalidValueError: Naming the parameter and the path of the first bad item.
+        InvalidValueError: Naming the parameter and the cap it exceeds, or the path of the first bad item.
     """
+    _check_size(grammar, param)
     _validate(grammar, param, top=True)
+
+
+def _check_size(grammar: Any, param: str) -> None:
+    """Count items, depth and characters with an explicit stack of iterators, stopping as soon as a cap is
+    passed: the cost is bounded by the caps, not by the grammar (a body of millions of ``[""]`` stops at the
+    first :data:`~.spec.MAX_GRAMMAR_ITEMS`), and no nesting can exhaust the recursion of ``_validate``."""
+    items, chars = 0, 0
+    stack: list[tuple[Iterator[Any], int]] = [(iter((grammar,)), 0)]
+    while stack:
+        siblings, depth = stack[-1]
+        node = next(siblings, _END)
+        if node is _END:
+            stack.pop()
+            continue
+        if not isinstance(node, (str, list, tuple, dict)):
+            continue  # not an item (a dict's "p", or a bad value _validate names)
+        items += 1
+        if items > MAX_GRAMMAR_ITEMS:
+            raise _size_error(param, f"has more than {MAX_GRAMMAR_ITEMS} items (lists, dicts and strings "
+                                     f"together); at most {MAX_GRAMMAR_ITEMS} are allowed")
+        if isinstance(node, str):
+            chars += len(node)
+            if chars > MAX_PROMPT_CHARS:
+                raise _size_error(param, f"has more than {MAX_PROMPT_CHARS} characters; at most "
+                                         f"{MAX_PROMPT_CHARS} are allowed")
+            continue
+        if depth + 1 > MAX_GRAMMAR_DEPTH:
+            raise _size_error(param, f"is nested more than {MAX_GRAMMAR_DEPTH} levels deep; at most "
+                                     f"{MAX_GRAMMAR_DEPTH} are allowed")
+        stack.append((iter(node.values() if isinstance(node, dict) else node), depth + 1))
+
+
+def _size_error(param: str, what: str) -> InvalidValueError:
+    return InvalidValueError(f"Invalid value for '{param}': the prompt {what}.", param=param,
+                             allowed=f"a prompt of at most {MAX_PROMPT_CHARS} characters, {MAX_GRAMMAR_ITEMS} "
+                                     f"items and {MAX_GRAMMAR_DEPTH} levels")
 
 
 def _validate(node: Any, path: str, top: bool) -> None:

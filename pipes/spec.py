@@ -27,7 +27,8 @@ from .parameters import Param, ParamSet, ParamType, PipeSpec
 
 __all__ = [
     "Param", "ParamSet", "ParamType", "PipeSpec", "PIPE_SPECS", "JOB", "LORA_WEIGHT", "COMMON", "MAX_IMAGES",
-    "DRAWN_SEED_MAX", "CONDITION_TYPES", "IMAGE_PARAM_NAMES", "apply_limits", "spec_from_names",
+    "DRAWN_SEED_MAX", "CONDITION_TYPES", "IMAGE_PARAM_NAMES", "MAX_PROMPT_CHARS", "MAX_GRAMMAR_DEPTH",
+    "MAX_GRAMMAR_ITEMS", "MAX_LORAS", "apply_limits", "spec_from_names",
 ]
 
 # ---- the declarations ------------------------------------------------------------------------------
@@ -117,6 +118,15 @@ IMAGE_PARAM_NAMES: frozenset[str] = frozenset(
     name for s in PIPE_SPECS.values() for name in s.accepted if s[s.canonical(name)].image)
 
 # job-level parameters: arguments of queue_gen / fields of a job, not of the pipe's setup
+#: most characters in a prompt (all the strings of a grammar together): some 5000 tokens, 65 chunks of 77 for
+#: the text encoder; a multi-megabyte prompt would hold a worker and its memory for minutes
+MAX_PROMPT_CHARS = 20000
+#: deepest nesting of a prompt grammar (a string: 0, ``["a"]``: 1): deeper ones only serve to exhaust the
+#: server's recursion
+MAX_GRAMMAR_DEPTH = 32
+#: most items of a prompt grammar, lists, dicts and strings together: ``[[""], [""], ...]`` holds no character,
+#: yet 27 MB of it are millions of Python objects, decoded again on every read of the job
+MAX_GRAMMAR_ITEMS = 10000
 PROMPT = Param("prompt", ParamType.PROMPT, "a string, or metafusion's Cfgen grammar as JSON", default="")
 NEGATIVE_PROMPT = replace(PROMPT, name="negative_prompt", default=None, nullable=True,
                           description="what the image should not show: a string or a Cfgen grammar")
@@ -128,6 +138,8 @@ PRIORITY = Param("priority", ParamType.INT, "higher runs first (within the user'
 JOB = ParamSet((PROMPT, NEGATIVE_PROMPT, COUNT, SEEDS, PRIORITY))
 LORA_WEIGHT = Param("weight", ParamType.FLOAT, "LoRA weight (negative: the opposite effect)", default=1.0,
                     minimum=-10.0, maximum=10.0)
+#: most LoRAs of one session: each is loaded into the shared model before every job of the session
+MAX_LORAS = 16
 
 #: config ``limits`` key -> the parameter whose maximum it caps
 LIMITED: Mapping[str, str] = MappingProxyType({"max_width": "width", "max_height": "height",

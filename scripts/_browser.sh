@@ -6,9 +6,9 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     echo "multigen: installing chromium and chromium-driver (Debian packages) for the browser tests" >&2
     DEBIAN_FRONTEND=noninteractive apt-get update -qq \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
-      || echo "multigen: could not install chromium; the browser tests will be skipped" >&2
+      || echo "multigen: could not install chromium; the browser tests will be skipped (they fail under CI=true)" >&2
   else
     echo "multigen: /usr/bin/chromium or /usr/bin/chromedriver missing and not root;" \
-         "install them with: apt-get install chromium chromium-driver (browser tests are skipped)" >&2
+         "install them with: apt-get install chromium chromium-driver (browser tests are skipped; they fail under CI=true)" >&2
   fi
 fi

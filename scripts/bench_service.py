@@ -14,6 +14,10 @@ Prints three measurements (targets from the Step 3 issue):
    LoRAs, setup) when the model is loaded, against the first load. Target: at most 1 %.
 3. **memory of three pipe classes on one model** (Prompt2Im, Im2Im, Inpainting), counted as
    distinct tensor bytes, and as the process's resident memory growth. Target: at most 1.1x one.
+4. **one latent preview against one step**: what the runner does for a preview (``latents_to_rgb``
+   on the step's latents, then a JPEG) timed against the fastest step of a direct ``gen`` at the
+   same settings. Target: under 2 % (the runner makes at most one per step and one per
+   ``PREVIEW_INTERVAL_SECONDS``; tests/test_service_fakes.py counts them).
 
 Usage: ``python scripts/bench_service.py [--size 512] [--steps 10] [--images 3] [--rounds 3]``
 (defaults are the issue's settings: tiny SD, 512x512, 10 steps).
@@ -47,6 +51,27 @@ def make_config(tmp: Path, model_dir: Path) -> Path:
     text = (ROOT / "config" / "config.yaml").read_text().replace("model_dir: ../models", f"model_dir: {model_dir}")
     (tmp / "config.yaml").write_text(text)
     return tmp / "config.yaml"
+
+
+def preview_cost(pipe, model_type, repeats: int = 20) -> tuple[float, float]:
+    """Seconds of one preview as the runner makes it, and of the fastest step of one ``gen``."""
+    import io
+
+    from multigen.pipes import latents_to_rgb
+
+    stamps: list[float] = []
+    latents: list = []
+
+    def on_step(step: int, steps: int, lat) -> None:
+        stamps.append(time.perf_counter())
+        latents.append(lat)
+
+    pipe.gen({"prompt": "a red cube on a table", "seed": 7, "callback": on_step})
+    step = min(b - a for a, b in zip(stamps, stamps[1:]))
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        latents_to_rgb(latents[-1], model_type).convert("RGB").save(io.BytesIO(), format="JPEG", quality=80)
+    return (time.perf_counter() - t0) / repeats, step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"2. second job on a loaded model: first load {load_seconds:.3f} s (job prepare {prep_cold:.3f} s), "
           f"second job prepare {prep_warm * 1000:.2f} ms = {ratio * 100:.2f} % of the load (target <= 1 %) "
           f"{'OK' if ratio <= 0.01 else 'OVER'}")
+    preview_times = preview_cost(direct, mtype)
     del direct, base
 
     # -- memory: three pipe classes on one model -------------------------------------------------------
@@ -159,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{mem_ratio:.3f}x (target <= 1.1x) {'OK' if mem_ratio <= 1.1 else 'OVER'}; resident memory: "
           f"+{(rss1 - rss0) / 2**20:.1f} MiB for the model and the first class, "
           f"+{(rss3 - rss1) / 2**20:.1f} MiB for the two others")
+    preview_seconds, step_seconds = preview_times
+    share = preview_seconds / step_seconds
+    print(f"4. one latent preview (projection + JPEG) {preview_seconds * 1000:.2f} ms against one step "
+          f"{step_seconds * 1000:.1f} ms = {share * 100:.2f} % (target < 2 %) {'OK' if share < 0.02 else 'OVER'}")
     svc.stop()
     svc.store.close()
     shutil.rmtree(tmp, ignore_errors=True)

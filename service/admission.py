@@ -12,13 +12,17 @@ from typing import Any
 from multigen.pipes.errors import UnknownSchedulerError
 from multigen.pipes.registry import pipe_spec
 from multigen.pipes.schedulers import resolve_name
+from multigen.pipes.spec import STEPS
 
+from .budget import CostBudget, job_cost
 from .catalog import ModelCatalog
-from .errors import InvalidInput
 from .config import Limits
-from .records import SessionRecord
+from .errors import InvalidInput
+from .jobs import JobState
+from .records import JobRecord, SessionRecord
 from .validation import (check_count_and_seeds, check_has_image, check_priority, check_prompt, check_setup_params,
                          images_to_params)
+from .views import now_iso
 
 
 @dataclass(frozen=True)
@@ -32,15 +36,25 @@ class AdmittedJob:
     priority: int
     #: setup parameters, input images among them (PIL images, arrays or paths, not stored yet)
     params: dict[str, Any]
+    #: megapixel-steps charged to the user's budget (budget.py)
+    cost: float
+
+    def record(self, job_id: str, session: SessionRecord, stored_params: dict[str, Any]) -> JobRecord:
+        """The job as the store keeps it, queued now (``stored_params``: images saved as files)."""
+        return JobRecord(id=job_id, session_id=session.id, user=session.user, model=session.model,
+                         state=JobState.QUEUED.value, priority=self.priority, count=self.count, seeds=self.seeds,
+                         prompt=self.prompt, negative_prompt=self.negative_prompt, params=stored_params,
+                         created_at=now_iso())
 
 
-def admit_job(catalog: ModelCatalog, limits: Limits, session: SessionRecord, *, images: Any, prompt: Any,
-              count: Any, seeds: Any, negative_prompt: Any, priority: Any,
+def admit_job(catalog: ModelCatalog, limits: Limits, budget: CostBudget, session: SessionRecord, *, images: Any,
+              prompt: Any, count: Any, seeds: Any, negative_prompt: Any, priority: Any,
               setup_params: dict[str, Any]) -> AdmittedJob:
-    """Check a job for ``session``; seeds not given are drawn now.
+    """Check a job for ``session`` and charge its cost to the user's budget; seeds not given are drawn now.
 
     Raises:
-        InvalidInput: naming the offending field and what is allowed.
+        InvalidInput: naming the offending field and what is allowed (a job over the per-job cost too).
+        OverBudget: the user's hourly budget has no room for it now.
     """
     classname = catalog.pipe(session.pipe).classname
     count, seeds = check_count_and_seeds(count, seeds, limits)
@@ -56,4 +70,19 @@ def admit_job(catalog: ModelCatalog, limits: Limits, session: SessionRecord, *, 
             raise InvalidInput(str(e), field="scheduler") from None
     images_to_params(classname, images, params, session.pipe)
     check_has_image(classname, params, session.pipe)
-    return AdmittedJob(count, seeds, prompt, negative_prompt, priority, params)
+    steps, width, height = _expected_size(catalog, session.model, params)
+    cost = job_cost(count, steps, width, height)
+    budget.charge(session.user, cost, {"count": count, "steps": steps, "size": f"{width}x{height}"})
+    return AdmittedJob(count, seeds, prompt, negative_prompt, priority, params, cost)
+
+
+def _expected_size(catalog: ModelCatalog, model: str, params: dict[str, Any]) -> tuple[int, int, int]:
+    """Steps, width and height a job will most likely run with: its own, else the model's defaults, else
+    the model's native size and the spec's default steps (an estimate for image pipes that size from
+    their input)."""
+    defaults = catalog.defaults(model)
+    native = catalog.models.base[model].native_size() or (512, 512)
+    steps = params.get("steps") or defaults.get("steps") or STEPS.default
+    width = params.get("width") or defaults.get("width") or native[0]
+    height = params.get("height") or defaults.get("height") or native[1]
+    return int(steps), int(width), int(height)

@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,13 @@ class ServerConfig:
     port: int = 8000
     threads: int = 8
     max_event_streams: int = 4  # SSE streams hold a waitress thread each: cap them below `threads`
+    #: streams one user (with auth on) may hold: half the default server-wide cap, so no one user takes every slot
+    max_event_streams_per_user: int = 2
     allow_anonymous: bool = False
+    #: browser origins (``http://host:port``) allowed to call the API (CORS); the server's own page needs none
+    cors_origins: list[str] = field(default_factory=list)
+    #: the bearer token ``/metrics`` asks for (a Prometheus ``authorization:``); "" = docs/security.md's default
+    metrics_token: str = ""
 
 
 @dataclass
@@ -115,8 +122,19 @@ class Limits:
     upload_max_bytes: int = 20 * 1024 * 1024
     upload_max_pixels: int = 4096 * 4096
     upload_keep_hours: int = 168  # uploads not used by a job for this long are deleted; 0 keeps them
+    #: MiB of stored uploads one user may hold (uploads/<id>.png); past it POST /uploads is a 413
+    #: quota_exceeded until some are deleted or expire; 0 = no quota
+    upload_quota_mb_per_user: int = 1024
+    #: uploads one user may hold (tiny ones cost files, not bytes); 0 = no quota
+    upload_quota_files_per_user: int = 1000
     max_width: int = 4096
     max_height: int = 4096
+    #: megapixel-steps (count x steps x width x height / 10**6) one job may cost; 0 = no ceiling (budget.py)
+    max_megapixel_steps_per_job: int = 20000
+    #: megapixel-steps one user may queue within an hour; 0 = no budget
+    max_megapixel_steps_per_user_hour: int = 100000
+    #: wall-clock seconds one image may take before its job fails (a stuck or far too slow device); 0 = none
+    max_seconds_per_image: int = 3600
 
 
 @dataclass
@@ -152,13 +170,15 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _typed(data: dict, key: str, kind: type | tuple, file: Path, default: Any, fix: str) -> Any:
+def _typed(data: dict, key: str, kind: type | tuple, file: Path, default: Any, fix: str,
+           where: str | None = None) -> Any:
+    """``data[key]`` checked to be a ``kind`` (``where``: the key's full name in messages, e.g. ``server.port``)."""
     if key not in data or data[key] is None:
         return default
     value = data[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        raise ConfigError(str(file), key, f"expected {getattr(kind, '__name__', kind)}, got {value!r}", fix)
+        raise ConfigError(str(file), where or key, f"expected {getattr(kind, '__name__', kind)}, got {value!r}", fix)
     return value
 
 
@@ -179,7 +199,7 @@ def _dataclass_section(cls, data: dict, key: str, file: Path):
             raise ConfigError(str(file), f"{key}.{k}", "unknown key", f"use one of: {known}")
         default = getattr(obj, k)
         setattr(obj, k, _typed(section, k, type(default), file, default,
-                               f"set {key}.{k} to a {type(default).__name__}"))
+                               f"set {key}.{k} to a {type(default).__name__}", where=f"{key}.{k}"))
     return obj
 
 
@@ -257,6 +277,35 @@ def read_users(data: dict[str, Any], file: Path) -> dict[str, dict[str, Any]]:
             raise ConfigError(str(file), f"users.{name}", "user has no token_sha256",
                               "create users with `multigen users add NAME`")
     return users
+
+
+#: an origin as browsers send it: scheme, host, optional port; no path, no wildcard
+ORIGIN_RE = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$")
+#: a shorter metrics token could be guessed by anyone who can reach the port
+METRICS_TOKEN_MIN_CHARS = 16
+
+
+def read_server(data: dict[str, Any], file: Path) -> ServerConfig:
+    """The ``server`` section: typed like the others, then origins, the metrics token and the caps checked."""
+    server = _dataclass_section(ServerConfig, data, "server", file)
+    for i, origin in enumerate(server.cors_origins):
+        if not isinstance(origin, str) or not ORIGIN_RE.match(origin):
+            why = ("'*' would let every web page use the server" if origin == "*" else
+                   "null is what sandboxed pages and files send: any page can send it" if origin in (None, "null")
+                   else "it is not scheme://host[:port] (no path, no trailing slash)")
+            raise ConfigError(str(file), f"server.cors_origins.{i}", f"{origin!r}: {why}",
+                              "list origins exactly as the browser sends them, e.g. http://localhost:3000")
+    server.cors_origins = [o.lower() for o in server.cors_origins]
+    token = server.metrics_token
+    if token and (len(token) < METRICS_TOKEN_MIN_CHARS or token.strip() != token or " " in token):
+        raise ConfigError(str(file), "server.metrics_token",
+                          f"shorter than {METRICS_TOKEN_MIN_CHARS} characters or holds spaces",
+                          "use a random one: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    for key in ("max_event_streams", "max_event_streams_per_user", "threads"):
+        if getattr(server, key) < 1:
+            raise ConfigError(str(file), f"server.{key}", f"{getattr(server, key)} is below 1",
+                              f"set server.{key} to 1 or more")
+    return server
 
 
 def load_users(file: Path) -> dict[str, dict[str, Any]]:
@@ -346,7 +395,7 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     return Config(file=file, model_dir=model_dir, logging_folder=folder("logging_folder"),
                   data_dir=folder("data_dir"), output_dir=folder("output_dir"),
                   models=models, devices=devices, threads=threads, cache_budget_gb=float(budget),
-                  server=_dataclass_section(ServerConfig, data, "server", file),
+                  server=read_server(data, file),
                   limits=_dataclass_section(Limits, data, "limits", file), users=users, raw=data,
                   dtype=dtype, drain_on_exit=drain_on_exit)
 

@@ -23,6 +23,10 @@ class MultigenError(Exception):
         if code:
             self.code = code
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries (``Retry-After`` for limits that pass with time)."""
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         err: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.field:

@@ -4,6 +4,10 @@ Each subscriber has its own bounded queue: a slow reader (an SSE client on a bad
 network) loses its oldest events, never blocks a worker and never grows memory without
 bound. Events carry increasing integer ids, and the bus keeps a short history so that a
 reconnecting reader can pass ``last_event_id`` and receive what it missed.
+
+Nothing is lost silently: a reader whose oldest events were dropped, or who reconnects with
+an id older than the history (or from before a restart, when ids began again), first receives
+an ``events.lost`` event saying so and telling it to fetch the state it follows again.
 """
 from __future__ import annotations
 
@@ -21,6 +25,15 @@ log = logging.getLogger(__name__)
 DEFAULT_SUBSCRIBER_QUEUE = 1000
 #: events kept for replay to readers that reconnect with ``last_event_id``
 DEFAULT_HISTORY = 2000
+#: the event a reader gets in place of events it missed
+LOST = "events.lost"
+
+
+def lost_event(event_id: int, session_id: str | None, reason: str, **data: Any) -> dict[str, Any]:
+    """An ``events.lost`` event (not published: made for one reader)."""
+    return {"id": event_id, "type": LOST, "session_id": session_id, "time": time.time(),
+            "data": {"reason": reason, "action": "fetch the jobs and images you follow again "
+                                                 "(GET /api/v1/sessions/{id}/jobs and /images)", **data}}
 
 
 class Subscription:
@@ -32,6 +45,7 @@ class Subscription:
     def __init__(self, bus: EventBus, session_id: str | None, maxsize: int) -> None:
         self.session_id = session_id
         self.dropped = 0  # events lost because this reader was too slow
+        self._dropped_up_to: int | None = None  # the newest dropped event's id, until the reader is told
         self._bus = bus
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize)
         self._closed = threading.Event()
@@ -46,8 +60,10 @@ class Subscription:
                 return
             except queue.Full:
                 try:  # drop the oldest: the newest state matters most to a reader
-                    self._queue.get_nowait()
+                    gone = self._queue.get_nowait()
                     self.dropped += 1
+                    if gone is not None:
+                        self._dropped_up_to = gone["id"]
                 except queue.Empty:
                     pass
 
@@ -55,6 +71,10 @@ class Subscription:
         """The next event, or None after ``timeout`` seconds or once closed."""
         if self._closed.is_set() and self._queue.empty():
             return None
+        dropped, self._dropped_up_to = self._dropped_up_to, None
+        if dropped is not None:  # tell the reader before it reads on
+            return lost_event(dropped, self.session_id, "this reader fell behind and missed events",
+                              dropped=self.dropped)
         try:
             return self._queue.get(timeout=timeout)
         except queue.Empty:
@@ -120,11 +140,27 @@ class EventBus:
         sub = Subscription(self, session_id, maxsize or self._subscriber_queue)
         with self._lock:
             if last_event_id is not None:
+                lost = self._lost_since(last_event_id, session_id)
+                if lost is not None:
+                    sub._put(lost)
                 for event in self._history:
                     if event["id"] > last_event_id and sub.wants(event):
                         sub._put(event)
             self._subscribers.append(sub)
         return sub
+
+    def _lost_since(self, last_event_id: int, session_id: str | None) -> dict[str, Any] | None:
+        """The ``events.lost`` event for a reader resuming after ``last_event_id``, or None when the history
+        still holds everything after it (call with the lock held)."""
+        newest = self._history[-1]["id"] if self._history else 0
+        oldest = self._history[0]["id"] if self._history else newest + 1
+        if last_event_id > newest:  # an id this server never gave: it restarted since
+            return lost_event(newest, session_id, "the server restarted since that event id",
+                              last_event_id=last_event_id)
+        if last_event_id < oldest - 1:  # the events right after it were dropped from the history
+            return lost_event(oldest - 1, session_id, "the events after that id are no longer kept",
+                              last_event_id=last_event_id, oldest_kept=oldest)
+        return None
 
     def _remove(self, sub: Subscription) -> None:
         with self._lock:

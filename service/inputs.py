@@ -4,11 +4,19 @@ A job must survive a restart, so its input images (PIL images, numpy arrays or f
 given to ``queue_gen``) are copied as lossless PNGs into the data folder when the job is
 queued, and the stored parameters refer to them as ``{"$image": "<path>"}``. Copying also
 checks them: a file that does not decode is an error at queue time, not at run time.
+
+A job's inputs live in ``<data_dir>/inputs/<job id>/`` (:func:`job_inputs_dir`) while the job can
+still run: queued or running, across restarts too. When it ends (succeeded, failed or cancelled)
+they are removed (:func:`remove_job_inputs`); the images' metadata names input files by name only,
+so nothing points at them afterwards.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,45 @@ from .errors import InvalidInput
 #: setup parameters that hold images (or lists of images), aliases included: from the parameter spec
 IMAGE_PARAMS = IMAGE_PARAM_NAMES
 IMAGE_REF = "$image"
+#: what a job id may look like to name a folder (the service's are 16 hex digits)
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+log = logging.getLogger(__name__)
+
+
+def job_inputs_dir(data_dir: Path, job_id: str) -> Path:
+    """The folder of a job's input images: ``<data_dir>/inputs/<job_id>``.
+
+    Raises:
+        ValueError: a job id that is not a plain name (it could leave the inputs folder).
+    """
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+        raise ValueError(f"job id {job_id!r} cannot name an inputs folder")
+    return Path(data_dir) / "inputs" / job_id
+
+
+def remove_job_inputs(data_dir: Path, job_id: str) -> bool:
+    """Delete a job's input images once the job has ended (succeeded, failed or cancelled).
+
+    Never raises for the files themselves: a folder that cannot be deleted is logged (the job's end
+    must not fail on it). Call it only for a job that cannot run again: a queued or running job, or
+    one requeued by a restart, still reads its inputs.
+
+    Returns:
+        True when a folder was there and is gone.
+
+    Raises:
+        ValueError: a job id that is not a plain name.
+    """
+    folder = job_inputs_dir(data_dir, job_id)
+    if not folder.exists():
+        return False
+    try:
+        shutil.rmtree(folder)
+    except OSError as e:
+        log.warning("job=%s could not delete its inputs %s: %s", job_id, folder, e)
+        return False
+    return True
 
 
 def to_pil(value: Any, field: str) -> Image.Image:

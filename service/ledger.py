@@ -12,17 +12,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from pathlib import Path
 from typing import Any, Callable, Collection, Iterator
 
-from .errors import Conflict, MultigenError, NotFound
+from .errors import Conflict, NotFound
 from .events import EventBus
+from .failures import job_error
+from .inputs import remove_job_inputs
 from .jobs import EVENT_FOR_STATE, JobState, check_transition
 from .records import JobRecord
 from .running import RunningJob
 from .scheduling import FairQueue, QueuedJob
 from .stats import ServiceStats
 from .store import Store
-from .views import job_view, now_iso
+from .views import job_event_view, job_view, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,12 @@ class JobLedger:
         events: where transitions are announced.
         counters: finished jobs are counted there.
         queue: the fair queue of queued jobs.
+        data_dir: the data folder, whose ``inputs/<job>`` a job's input images leave when it ends.
     """
 
-    def __init__(self, store: Store, events: EventBus, counters: ServiceStats, queue: FairQueue) -> None:
+    def __init__(self, store: Store, events: EventBus, counters: ServiceStats, queue: FairQueue,
+                 data_dir: Path) -> None:
+        self.data_dir = data_dir
         self.store = store
         self.events = events
         self.counters = counters
@@ -85,7 +91,8 @@ class JobLedger:
                 self._callbacks[job.id] = callback
             self._cv.notify_all()
             view = self._view_locked(job.id)
-        self.events.publish("job.queued", {"job": view}, session_id=job.session_id)
+            event = self._event_view_locked(job.id)
+        self.events.publish("job.queued", {"job": event}, session_id=job.session_id)
         return position, view
 
     def cancel(self, job_id: str) -> dict[str, Any]:
@@ -253,7 +260,6 @@ class JobLedger:
                 if record is None:
                     raise NotFound(f"job {job.job_id} vanished from the store")
                 self.transition(record, state, finished_at=now_iso(), error=error, timings=job.timings or None)
-                self.counters.job_finished(state.value)
             except Exception as e:  # e.g. the store is locked, or the job changed under us: the loop goes on
                 log.exception("session=%s job=%s: could not record its end (%s)", job.session_id, job.job_id, state)
                 self._fail_unrecorded(record, job, e)
@@ -266,8 +272,7 @@ class JobLedger:
             current = self.store.get_job(job.job_id) if record is not None else None
             if current is not None and current.state == JobState.RUNNING.value:
                 self.transition(current, JobState.FAILED, finished_at=now_iso(), timings=job.timings or None,
-                                error={"type": type(e).__name__, "message": f"internal error: {e}"})
-                self.counters.job_finished(JobState.FAILED.value)
+                                error=job_error(e, job.job_id, bad_input=False))
         except Exception:  # the store itself is broken: the next start's recovery puts the job back
             log.exception("session=%s job=%s: could not record it failed either", job.session_id, job.job_id)
 
@@ -307,11 +312,9 @@ class JobLedger:
                         self.transition(record, JobState.QUEUED)
                     else:
                         state = JobState.CANCELLED if job.cancel_event.is_set() else JobState.FAILED
-                        error = None if state == JobState.CANCELLED else {
-                            "type": type(exc).__name__, "message": f"internal error: {exc}"}
+                        error = None if state == JobState.CANCELLED else job_error(exc, job.job_id, bad_input=False)
                         self.transition(record, state, finished_at=now_iso(), error=error,
                                         timings=job.timings or None)
-                        self.counters.job_finished(state.value)
             except Exception:  # the store itself may be what broke: the restart's recovery puts it right
                 log.exception("session=%s job=%s: could not record the end of the job", job.session_id, job.job_id)
             finally:
@@ -326,11 +329,17 @@ class JobLedger:
         """
         new = check_transition(job.id, job.state, new)
         self.store.update_job(job.id, state=new.value, **fields)
+        if new.finished:  # it can never run again: its input images go (the metadata names them by file name)
+            remove_job_inputs(self.data_dir, job.id)
+            self.counters.job_finished(new.value)
         error = fields.get("error")
         log.info("session=%s job=%s %s -> %s%s", job.session_id, job.id, job.state, new.value,
                  f" ({error['type']}: {error['message']})" if error else "")
-        try:
-            view = self._view_locked(job.id)
-        except MultigenError:  # pragma: no cover
-            return
-        self.events.publish(EVENT_FOR_STATE[new], {"job": view}, session_id=job.session_id)
+        self.events.publish(EVENT_FOR_STATE[new], {"job": self._event_view_locked(job.id)}, session_id=job.session_id)
+
+    def _event_view_locked(self, job_id: str) -> dict[str, Any]:
+        job = self.store.get_job(job_id)
+        if job is None:  # pragma: no cover - only ever called for a job just written
+            raise NotFound(f"job {job_id} not found", field="job_id")
+        return job_event_view(job, len(self.store.list_images(job_id=job_id)), self.queue.position(job_id),
+                              self._running.get(job_id))

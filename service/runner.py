@@ -24,6 +24,7 @@ from typing import Any, Callable, Collection
 from .cache import ModelCache
 from .catalog import ModelCatalog
 from .events import EventBus
+from .failures import job_error
 from .inputs import load_params, public_params, public_pipe_config
 from .jobs import JobState
 from .ledger import JobLedger
@@ -60,6 +61,12 @@ class Device:
     dtype: Any
 
 
+class ImageTimeLimit(Exception):
+    """An image took longer than ``limits.max_seconds_per_image``: its job fails (the message says so)."""
+
+    param = None
+
+
 class StopJob(Exception):
     """Raised from the step callback's cancel check when a job must stop (cancel or stop())."""
 
@@ -71,11 +78,12 @@ class JobRunner:
         store, cache, catalog, writer, events, counters: the service's parts.
         ledger: where the job's end is reported and its image callback lives.
         preview_fn: latents -> preview image (default: ``multigen.pipes.latents_to_rgb``).
+        max_seconds_per_image: wall-clock seconds one image may take (0: no limit).
     """
 
     def __init__(self, *, store: Store, cache: ModelCache, catalog: ModelCatalog, writer: ImageWriter,
                  events: EventBus, counters: ServiceStats, ledger: JobLedger,
-                 preview_fn: PreviewFn | None = None) -> None:
+                 preview_fn: PreviewFn | None = None, max_seconds_per_image: float = 0) -> None:
         self.store = store
         self.cache = cache
         self.catalog = catalog
@@ -84,6 +92,7 @@ class JobRunner:
         self.counters = counters
         self.ledger = ledger
         self.preview_fn = preview_fn or default_preview
+        self.max_seconds_per_image = max_seconds_per_image
 
     def held_models(self, device: str) -> Collection[str]:
         """The models loaded on ``device`` (a worker prefers jobs that use them)."""
@@ -136,12 +145,12 @@ class JobRunner:
     def _fail(self, job: RunningJob, e: Exception) -> None:
         from multigen.pipes.errors import PipeError
 
-        error: dict[str, Any] = {"type": type(e).__name__, "message": str(e)}
-        if isinstance(e, PipeError):
-            error["field"] = e.param
-            log.warning("session=%s job=%s: bad input: %s", job.session_id, job.job_id, e)
-        else:
+        bad_input = isinstance(e, (PipeError, ImageTimeLimit))
+        if bad_input:
+            log.warning("session=%s job=%s: refused: %s", job.session_id, job.job_id, e)
+        else:  # the whole story for the admin; the job's error says where to find it
             log.exception("session=%s job=%s: failed", job.session_id, job.job_id)
+        error = job_error(e, job.job_id, bad_input=bad_input, field=getattr(e, "param", None))
         self.ledger.finish(job, JobState.FAILED, error=error)
 
     # -- one image --------------------------------------------------------------------------
@@ -158,6 +167,10 @@ class JobRunner:
 
         def on_step(step: int, steps: int, latents: Any) -> None:
             now = time.perf_counter()
+            if self.max_seconds_per_image and now - t0 > self.max_seconds_per_image:
+                raise ImageTimeLimit(f"image {pos + 1} of {count} took more than {self.max_seconds_per_image} s "
+                                     f"(limits.max_seconds_per_image), at step {step} of {steps}: use fewer steps or "
+                                     "a smaller size, or ask the admin to raise the limit")
             self.counters.observe_step(now - last[0])  # the first one includes prompt encoding
             job.gen_seconds = before + (now - t0)
             job.steps_done += 1

@@ -3,20 +3,33 @@
 Start-up enforces the bind/auth rule: bound to loopback with no users, the server runs
 anonymous (desktop use); bound elsewhere with no users it refuses to start unless the config
 says ``server.allow_anonymous: true``.
+
+waitress reads a request's whole body before the app sees it, so the app's checks alone would
+let anyone who can reach the port make it buffer the largest body (to temp files) for any
+route. :func:`make_server` therefore checks each request's head (Host, Origin, token, the
+route's body limit: ``RequestGuard.check_head``) as soon as waitress has parsed it, and answers
+a refusal before a byte of the body is read.
 """
 from __future__ import annotations
 
-import ipaddress
+import json
 import logging
 import signal
 import sys
 import threading
 import time
-from typing import Any
+from http import HTTPStatus
+from typing import Any, Callable
+
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.utilities import Error as WaitressError
+from waitress.utilities import RequestEntityTooLarge
 
 from .api import create_app
+from .api.guards import ANONYMOUS_ALLOWED, auth_mode, is_loopback
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, MultigenError, TooLarge
 from .serviceThread import ServiceThread
 
 log = logging.getLogger(__name__)
@@ -25,15 +38,10 @@ log = logging.getLogger(__name__)
 DRAIN_SECONDS = 10.0
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ``localhost``."""
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+__all__ = ["check_bind_auth", "guarded_parser_class", "is_loopback", "make_server", "run_server"]
+
+#: ``check_head(method, path, query, header) -> (error or None, body limit)``: RequestGuard.check_head
+HeadCheck = Callable[[str, str, str, Callable[[str], "str | None"]], "tuple[MultigenError | None, int]"]
 
 
 def check_bind_auth(config: Config) -> str:
@@ -42,18 +50,86 @@ def check_bind_auth(config: Config) -> str:
     Raises:
         ConfigError: bound beyond loopback with no users and no ``allow_anonymous``.
     """
-    if config.users:
-        return "tokens"
-    if is_loopback(config.server.host):
-        return "anonymous-loopback"
+    mode = auth_mode(config)
+    if mode != ANONYMOUS_ALLOWED:
+        return mode
     if config.server.allow_anonymous:
         log.warning("serving on %s with no users: anyone who can reach it can use it (allow_anonymous)",
                     config.server.host)
-        return "anonymous-allowed"
+        return mode
     raise ConfigError(str(config.file), "server.host",
                       f"bound to {config.server.host}, beyond loopback, with no users",
                       "add a user with `multigen users add NAME --config FILE`, bind to 127.0.0.1, "
                       "or set server.allow_anonymous: true")
+
+
+class JsonRefusal(WaitressError):
+    """A refusal waitress sends itself (the app never sees the request), in the API's JSON error shape."""
+
+    def __init__(self, error: MultigenError):
+        super().__init__(error.message)
+        self.error = error
+        self.code = error.http_status
+        self.reason = HTTPStatus(error.http_status).phrase
+
+    def to_response(self, ident: str | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
+        headers = [("Content-Type", "application/json"), *self.error.headers().items()]
+        if self.code == 401:
+            headers.append(("WWW-Authenticate", 'Bearer realm="multigen"'))
+        return f"{self.code} {self.reason}", headers, json.dumps(self.error.to_dict()).encode()
+
+
+def guarded_parser_class(check_head: HeadCheck) -> type[HTTPRequestParser]:
+    """A waitress request parser that asks ``check_head`` about a request with a body once its head is
+    parsed, before reading the body, and counts a chunked body against its route's limit as it comes."""
+
+    class GuardedParser(HTTPRequestParser):
+        body_limit: int | None = None
+
+        def received(self, data: bytes) -> int:
+            in_head = not self.headers_finished
+            consumed = super().received(data)
+            if in_head and self.headers_finished and not self.empty and (self.content_length > 0 or self.chunked):
+                if self.error is None or isinstance(self.error, RequestEntityTooLarge):
+                    error, self.body_limit = check_head(self.command, self.path, self.query, self._header)
+                    if error is not None:
+                        return self._refuse(error, len(data))
+            elif (self.chunked and not self.completed and self.body_limit is not None
+                  and len(self.body_rcv) > self.body_limit):
+                return self._refuse(TooLarge(f"the chunked body passed {self.body_limit} bytes, the most this route "
+                                             "takes", field="body"), len(data))
+            if isinstance(self.error, RequestEntityTooLarge):  # waitress's own backstop, in the API's shape
+                self.error = JsonRefusal(TooLarge(f"the body is too large: {self.error.body}", field="body"))
+            return consumed
+
+        def _header(self, name: str) -> str | None:
+            return self.headers.get(name.upper().replace("-", "_"))
+
+        def _refuse(self, error: MultigenError, consumed: int) -> int:
+            # answered at once and the connection closed: the rest of the body is never read, and no
+            # `100 Continue` invites a client to send it
+            self.error = JsonRefusal(error)
+            self.completed = True
+            self.expect_continue = False
+            self.connection_close = True
+            return consumed
+
+    return GuardedParser
+
+
+def make_server(app: Any, config: Config) -> Any:
+    """A waitress server for ``app`` on the config's host and port, refusing bodies from their heads."""
+    from waitress.server import BaseWSGIServer, create_server
+
+    guard = app.extensions["multigen.guard"]
+    server = create_server(app, host=config.server.host, port=config.server.port, threads=config.server.threads,
+                           ident="multigen", max_request_body_size=guard.large_body + 1)
+    channel = type("GuardedChannel", (HTTPChannel,), {"parser_class": guarded_parser_class(guard.check_head)})
+    for dispatcher in list(server._map.values()):  # one listening server per address the host resolves to
+        if isinstance(dispatcher, BaseWSGIServer):
+            dispatcher.channel_class = channel
+    guard.bound_port = int(server.effective_port)  # Host may name the port waitress got (`--port 0`)
+    return server
 
 
 def serve_until(server: Any, stopping: threading.Event) -> None:
@@ -91,14 +167,11 @@ def wasyncore_close_all(server: Any) -> None:
 
 def run_server(config: Config) -> int:
     """Start the service and serve HTTP until SIGTERM/SIGINT; returns the exit code."""
-    from waitress.server import create_server
-
     mode = check_bind_auth(config)
     service = ServiceThread(config).start()
     try:
         app = create_app(config, service)
-        server = create_server(app, host=config.server.host, port=config.server.port,
-                               threads=config.server.threads, ident="multigen")
+        server = make_server(app, config)
     except BaseException:  # e.g. the port is taken: do not leave the workers running
         service.stop()
         raise
@@ -116,8 +189,9 @@ def run_server(config: Config) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     print(f"multigen serving on {url}", flush=True)
-    log.info("serving on %s (auth: %s, %d threads, at most %d event streams)", url, mode,
-             config.server.threads, app.extensions["multigen.event_streams"].limit)
+    streams = app.extensions["multigen.event_streams"]
+    log.info("serving on %s (auth: %s, %d threads, at most %d event streams, %d per user)", url, mode,
+             config.server.threads, streams.limit, streams.per_user)
     try:
         serve_until(server, stopping)
         drain(server, DRAIN_SECONDS)

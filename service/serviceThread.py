@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .admission import admit_job
+from .budget import CostBudget
 from .cache import GiB, ModelCache
 from .catalog import ModelCatalog
 from .config import Config, load_config
@@ -26,11 +27,10 @@ from .events import EventBus, Subscription
 from .exithook import register_exit_hook, unregister_exit_hook
 from .folderlock import DataFolderLock
 from .gallery import Gallery
-from .inputs import save_params
-from .jobs import JobState
+from .inputs import job_inputs_dir, save_params
 from .logs import ensure_logging
 from .ledger import JobLedger
-from .records import JobRecord, SessionRecord
+from .records import SessionRecord
 from .recovery import recover
 from .runner import JobRunner
 from .scheduling import FairQueue
@@ -92,11 +92,12 @@ class ServiceThread:
         self.cache = self.cache_class(self.config.models.base, int(self.config.cache_budget_gb * GiB),
                                       loader=cls.loader, pipe_factory=self.catalog.pipe_factory)
         self.queue = FairQueue(limits.max_queued_jobs, limits.max_queued_jobs_per_user)
-        self.ledger = JobLedger(self.store, self.events, self.counters, self.queue)
+        self.budget = CostBudget(limits.max_megapixel_steps_per_job, limits.max_megapixel_steps_per_user_hour)
+        self.ledger = JobLedger(self.store, self.events, self.counters, self.queue, self.config.data_dir)
         self.gallery = Gallery(self.store)
         self.runner = self.runner_class(store=self.store, cache=self.cache, catalog=self.catalog, writer=self.writer,
                                         events=self.events, counters=self.counters, ledger=self.ledger,
-                                        preview_fn=cls.preview_fn)
+                                        preview_fn=cls.preview_fn, max_seconds_per_image=limits.max_seconds_per_image)
         self.workers: list[DeviceWorker] = []
         self._pool: WorkerPool | None = None
         self._stopped = False
@@ -251,25 +252,22 @@ class ServiceThread:
             priority: higher runs first among the user's own jobs (-100..100).
             **setup_params: the pipe's setup parameters (its parameter spec).
 
-        Returns:
-            ``{"job_id", "position", "seeds", "count", "job"}``.
-        Raises:
-            NotFound, Conflict (closed session), InvalidInput (naming the field), QueueFull.
+        Returns ``{"job_id", "position", "seeds", "count", "job"}``; raises NotFound, Conflict (closed
+        session), InvalidInput (naming the field), QueueFull, OverBudget (the user's hourly budget).
         """
         session = self._open_session_record(session_id)
-        ok = admit_job(self.catalog, self.config.limits, session, images=images, prompt=prompt, count=count,
-                       seeds=seeds, negative_prompt=negative_prompt, priority=priority, setup_params=setup_params)
         self.ledger.check_room(session.user)
+        ok = admit_job(self.catalog, self.config.limits, self.budget, session, images=images, prompt=prompt,
+                       count=count, seeds=seeds, negative_prompt=negative_prompt, priority=priority,
+                       setup_params=setup_params)
         job_id = secrets.token_hex(8)
-        inputs_dir = self.config.data_dir / "inputs" / job_id
-        job = JobRecord(id=job_id, session_id=session_id, user=session.user, model=session.model,
-                        state=JobState.QUEUED.value, priority=ok.priority, count=ok.count, seeds=ok.seeds,
-                        prompt=ok.prompt, negative_prompt=ok.negative_prompt,
-                        params=save_params(ok.params, inputs_dir), created_at=now_iso())
+        inputs_dir = job_inputs_dir(self.config.data_dir, job_id)
         try:
+            job = ok.record(job_id, session, save_params(ok.params, inputs_dir))
             position, view = self.ledger.add(job, image_callback, guard=lambda: self._open_session_record(session_id))
-        except MultigenError:
-            shutil.rmtree(inputs_dir, ignore_errors=True)  # a refused job leaves no files
+        except MultigenError:  # refused after all: no charge, no files
+            self.budget.refund(session.user, ok.cost)
+            shutil.rmtree(inputs_dir, ignore_errors=True)
             raise
         log.info("session=%s job=%s queued: %d image(s), position %d, seeds %s", session_id, job_id, ok.count,
                  position, ok.seeds)

@@ -29,7 +29,11 @@ def hash_token(token: str) -> str:
 
 def user_for_token(users: dict[str, dict], token: str) -> str | None:
     """The user whose stored hash matches ``token`` (compared in constant time), or None."""
-    digest = hash_token(token)
+    return user_for_digest(users, hash_token(token))
+
+
+def user_for_digest(users: dict[str, dict], digest: str) -> str | None:
+    """The user whose stored hash is ``digest`` (a token's SHA-256, compared in constant time), or None."""
     for name, entry in users.items():
         if hmac.compare_digest(str(entry.get("token_sha256", "")), digest):
             return name
@@ -59,8 +63,13 @@ class UserTable:
         return st.st_mtime_ns, st.st_size
 
     def user_for_token(self, token: str) -> str | None:
+        return self.user_for_digest(hash_token(token))
+
+    def user_for_digest(self, digest: str) -> str | None:
+        """The user of a token's SHA-256 as the config says now: an open event stream asks again at each
+        heartbeat, so a user removed (or given a new token) loses the stream too."""
         self.refresh()
-        return user_for_token(self._users, token)
+        return user_for_digest(self._users, digest)
 
     def refresh(self, force: bool = False) -> None:
         """Re-read the users when the file changed; stats it at most every ``check_every`` seconds."""

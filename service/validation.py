@@ -80,6 +80,8 @@ def normalize_loras(loras: Any, models: ModelsConfig, model_type: str | None) ->
         loras = [loras]
     if not isinstance(loras, (list, tuple)):
         raise InvalidInput("loras must be a list of names or {name, weight} objects", field="loras")
+    if len(loras) > specs.MAX_LORAS:
+        raise InvalidInput(f"{len(loras)} LoRAs given; a session takes at most {specs.MAX_LORAS}", field="loras")
     out = []
     for i, item in enumerate(loras):
         field = f"loras.{i}"
@@ -131,10 +133,15 @@ def check_count_and_seeds(count: Any, seeds: Any, limits: Limits) -> tuple[int, 
 
 
 def check_prompt(prompt: Any, field: str) -> Any:
-    """A prompt string or a Cfgen grammar (list/dict), checked."""
-    if prompt is None or isinstance(prompt, str):
-        return prompt or ""
-    if isinstance(prompt, (list, dict, tuple)):
+    """A prompt string or a Cfgen grammar (list/dict), checked by ``validate_grammar``: its shapes, and its
+    size against the spec's caps (characters, nesting depth, items), the very checks of the API's models.
+
+    Raises:
+        InvalidInput: naming ``field`` and the cap or the bad item.
+    """
+    if prompt is None:
+        return ""
+    if isinstance(prompt, (str, list, dict, tuple)):
         from multigen.pipes.cfgen import validate_grammar
 
         try:

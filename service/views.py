@@ -45,6 +45,15 @@ def metafusion_session_info(session: dict[str, Any], next_job: dict[str, Any] | 
             **session}
 
 
+def job_event_view(rec: JobRecord, done: int, position: int | None, live: RunningJob | None = None) -> dict[str, Any]:
+    """What a job event carries: ids, state and progress, never prompts or parameters (an event is
+    copied to every subscriber and kept in the replay history; clients fetch the job for the rest)."""
+    view = job_view(rec, [], position, live)
+    return {"id": rec.id, "session_id": rec.session_id, "state": rec.state, "count": rec.count, "done": done,
+            "position": view["position"], "progress": view["progress"], "eta_seconds": view["eta_seconds"],
+            "error": rec.error, "device": rec.device, "url": f"/api/v1/jobs/{rec.id}"}
+
+
 def job_view(rec: JobRecord, images: list[ImageRecord], position: int | None,
              live: RunningJob | None = None) -> dict[str, Any]:
     """API.md ``Job`` from its record, its written images and, while it runs, its live state."""

@@ -1,4 +1,4 @@
-"""Shared fixtures: the default models (built by scripts/test), configs in temp folders."""
+"""Shared fixtures: the default models (built by scripts/test), configs in temp folders; the browser rule."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+# the browser tests' rule (fail under CI=true, skip loudly elsewhere): its fixture and summary hook
+from browser_check import browser_available, pytest_terminal_summary  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

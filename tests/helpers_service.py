@@ -46,16 +46,25 @@ pipes:
 
 
 class Recorder:
-    """What the fakes saw, shared by the test and the worker threads."""
+    """What the fakes saw, shared by the test and the worker threads, and the holds that let a test
+    control the timing: ``load_gates`` (a model's load waits for its event) and ``hold`` (a gen stops
+    at a step until its cancel check says stop, as a cancel or ``stop()`` makes it)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.loads: list[tuple[str, str]] = []
+        self.loading: list[str] = []  # loads started, by model file name (a gated load is here first)
         self.gens: list[dict[str, Any]] = []
         self.setups: list[dict[str, Any]] = []
         self.loras: list[list[Any]] = []
         self.load_delay = 0.0
         self.step_delay = 0.005
+        #: model file name -> event its load waits for (at most HOLD_SECONDS)
+        self.load_gates: dict[str, threading.Event] = {}
+        #: (seed, step): the gen of that seed holds after that step until its cancel check is true
+        self.hold: tuple[int, int] | None = None
+        #: set once a gen reached ``hold``
+        self.holding = threading.Event()
 
     def add(self, name: str, item: Any) -> None:
         with self.lock:
@@ -63,6 +72,8 @@ class Recorder:
 
 
 REC = Recorder()
+#: the longest a gated load or a held gen waits: a test that never lets go fails instead of hanging
+HOLD_SECONDS = 30.0
 
 
 class FakeBase:
@@ -73,8 +84,13 @@ class FakeBase:
 
 def fake_loader(path: str, model_type: Any = None, config_dir: Any = None, device: str = "cpu",
                 dtype: Any = None) -> tuple[FakeBase, str]:
+    name = Path(path).name
+    REC.add("loading", name)
+    gate = REC.load_gates.get(name)
+    if gate is not None and not gate.wait(HOLD_SECONDS):
+        raise RuntimeError(f"the test never let the load of {name} go on")
     time.sleep(REC.load_delay)
-    REC.add("loads", (Path(path).name, device))
+    REC.add("loads", (name, device))
     return FakeBase(path, nbytes=100 * 2**20), model_type or "SD"
 
 
@@ -115,8 +131,20 @@ class FakePipe:
             time.sleep(REC.step_delay)
             if inputs.get("callback"):
                 inputs["callback"](i + 1, steps, "latents")
+            if REC.hold == (seed, i + 1):
+                self._hold(inputs)
         colour = (seed % 256, (seed >> 8) % 256, (seed >> 16) % 256)
         return [Image.new("RGB", (self.params["width"], self.params["height"]), colour)]
+
+    @staticmethod
+    def _hold(inputs: dict[str, Any]) -> None:
+        """Stay at this step (``REC.hold``) until the cancel check is true; then the next step stops."""
+        REC.holding.set()
+        end = time.monotonic() + HOLD_SECONDS
+        while not (inputs.get("cancel") and inputs["cancel"]()):
+            if time.monotonic() > end:
+                raise RuntimeError("the test never cancelled or stopped the held job")
+            time.sleep(0.002)
 
     def get_config(self) -> dict[str, Any]:
         return {"pipe": type(self).__name__, **{k: v for k, v in self.params.items() if isinstance(v, (int, str))}}
@@ -176,10 +204,11 @@ def fake_config(tmp: Path, **top: Any) -> Config:
 
 
 @contextlib.contextmanager
-def fake_service(tmp: Path, devices: list[str] | None = None, start: bool = True, **top: Any) -> Iterator[FakeService]:
-    """A started FakeService (stopped at exit); fresh recorder."""
+def fake_service(tmp: Path, devices: list[str] | None = None, start: bool = True,
+                 service_class: type[FakeService] = FakeService, **top: Any) -> Iterator[FakeService]:
+    """A started ``service_class`` (stopped at exit); fresh recorder."""
     REC.__init__()  # type: ignore[misc]
-    svc = FakeService(fake_config(tmp, **top))
+    svc = service_class(fake_config(tmp, **top))
     svc.fake_devices = devices or ["fake:0"]
     if start:
         svc.start()

@@ -71,7 +71,7 @@ def test_image_unknown_format_is_400(client):
     assert r.status_code == 400 and err(r)["field"] == "format" and "webp" in err(r)["message"]
 
 
-def test_metadata_reproduces_the_image(api, client):
+def test_metadata_names_what_made_the_image_without_server_paths(api, client):
     _, images = run_session(client, count=1)
     body = client.get(f"/api/v1/images/{images[0]['id']}/metadata").get_json()
     assert body["image"] == images[0]
@@ -259,3 +259,61 @@ def test_upload_keep_hours_0_keeps_everything(api, client):
     upload_id = r.get_json()["upload"]["id"]
     assert store.prune(now=store.folder.stat().st_mtime + 10 ** 9) == 0
     assert (store.folder / f"{upload_id}.png").is_file()
+
+
+@pytest.mark.parametrize("fmt,pil", [("webp", "WEBP"), ("jpeg", "JPEG"), ("jpg", "JPEG")])
+def test_converted_images_are_encoded_once(api, client, monkeypatch, fmt, pil):
+    """A conversion decoded and re-encoded up to 16 megapixels on every request; now the result is kept."""
+    _, images = run_session(client, count=1)
+    url = f"/api/v1/images/{images[0]['id']}?format={fmt}"
+    encodes: list[str] = []
+    real_save = Image.Image.save
+
+    def counting_save(self, fp, format=None, **params):
+        encodes.append(str(format).upper())
+        return real_save(self, fp, format=format, **params)
+
+    monkeypatch.setattr(Image.Image, "save", counting_save)
+    first = client.get(url)
+    assert first.status_code == 200 and Image.open(io.BytesIO(first.data)).format == pil
+    assert encodes == [pil]
+    cached = [p for p in (api.svc.config.data_dir / "converted").rglob("*") if p.is_file()]
+    assert len(cached) == 1 and cached[0].read_bytes() == first.data
+    mtime = cached[0].stat().st_mtime_ns
+    second = client.get(url)
+    assert second.status_code == 200 and second.data == first.data and second.mimetype == first.mimetype
+    assert encodes == [pil]  # not encoded again
+    assert cached[0].stat().st_mtime_ns == mtime
+    assert second.headers["ETag"] == first.headers["ETag"]
+    assert client.get(url, headers={"If-None-Match": first.headers["ETag"]}).status_code == 304
+    assert not list((api.svc.config.data_dir / "converted").rglob("*.tmp"))
+
+
+def test_a_gone_image_takes_its_converted_copies_along(api, client):
+    _, images = run_session(client, count=1)
+    iid = images[0]["id"]
+    assert client.get(f"/api/v1/images/{iid}?format=webp").status_code == 200
+    folder = api.svc.config.data_dir / "converted"
+    assert [p for p in folder.rglob("*") if p.is_file()]
+    api.svc.image_file(iid).unlink()
+    r = client.get(f"/api/v1/images/{iid}?format=webp")
+    assert r.status_code == 404 and err(r)["code"] == "not_found"  # never the stale copy
+    assert not [p for p in folder.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_image_files_are_cached_privately_per_token(make_api, fmt):
+    api = make_api(users=("alice",))
+    client, headers = api.client(), api.headers("alice")
+    s = open_session(client, headers=headers)
+    job = queue_job(client, s["id"], headers=headers, steps=2)
+    done = wait_job(client, job["id"], headers=headers)
+    url = f"/api/v1/images/{done['images'][0]['id']}?format={fmt}"
+    for r in (client.get(url, headers=headers), client.get(url, headers=headers)):
+        assert r.status_code == 200
+        cache = r.headers["Cache-Control"]
+        assert "private" in cache and "public" not in cache and "max-age=3600" in cache, cache
+        assert "Authorization" in r.headers.get("Vary", ""), dict(r.headers)
+    r = client.get(url, headers={**headers, "If-None-Match": r.headers["ETag"]})
+    assert r.status_code == 304 and "private" in r.headers["Cache-Control"]
+    assert "Authorization" in r.headers.get("Vary", "")

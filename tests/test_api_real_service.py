@@ -110,11 +110,13 @@ def test_negative_prompt_grammar_is_queued_and_recorded(real):
     client, _ = real
     s = client.post("/api/v1/sessions", json={"project": "neg", "pipe": "prompt2image", "model": "tiny-sd"}).get_json()
     grammar = ["ugly", ["blurry", "dark"]]
+    # seeds 4 and 5 pick the two choices (cfgen.expand_prompt): each image records its own
     r = client.post(f"/api/v1/sessions/{s['session']['id']}/jobs",
-                    json={"prompt": "a boat", "negative_prompt": grammar, "steps": 2, "width": 64, "height": 64})
+                    json={"prompt": "a boat", "negative_prompt": grammar, "seeds": [4, 5], "steps": 2, "width": 64,
+                          "height": 64})
     assert r.status_code == 202, r.get_json()
     job = wait(client, r.get_json()["job"]["id"])
     assert job["state"] == "succeeded", job["error"]
     assert job["negative_prompt"] == grammar
-    meta = client.get(f"/api/v1/images/{job['images'][0]['id']}/metadata").get_json()["metadata"]
-    assert meta["negative_prompt"] in ("ugly, blurry", "ugly, dark")
+    metas = [client.get(f"/api/v1/images/{im['id']}/metadata").get_json()["metadata"] for im in job["images"]]
+    assert [(m["seed"], m["negative_prompt"]) for m in metas] == [(4, "ugly, blurry"), (5, "ugly, dark")]

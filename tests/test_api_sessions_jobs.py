@@ -260,7 +260,7 @@ def test_preview_exists_only_while_a_job_runs(make_api):
     api.svc.start()
     preview = wait_for(lambda: (r := client.get(f"/api/v1/jobs/{job['id']}/preview")).status_code == 200 and r)
     assert preview.mimetype == "image/jpeg" and preview.data[:2] == b"\xff\xd8"
-    assert preview.headers["Cache-Control"] == "no-store"
+    assert preview.headers["Cache-Control"] == "no-store" and "Authorization" in preview.headers["Vary"]
     q = client.get("/api/v1/queue").get_json()
     assert (q["queued"], q["running"]) == (0, 1)
     assert q["workers"][0]["device"] == "fake:0" and q["workers"][0]["job_id"] == job["id"]
@@ -331,7 +331,7 @@ def test_deeply_nested_bodies_are_400_not_500(client):
 
 def test_huge_prompts_are_400(client):
     """A multi-megabyte prompt was queued: the text encoder would chew on it for minutes."""
-    from multigen.service.api.schemas import MAX_PROMPT_CHARS
+    from multigen.pipes.spec import MAX_PROMPT_CHARS
 
     s = open_session(client)
     url = f"/api/v1/sessions/{s['id']}/jobs"

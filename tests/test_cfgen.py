@@ -82,6 +82,40 @@ def test_bad_shapes_name_prompt_and_the_path(bad, where):
     assert "Allowed" in str(info.value)
 
 
+def _nested(depth: int) -> object:
+    grammar: object = "a"
+    for _ in range(depth):
+        grammar = [grammar] if depth % 2 else {"w": grammar, "p": 0.5}
+    return grammar
+
+
+def test_grammar_size_is_capped_in_items_depth_and_characters():
+    """The caps of the API's request models are validate_grammar's: Cfgen and queue_gen callers get them too."""
+    from multigen.pipes.spec import MAX_GRAMMAR_DEPTH, MAX_GRAMMAR_ITEMS, MAX_PROMPT_CHARS
+
+    too_big = [
+        ([[""] for _ in range(100_001)], MAX_GRAMMAR_ITEMS, "items"),  # no character at all
+        ([{"w": "", "p": 0.5} for _ in range(MAX_GRAMMAR_ITEMS)], MAX_GRAMMAR_ITEMS, "items"),
+        ("x" * (MAX_PROMPT_CHARS + 1), MAX_PROMPT_CHARS, "characters"),
+        (["x" * 15000, ["y" * 15000]], MAX_PROMPT_CHARS, "characters"),
+        (_nested(MAX_GRAMMAR_DEPTH + 1), MAX_GRAMMAR_DEPTH, "deep"),
+        (_nested(MAX_GRAMMAR_DEPTH + 2), MAX_GRAMMAR_DEPTH, "deep"),
+        (_nested(100_000), MAX_GRAMMAR_DEPTH, "deep"),  # no RecursionError
+    ]
+    for grammar, cap, word in too_big:
+        for param in ("prompt", "negative_prompt"):
+            with pytest.raises(InvalidValueError) as info:
+                validate_grammar(grammar, param)
+            assert info.value.param == param and str(cap) in str(info.value) and word in str(info.value)
+        with pytest.raises(InvalidValueError):
+            Cfgen(grammar, "")
+    # at the caps
+    validate_grammar(["a"] * (MAX_GRAMMAR_ITEMS - 1))
+    validate_grammar("x" * MAX_PROMPT_CHARS)
+    validate_grammar(_nested(MAX_GRAMMAR_DEPTH))
+    assert expand_prompt(_nested(MAX_GRAMMAR_DEPTH - 1), 0) == "a"
+
+
 def test_validate_negative_prompt_param_name():
     with pytest.raises(InvalidValueError) as info:
         validate_grammar([1], "negative_prompt")

@@ -67,6 +67,7 @@ def test_bad_models_entries(config_file: Path, old, new, key):
     assert str(models) in str(e.value) and key in str(e.value) and "Fix:" in str(e.value)
 
 
+@pytest.mark.slow
 def test_serve_with_bad_config_exits_with_message(config_file: Path):
     _edit(config_file, "port: 8000", "port: [1]")
     proc = subprocess.run([sys.executable, "-m", "multigen.service.cli", "serve", "--config", str(config_file)],
@@ -125,9 +126,11 @@ def test_builtin_model_ids(config_file: Path):
 METAFUSION_MODELS = "base:\n  sdxl1: {id: tiny-sdxl, type: SDXL}\npipes:\n  prompt2image: {classname: Prompt2ImPipe}\n"
 
 
-def test_metafusion_three_key_config_keeps_its_folders_beside_it(tmp_path: Path, models_dir: Path):
+def test_metafusion_three_key_config_keeps_its_folders_beside_it(tmp_path: Path):
     work = tmp_path / "project"
     work.mkdir()
+    models_dir = tmp_path / "elsewhere" / "models"  # a model folder of its own: the config only checks it is there
+    (models_dir / "tiny-sdxl").mkdir(parents=True)
     (work / "config.yaml").write_text(f"model_list: models.yaml\nmodel_dir: {models_dir}/\nlogging_folder: ./logs/\n")
     (work / "models.yaml").write_text(METAFUSION_MODELS)
     cfg = load_config(work / "config.yaml")

@@ -47,6 +47,7 @@ def server(config_file):
     s.stop()
 
 
+@pytest.mark.slow
 def test_demo_model_draws_what_it_is_asked(server):
     mg = MultigenClient(server.url, timeout=60)
     demo = next(m for m in mg.models()["models"] if m["name"] == "demo")

@@ -59,6 +59,7 @@ def _wait_for(log: Path, proc: subprocess.Popen, text: str, timeout: float = 120
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_folder_is_refused_and_a_killed_holder_frees_it(tmp_path, config_file):
     from multigen.service.serviceThread import ServiceThread
 

@@ -199,6 +199,7 @@ def test_image_list_forwards_to_its_only_image(tmp_path):
 
 # ---- the README's pipe examples, in the order they feed each other ---------------------------------
 
+@pytest.mark.slow
 def test_readme_pipe_examples_run_as_written(tmp_path, monkeypatch, models_dir):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(ROOT_ENV, raising=False)
@@ -225,6 +226,7 @@ def test_readme_pipe_examples_run_as_written(tmp_path, monkeypatch, models_dir):
     assert pipe.ctypes == ["soft"] and pipe.get_config()["controlnets"] == [str(tmp_path / "models-cn" / SOFT_SD)]
 
 
+@pytest.mark.slow
 def test_readme_masked_example_runs_as_written(tmp_path, monkeypatch, models_dir):
     monkeypatch.chdir(tmp_path)
     original = shapes(tmp_path / "mech_beard_sigm.png")
@@ -245,6 +247,7 @@ def test_readme_masked_example_runs_as_written(tmp_path, monkeypatch, models_dir
 
 # ---- ControlNets from metafusion's folders ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_missing_default_controlnet_names_the_folder_and_the_fix(tmp_path, monkeypatch, sd_base, sdxl_base):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(ROOT_ENV, raising=False)
@@ -265,6 +268,7 @@ def test_missing_default_controlnet_names_the_folder_and_the_fix(tmp_path, monke
     assert "models-cn" in str(e.value)
 
 
+@pytest.mark.slow
 def test_default_controlnets_by_condition_type_and_root_variable(tmp_path, monkeypatch, sd_base, models_dir):
     root = tmp_path / "elsewhere"
     cn = models_dir / "tiny-controlnet-sd"
@@ -291,6 +295,7 @@ def test_default_controlnets_by_condition_type_and_root_variable(tmp_path, monke
     assert cond.gen({"prompt": "x", "seed": 1}).size == src.size
 
 
+@pytest.mark.slow
 def test_controlnet_dict_without_ctypes_waits_for_setup(sd_base, models_dir, tmp_path):
     cn = models_dir / "tiny-controlnet-sd"
     src = shapes(tmp_path / "in.png")

@@ -16,6 +16,7 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_models_init_is_deterministic(tmp_path: Path, models_dir: Path):
     mb.build_default_models(tmp_path / "again")
     again = _digest(tmp_path / "again")
@@ -30,6 +31,7 @@ def _run(pipe, **kw):
     return out[0]
 
 
+@pytest.mark.slow
 def test_sd_pipeline_runs_and_downsamples_by_8(models_dir: Path):
     from diffusers import StableDiffusionPipeline
 
@@ -40,6 +42,7 @@ def test_sd_pipeline_runs_and_downsamples_by_8(models_dir: Path):
     assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sdxl_pipeline_runs(models_dir: Path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -50,6 +53,7 @@ def test_sdxl_pipeline_runs(models_dir: Path):
     assert img.shape == (64, 64, 3) and np.isfinite(img).all()
 
 
+@pytest.mark.slow
 def test_controlnet_runs_and_changes_output(models_dir: Path):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
     from PIL import Image
@@ -62,6 +66,7 @@ def test_controlnet_runs_and_changes_output(models_dir: Path):
     assert not np.array_equal(with_cn, _run(base)), "the ControlNet's output layers must not be zero"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_lora_files_load_and_change_output(models_dir: Path, family: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -77,6 +82,7 @@ def test_lora_files_load_and_change_output(models_dir: Path, family: str):
     assert np.array_equal(base, _run(pipe))
 
 
+@pytest.mark.slow
 def test_single_file_checkpoint_loads_offline(models_dir: Path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 

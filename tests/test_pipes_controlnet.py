@@ -11,6 +11,8 @@ from multigen.pipes.errors import (InvalidValueError, MissingConditionModelError
 from pipes_fixtures import (STEPS, SIZE, controlnet_dir, kind_base, noise_image, one_thread, pixels,  # noqa: F401
                             sd_base, sdxl_base, sdxl_controlnet_dir, shapes_image)
 
+pytestmark = pytest.mark.slow  # every test here builds real pipes on the tiny models
+
 PROMPT = {"prompt": "a robot", "seed": 5}
 
 

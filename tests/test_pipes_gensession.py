@@ -1,8 +1,11 @@
-"""GenSession (images + JSON sidecars in a folder) and latent previews."""
+"""GenSession (images + JSON sidecars in a folder) and latent previews.
+
+What a preview costs against a step is measured by scripts/bench_service.py (item 4), not here:
+a timing comparison fails on a busy machine. tests/test_service_fakes.py counts the previews the
+service makes (at most one per step and per PREVIEW_INTERVAL_SECONDS)."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from multigen.pipes.preview import SD_FACTORS
 from pipes_fixtures import STEPS, SIZE, kind_base, one_thread, pixels, sd_base, sdxl_base  # noqa: F401
 
 
+@pytest.mark.slow
 def test_gensession_writes_images_and_sidecars(sd_base, tmp_path):
     pipe = Prompt2ImPipe(pipe=sd_base)
     pipe.setup(width=SIZE, height=SIZE, steps=STEPS)
@@ -47,24 +51,7 @@ def test_preview_projection_values():
         latents_to_rgb(torch.zeros(1, 16, 2, 2), "SD")
 
 
-def test_preview_costs_under_2_percent_of_a_step(sd_base):
-    pipe = Prompt2ImPipe(pipe=sd_base)
-    pipe.setup(width=256, height=256, steps=3)
-    stamps, latents = [], []
-
-    def on_step(step, steps, lat):
-        stamps.append(time.perf_counter())
-        latents.append(lat)
-
-    pipe.gen({"prompt": "x", "seed": 1, "callback": on_step})
-    step_time = min(b - a for a, b in zip(stamps, stamps[1:]))
-    start = time.perf_counter()
-    for _ in range(20):
-        latents_to_rgb(latents[-1], ModelType.SD)
-    preview_time = (time.perf_counter() - start) / 20
-    assert preview_time < 0.02 * step_time, (preview_time, step_time)
-
-
+@pytest.mark.slow
 def test_gensession_refuses_an_endless_run(sd_base, tmp_path):
     pipe = Prompt2ImPipe(pipe=sd_base)
     with pytest.raises(InvalidValueError) as e:

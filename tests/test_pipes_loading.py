@@ -13,6 +13,7 @@ from multigen.pipes.loading import cpu_has_native_bf16, default_dtype, parse_dty
 from pipes_fixtures import SIZE, one_thread, pixels, sd_base  # noqa: F401
 
 
+@pytest.mark.slow
 def test_folders_are_detected(models_dir):
     _, sd_type = load_base(models_dir / "tiny-sd")
     pipe, xl_type = load_base(models_dir / "tiny-sdxl", model_type="SDXL")
@@ -20,6 +21,7 @@ def test_folders_are_detected(models_dir):
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
 
 
+@pytest.mark.slow
 def test_declared_type_that_disagrees_is_an_error(models_dir):
     with pytest.raises(ModelTypeMismatchError) as e:
         load_base(models_dir / "tiny-sd", model_type=ModelType.SDXL)
@@ -33,6 +35,7 @@ def test_declared_type_that_disagrees_is_an_error(models_dir):
         load_base(models_dir / "tiny-sd", model_type="FLUX2")
 
 
+@pytest.mark.slow
 def test_single_file_checkpoint_matches_folder(models_dir, sd_base):
     single, kind = load_base(models_dir / "single" / "tiny-sd.safetensors",
                              config_dir=models_dir / "single" / "tiny-sd-config", dtype="float32")
@@ -47,6 +50,7 @@ def test_single_file_checkpoint_matches_folder(models_dir, sd_base):
     assert e.value.param == "config_dir"
 
 
+@pytest.mark.slow
 def test_missing_path_is_an_error(tmp_path):
     with pytest.raises(PipeError) as e:
         load_base(tmp_path / "nothing")
@@ -66,6 +70,7 @@ def test_dtype_choice(monkeypatch):
     assert "bfloat16" in e.value.allowed
 
 
+@pytest.mark.slow
 def test_bf16_pipeline_runs_and_records_dtype(models_dir):
     p = Prompt2ImPipe(models_dir / "tiny-sd", dtype="bf16")
     p.setup(width=SIZE, height=SIZE, steps=2)
@@ -74,6 +79,7 @@ def test_bf16_pipeline_runs_and_records_dtype(models_dir):
     assert p.pipe.unet.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_pipe_objects_share_weights_and_keep_dtype(models_dir):
     base, _ = load_base(models_dir / "tiny-sd", dtype="bf16")
     p2i, i2i = Prompt2ImPipe(pipe=base), Im2ImPipe(pipe=base)
@@ -93,6 +99,7 @@ def test_params_lists_are_what_setup_accepts():
     assert "ctypes" in CIm2ImPipe.PARAMS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["broken.safetensors", "broken.ckpt"])
 def test_corrupt_checkpoint_is_an_error_naming_model_id(tmp_path, name):
     bad = tmp_path / name
@@ -102,6 +109,7 @@ def test_corrupt_checkpoint_is_an_error_naming_model_id(tmp_path, name):
     assert err.value.param == "model_id" and name in str(err.value)
 
 
+@pytest.mark.slow
 def test_families_recognise_folders_files_and_pipelines(models_dir, sd_base, tmp_path):
     from safetensors.torch import save_file
 
@@ -126,6 +134,7 @@ def test_families_recognise_folders_files_and_pipelines(models_dir, sd_base, tmp
     assert "transformer" in str(e.value)
 
 
+@pytest.mark.slow
 def test_each_pipe_class_gets_its_family_pipeline(sd_base, models_dir):
     import diffusers
 

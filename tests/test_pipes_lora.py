@@ -12,6 +12,8 @@ from multigen.pipes.errors import InvalidValueError, PipeError
 from pipes_fixtures import (STEPS, SIZE, kind_base, lora_file, noise_image, one_thread, pixels,  # noqa: F401
                             sd_base, sdxl_base)
 
+pytestmark = pytest.mark.slow  # every test here builds real pipes on the tiny models
+
 PROMPT = {"prompt": "a castle", "seed": 11}
 
 

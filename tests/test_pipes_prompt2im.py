@@ -10,6 +10,8 @@ from multigen.pipes.errors import (InvalidValueError, PipeError, SizeError, Unkn
                                    UnknownSchedulerError)
 from pipes_fixtures import STEPS, SIZE, kind_base, one_thread, pixels, sd_base, sdxl_base  # noqa: F401
 
+pytestmark = pytest.mark.slow  # every test here builds real pipes on the tiny models
+
 PROMPT = {"prompt": "a red house by a lake", "negative_prompt": "blurry", "seed": 7}
 
 

@@ -77,6 +77,7 @@ def _chunk(tok, ids):
     return [tok.bos_token_id, *ids, tok.eos_token_id] + [tok.pad_token_id] * (75 - len(ids))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt, negative", [
     ("a cat sitting on a mat", "blurry, lowres"),
     ("", ""),
@@ -90,6 +91,7 @@ def test_sd_plain_prompt_equals_diffusers(sd, prompt, negative):
     assert torch.equal(ours["negative_prompt_embeds"], neg)
 
 
+@pytest.mark.slow
 def test_sd_bf16_plain_prompt_equals_diffusers(models_dir):
     from diffusers import StableDiffusionPipeline
 
@@ -102,6 +104,7 @@ def test_sd_bf16_plain_prompt_equals_diffusers(models_dir):
     assert weighted.dtype == torch.bfloat16 and torch.isfinite(weighted.float()).all()
 
 
+@pytest.mark.slow
 def test_literal_truncated_mode_equals_diffusers(sd, sdxl):
     """parse_weights=False, max_chunks=1: what a pipe uses with prompt weighting off."""
     prompt = "a (red) house, " * 10  # 100+ tokens, brackets taken as text
@@ -117,6 +120,7 @@ def test_literal_truncated_mode_equals_diffusers(sd, sdxl):
     assert encode_prompts(sd, prompt, "", "SD")["prompt_embeds"].shape[1] == 154
 
 
+@pytest.mark.slow
 def test_sdxl_plain_prompt_equals_diffusers(sdxl):
     ours = encode_prompts(sdxl, "a cat sitting on a mat", "blurry", "SDXL")
     ref = sdxl.encode_prompt("a cat sitting on a mat", device="cpu", num_images_per_prompt=1,
@@ -128,6 +132,7 @@ def test_sdxl_plain_prompt_equals_diffusers(sdxl):
         assert torch.equal(ours[key], expected), key
 
 
+@pytest.mark.slow
 def test_sdxl_clip_skip_equals_diffusers_for_the_prompt(sdxl):
     ours = encode_prompts(sdxl, "a cat", "", "SDXL", clip_skip=1)
     ref = sdxl.encode_prompt("a cat", device="cpu", do_classifier_free_guidance=True, negative_prompt="",
@@ -138,6 +143,7 @@ def test_sdxl_clip_skip_equals_diffusers_for_the_prompt(sdxl):
     assert not torch.equal(plain["prompt_embeds"], ours["prompt_embeds"])
 
 
+@pytest.mark.slow
 def test_sdxl_none_negative_follows_force_zeros(sdxl):
     saved = sdxl.config.force_zeros_for_empty_prompt
     try:
@@ -151,6 +157,7 @@ def test_sdxl_none_negative_follows_force_zeros(sdxl):
         sdxl.register_to_config(force_zeros_for_empty_prompt=saved)
 
 
+@pytest.mark.slow
 def test_sd_clip_skip_uses_penultimate_layer(sd):
     tok = sd.tokenizer
     ids = _chunk(tok, tok("a cat", add_special_tokens=False).input_ids)
@@ -162,6 +169,7 @@ def test_sd_clip_skip_uses_penultimate_layer(sd):
     assert not torch.equal(ours["prompt_embeds"], encode_prompts(sd, "a cat", "", "SD")["prompt_embeds"])
 
 
+@pytest.mark.slow
 def test_long_prompt_is_chunked_and_negative_padded(sd):
     tok = sd.tokenizer
     prompt = "ab " * 60  # 120 tokens: "a", "b</w>" per word
@@ -178,6 +186,7 @@ def test_long_prompt_is_chunked_and_negative_padded(sd):
     assert torch.equal(out["negative_prompt_embeds"][:, 77:], _raw_hidden(sd, _chunk(tok, [])))
 
 
+@pytest.mark.slow
 def test_long_negative_pads_the_positive(sdxl):
     out = encode_prompts(sdxl, "a cat", "blurry, " * 30, "SDXL")
     assert out["prompt_embeds"].shape == out["negative_prompt_embeds"].shape
@@ -185,6 +194,7 @@ def test_long_negative_pads_the_positive(sdxl):
     assert out["pooled_prompt_embeds"].shape == (1, 32)
 
 
+@pytest.mark.slow
 def test_break_starts_a_new_chunk(sd):
     tok = sd.tokenizer
     out = encode_prompts(sd, "a cat BREAK a dog", "", "SD")
@@ -195,6 +205,7 @@ def test_break_starts_a_new_chunk(sd):
     assert torch.equal(out["prompt_embeds"][:, 77:], _raw_hidden(sd, _chunk(tok, dog)))
 
 
+@pytest.mark.slow
 def test_weighting_sdxl_a1111_ratio(sdxl):
     """SDXL's penultimate hidden states have a clear mean: A1111's rescale by a ratio."""
     plain = encode_prompts(sdxl, "a cat", "", "SDXL")["prompt_embeds"]
@@ -210,6 +221,7 @@ def test_weighting_sdxl_a1111_ratio(sdxl):
     assert not torch.equal(out, plain)
 
 
+@pytest.mark.slow
 def test_weighting_zero_mean_encoder_shifts(sd):
     """The tiny SD encoder's final LayerNorm makes every token zero-mean: restore by a shift."""
     tok = sd.tokenizer
@@ -230,6 +242,7 @@ def test_weighting_zero_mean_encoder_shifts(sd):
     assert torch.equal(encode_prompts(sd, "a (cat:1.0)", "", "SD")["prompt_embeds"], z)
 
 
+@pytest.mark.slow
 def test_weighting_changes_sdxl_embeddings(sdxl):
     plain = encode_prompts(sdxl, "a cat", "", "SDXL")
     weighted = encode_prompts(sdxl, "a ((cat))", "", "SDXL")
@@ -237,6 +250,7 @@ def test_weighting_changes_sdxl_embeddings(sdxl):
     assert torch.equal(plain["pooled_prompt_embeds"], weighted["pooled_prompt_embeds"])
 
 
+@pytest.mark.slow
 def test_model_type_enum_and_device(sd):
     class FakeType:  # anything with .value works, like multigen.pipes.ModelType
         value = "SD"
@@ -246,6 +260,7 @@ def test_model_type_enum_and_device(sd):
     assert out["prompt_embeds"].dtype == sd.text_encoder.dtype
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs, param", [
     ({"model_type": "FLUX"}, "model_type"),
     ({"model_type": "SD", "clip_skip": 5}, "clip_skip"),
@@ -259,6 +274,7 @@ def test_errors_name_the_parameter(sd, kwargs, param):
     assert "Allowed" in str(info.value)
 
 
+@pytest.mark.slow
 def test_textual_inversion_tokens_equal_diffusers(models_dir):
     from diffusers import StableDiffusionPipeline
 

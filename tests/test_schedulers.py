@@ -110,6 +110,7 @@ def test_missing_optional_package_says_what_to_install(monkeypatch):
     assert "torchsde" in str(info.value) and info.value.param == "scheduler"
 
 
+@pytest.mark.slow
 def test_every_listed_scheduler_runs_on_tiny_sd(models_dir):
     """4 steps at 64x64 each: finite output; schedulers with different configs differ."""
     from diffusers import StableDiffusionPipeline

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers_service import REC, fake_service, wait_for
+from helpers_service import REC, FakeService, fake_preview, fake_service, wait_for
 from multigen.service.errors import Conflict, InvalidInput, NotFound, QueueFull
 
 
@@ -148,10 +148,21 @@ def test_queue_full_is_an_error_not_a_wait(tmp_path):
         with pytest.raises(QueueFull, match="max_queued_jobs_per_user"):
             svc.queue_gen(a, prompt="x")
         svc.queue_gen(b, prompt="x")
-        t0 = time.monotonic()
-        with pytest.raises(QueueFull, match="queue full"):
-            svc.queue_gen(c, prompt="x")
-        assert time.monotonic() - t0 < 1
+        # no worker runs (start=False), so nothing can ever make room: a call that waited for room
+        # would never return, and one that returns has refused at once
+        refused: list[Exception] = []
+
+        def third() -> None:
+            try:
+                svc.queue_gen(c, prompt="x")
+            except QueueFull as e:
+                refused.append(e)
+
+        caller = threading.Thread(target=third, daemon=True)
+        caller.start()
+        caller.join(30)
+        assert not caller.is_alive(), "queue_gen waited for room that no worker can make"
+        assert len(refused) == 1 and "queue full" in str(refused[0])
         assert svc.queue_info()["queued"] == 2
 
 
@@ -208,7 +219,7 @@ def test_seeds_are_fixed_at_queue_time_and_prompt_grammar_expands_per_seed(svc):
     assert [g["seed"] for g in REC.gens] == out["seeds"]
 
 
-def test_failing_jobs_do_not_stop_the_worker(svc):
+def test_failing_jobs_do_not_stop_the_worker(svc, caplog):
     sid = _open(svc)
     with pytest.raises(InvalidInput) as e:  # a name no pipe takes: refused when queued, nothing stored
         svc.queue_gen(sid, prompt="x", scheduler="Nope")
@@ -218,7 +229,9 @@ def test_failing_jobs_do_not_stop_the_worker(svc):
     good = svc.queue_gen(sid, prompt="fine")
     assert svc.wait_idle(10)
     err = svc.get_job(bad["job_id"])["error"]
-    assert err["type"] == "RuntimeError" and "boom" in err["message"]
+    # a server-side failure: the client gets its kind and the job id, the log the exception's text
+    assert err["type"] == "RuntimeError" and bad["job_id"] in err["message"] and "boom" not in err["message"]
+    assert "boom: the fake pipe failed" in caplog.text
     err = svc.get_job(pipe_err["job_id"])
     assert err["state"] == "failed" and err["error"]["type"] == "UnknownSchedulerError"
     assert err["error"]["field"] == "scheduler" and "DDIM" in err["error"]["message"]
@@ -251,35 +264,86 @@ def test_loras_never_leak_into_the_next_job(svc):
 
 def test_progress_eta_and_preview_while_running(svc):
     REC.step_delay = 0.05
+    REC.hold = (31, 3)  # the first image stops after its step 3 until the cancel
     sid = _open(svc)
-    out = svc.queue_gen(sid, prompt="x", count=2, steps=20)
-    job = wait_for(lambda: (j := svc.get_job(out["job_id"]))["progress"]["step"] >= 3 and j)
+    out = svc.queue_gen(sid, prompt="x", seeds=[31, 32], steps=20)
+    assert REC.holding.wait(10)
+    job = svc.get_job(out["job_id"])
     assert job["state"] == "running" and job["position"] is None
-    assert 0 < job["progress"]["fraction"] < 1 and job["progress"]["steps"] == 20
-    assert job["eta_seconds"] is not None and 0.5 < job["eta_seconds"] < 30
-    preview = wait_for(lambda: svc.preview(out["job_id"]))
+    assert job["progress"] == {"step": 3, "steps": 20, "image": 0, "fraction": 0.075}  # 3 of 40 steps
+    # every step sleeps 0.05 s, so the measured time a step is at least that: the ETA covers the 17
+    # steps left of this image and the 20 of the next one
+    assert job["eta_seconds"] >= 0.05 * (17 + 20)
+    preview = svc.preview(out["job_id"])  # the first step always makes one
     assert preview[:2] == b"\xff\xd8"  # JPEG
     svc.cancel_job(out["job_id"])
     assert svc.wait_idle(10)
+    assert svc.get_job(out["job_id"])["state"] == "cancelled"
     assert svc.preview(out["job_id"]) is None
+
+
+class PreviewClock:
+    """A preview_fn that notes when each preview was made (the runner's clock, perf_counter)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, latents, model_type):
+        self.times.append(time.perf_counter())
+        return fake_preview(latents, model_type)
+
+
+def _service_with_previews(tmp_path, clock: PreviewClock):
+    class Counted(FakeService):
+        preview_fn = staticmethod(clock)
+
+    return fake_service(tmp_path, service_class=Counted)
+
+
+def test_a_preview_is_made_at_most_once_per_step(tmp_path, monkeypatch):
+    from multigen.service import runner
+
+    monkeypatch.setattr(runner, "PREVIEW_INTERVAL_SECONDS", 0.0)  # no rate limit: every step may make one
+    clock = PreviewClock()
+    with _service_with_previews(tmp_path, clock) as svc:
+        out = svc.queue_gen(_open(svc), prompt="x", count=2, steps=6)
+        assert svc.wait_idle(10) and svc.get_job(out["job_id"])["state"] == "succeeded"
+    assert len(clock.times) == 2 * 6
+
+
+def test_previews_are_rate_limited_to_one_per_interval(tmp_path):
+    from multigen.service.runner import PREVIEW_INTERVAL_SECONDS
+
+    REC_STEP = 0.02
+    clock = PreviewClock()
+    with _service_with_previews(tmp_path, clock) as svc:
+        REC.step_delay = REC_STEP
+        steps = 60  # at least 1.2 s of steps: more than two intervals
+        out = svc.queue_gen(_open(svc), prompt="x", steps=steps)
+        assert svc.wait_idle(30) and svc.get_job(out["job_id"])["state"] == "succeeded"
+    assert steps * REC_STEP > 2 * PREVIEW_INTERVAL_SECONDS
+    # the first step makes one, and a step at least an interval after the last preview the next one
+    assert 2 <= len(clock.times) < steps
+    gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    assert min(gaps) >= PREVIEW_INTERVAL_SECONDS, gaps
 
 
 # ---- cancel / close -----------------------------------------------------------------------------------------
 def test_cancel_queued_running_and_finished(svc):
-    REC.step_delay = 0.02
+    REC.hold = (3, 4)  # the third image holds after its step 4 until the cancel
     sid = _open(svc)
-    running = svc.queue_gen(sid, prompt="x", count=5, steps=10)
+    running = svc.queue_gen(sid, prompt="x", seeds=[1, 2, 3, 4, 5], steps=10)
     queued = svc.queue_gen(sid, prompt="y")
-    wait_for(lambda: svc.get_job(running["job_id"])["state"] == "running")
+    assert REC.holding.wait(10)
+    assert svc.get_job(running["job_id"])["state"] == "running"
     assert svc.get_job(queued["job_id"])["position"] == 0
     assert svc.cancel_job(queued["job_id"])["state"] == "cancelled"
     view = svc.cancel_job(running["job_id"])
-    assert view["cancel_requested"]
+    assert view["state"] == "running" and view["cancel_requested"]
     assert svc.wait_idle(10)
     job = svc.get_job(running["job_id"])
-    assert job["state"] == "cancelled" and job["done"] < 5 and job["finished_at"]
-    n_images = svc.get_image_count(sid)["image_number"]
-    assert n_images == job["done"]
+    assert job["state"] == "cancelled" and job["done"] == 2 and job["finished_at"]
+    assert svc.get_image_count(sid)["image_number"] == 2  # the third image, cut short, is not written
     with pytest.raises(Conflict):
         svc.cancel_job(running["job_id"])
     with pytest.raises(NotFound):
@@ -288,15 +352,16 @@ def test_cancel_queued_running_and_finished(svc):
 
 
 def test_close_session_cancels_its_jobs_and_keeps_images(svc):
-    REC.step_delay = 0.02
     sid = _open(svc)
     other = _open(svc, user="bob")
     a = svc.queue_gen(sid, prompt="x", count=1, steps=2)
     assert svc.wait_idle(10)
-    b = svc.queue_gen(sid, prompt="x", count=4, steps=10)
+    REC.hold = (7, 2)  # b's first image holds after its step 2 until the close cancels it
+    b = svc.queue_gen(sid, prompt="x", seeds=[7, 8, 9, 10], steps=10)
     c = svc.queue_gen(sid, prompt="x")
     d = svc.queue_gen(other, prompt="z")
-    wait_for(lambda: svc.get_job(b["job_id"])["state"] == "running")
+    assert REC.holding.wait(10)
+    assert svc.get_job(b["job_id"])["state"] == "running"
     sub = svc.subscribe(session_id=sid)
     info = svc.close_session(sid)
     assert info["state"] == "closed"
@@ -305,7 +370,7 @@ def test_close_session_cancels_its_jobs_and_keeps_images(svc):
     assert svc.get_job(b["job_id"])["state"] == "cancelled"
     assert svc.get_job(c["job_id"])["state"] == "cancelled"
     assert svc.get_job(d["job_id"])["state"] == "succeeded"
-    assert svc.get_image_count(sid)["image_number"] >= 1 and Path(svc.get_image_pathname(sid, 0)).exists()
+    assert svc.get_image_count(sid)["image_number"] == 1 and Path(svc.get_image_pathname(sid, 0)).exists()
     types = [e["type"] for e in iter(lambda: sub.get(timeout=0.2), None)]
     assert "session.closed" in types
 
@@ -346,40 +411,48 @@ def test_fifty_jobs_at_priority_100_do_not_jump_another_users_job(tmp_path):
 
 
 def test_workers_prefer_jobs_whose_model_they_hold(tmp_path):
-    with fake_service(tmp_path, devices=["fake:0", "fake:1"], start=False) as svc:
-        s1, s2 = _open(svc, model="m1"), _open(svc, user="bob", model="m2")
-        s3, s4 = _open(svc, user="carol", model="m1"), _open(svc, user="dave", model="m2")
-        for i in range(3):
-            for s in (s1, s2, s3, s4):
-                svc.queue_gen(s, prompt=f"{i}")
+    # fair order after alice's job is bob's (m2), then carol's (m1); the worker, holding m1 once
+    # alice's job ran, takes carol's first: one load saved (service/scheduling.py, affinity)
+    with fake_service(tmp_path, start=False) as svc:
+        m1_loaded = threading.Event()
+        REC.load_gates["m1"] = m1_loaded  # alice's job waits in its load while the others queue
+        alice = _open(svc, model="m1")
+        bob, carol = _open(svc, user="bob", model="m2"), _open(svc, user="carol", model="m1")
+        svc.queue_gen(alice, prompt="a1")
         svc.start()
-        assert svc.wait_idle(20)
-        # each model is loaded once per device at most, and each device mostly sticks to one model
-        assert len(REC.loads) <= 4
-        per_device = {}
-        for g in REC.gens:
-            per_device.setdefault(g["device"], []).append(g["model"])
-        switches = sum(sum(1 for x, y in zip(ms, ms[1:]) if x != y) for ms in per_device.values())
-        assert switches <= 4, per_device
+        try:
+            wait_for(lambda: "m1" in REC.loading)
+            bob_job = svc.queue_gen(bob, prompt="b1")
+            carol_job = svc.queue_gen(carol, prompt="c1")
+            assert svc.get_job(bob_job["job_id"])["position"] == 0  # bob's turn comes first...
+            assert svc.get_job(carol_job["job_id"])["position"] == 1
+        finally:
+            m1_loaded.set()
+        assert svc.wait_idle(10)
+        assert [g["prompt"] for g in REC.gens] == ["a1", "c1", "b1"]  # ...but carol's job uses the held model
+        assert [name for name, _ in REC.loads] == ["m1", "m2"]
 
 
 def test_model_loads_happen_outside_locks_other_workers_need(tmp_path):
     with fake_service(tmp_path, devices=["fake:0", "fake:1"], start=False) as svc:
-        REC.load_delay = 3.0
+        m1_loaded = threading.Event()
+        REC.load_gates["m1"] = m1_loaded  # m1's load stays blocked until the test lets it go
         s1 = _open(svc, model="m1")
         s2 = _open(svc, user="bob", model="m2")
-        s1_job = svc.queue_gen(s1, prompt="slow-load")
+        slow = svc.queue_gen(s1, prompt="slow-load")
         svc.start()
-        wait_for(lambda: svc.queue_info()["running"] == 1)
-        time.sleep(0.1)
-        REC.load_delay = 0.0
-        t0 = time.monotonic()
-        out = svc.queue_gen(s2, prompt="fast")  # must not wait behind the 3 s load of m1
-        wait_for(lambda: svc.get_job(out["job_id"])["state"] == "succeeded", timeout=10)
-        assert time.monotonic() - t0 < 2.0
-        assert svc.get_job(s1_job["job_id"])["state"] == "running"  # m1 is still loading
-        assert svc.get_job(out["job_id"])["state"] == "succeeded"
+        try:
+            wait_for(lambda: "m1" in REC.loading)  # one worker is inside m1's load
+            fast = svc.queue_gen(s2, prompt="fast")
+            # the other worker loads m2 and runs its job to the end while m1's load is still blocked
+            wait_for(lambda: svc.get_job(fast["job_id"])["state"] == "succeeded")
+            assert [name for name, _ in REC.loads] == ["m2"] and not m1_loaded.is_set()
+            assert svc.get_job(slow["job_id"])["state"] == "running"
+        finally:
+            m1_loaded.set()
         assert svc.wait_idle(10)
+        assert svc.get_job(slow["job_id"])["state"] == "succeeded"
+        assert [g["prompt"] for g in REC.gens] == ["fast", "slow-load"]
 
 
 # ---- robustness ---------------------------------------------------------------------------------------------
@@ -402,21 +475,22 @@ def test_a_dead_loop_is_restarted(svc):
 
 
 def test_stop_requeues_the_running_job_and_a_restart_resumes_it(tmp_path):
-    REC.__init__()
     with fake_service(tmp_path) as svc:
-        REC.step_delay = 0.03
+        REC.hold = (12, 2)  # the second image holds after its step 2 until stop() says stop
         sid = _open(svc)
         out = svc.queue_gen(sid, prompt="x", count=4, seeds=[11, 12, 13, 14], steps=5)
-        wait_for(lambda: svc.get_image_count(sid)["image_number"] >= 1)
+        assert REC.holding.wait(10)
+        # at the moment of the stop: running, one image of four written
+        job = svc.get_job(out["job_id"])
+        assert job["state"] == "running" and job["done"] == 1 and svc.get_image_count(sid)["image_number"] == 1
         svc.stop()
         job = svc.get_job(out["job_id"])
-        assert job["state"] == "queued" and 1 <= job["done"] < 4
-        done_before = job["done"]
+        assert job["state"] == "queued" and job["done"] == 1
     with fake_service(tmp_path) as svc:
         assert svc.wait_idle(10)
         job = svc.get_job(out["job_id"])
         assert job["state"] == "succeeded" and job["done"] == 4
-        assert [g["seed"] for g in REC.gens] == [11, 12, 13, 14][done_before:]
+        assert [g["seed"] for g in REC.gens] == [12, 13, 14]  # the written image is not made again
         folder = svc.config.output_dir / "alice" / "p1" / sid
         metas = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
         assert [(m["index"], m["seed"]) for m in metas] == [(0, 11), (1, 12), (2, 13), (3, 14)]
@@ -471,7 +545,7 @@ def test_concurrent_clients_queue_and_poll(svc):
     assert sum(svc.get_image_count(s)["image_number"] for s in sids) == 12
 
 
-def test_a_loop_that_dies_inside_a_job_does_not_leave_it_running_forever(svc):
+def test_a_loop_that_dies_inside_a_job_does_not_leave_it_running_forever(svc, caplog):
     # a bug outside the job boundary (here: reporting the job's end raises once) kills the loop
     # while it holds a job: the job must end (failed, with the error), not stay "running" for ever
     calls = {"n": 0}
@@ -489,7 +563,7 @@ def test_a_loop_that_dies_inside_a_job_does_not_leave_it_running_forever(svc):
     wait_for(lambda: svc.workers[0].restarts == 1, timeout=5)
     assert svc.wait_idle(5)
     job = svc.get_job(out["job_id"])
-    assert job["state"] == "failed" and "ledger bug" in job["error"]["message"]
+    assert job["state"] == "failed" and job["error"]["type"] == "RuntimeError" and "ledger bug" in caplog.text
     later = svc.queue_gen(sid, prompt="y")  # the restarted loop runs the next job
     assert svc.wait_idle(10)
     assert svc.get_job(later["job_id"])["state"] == "succeeded"
@@ -514,7 +588,7 @@ def test_scale_as_a_size_pair_is_accepted_and_bad_numbers_are_refused(svc):
         assert e.value.field == key
 
 
-def test_a_job_whose_end_state_could_not_be_stored_is_not_left_running(svc):
+def test_a_job_whose_end_state_could_not_be_stored_is_not_left_running(svc, caplog):
     # storing "succeeded" fails once: the job must not stay "running" in the store for ever, and the
     # worker loop must not die for it
     calls = {"n": 0}
@@ -532,7 +606,7 @@ def test_a_job_whose_end_state_could_not_be_stored_is_not_left_running(svc):
     out = svc.queue_gen(sid, prompt="x")
     assert svc.wait_idle(5)
     job = svc.get_job(out["job_id"])
-    assert job["state"] == "failed" and "database is locked" in job["error"]["message"]
+    assert job["state"] == "failed" and job["error"]["type"] == "RuntimeError" and "database is locked" in caplog.text
     later = svc.queue_gen(sid, prompt="y")
     assert svc.wait_idle(10) and svc.get_job(later["job_id"])["state"] == "succeeded"
     assert svc.workers[0].restarts == 0

@@ -60,6 +60,17 @@ def test_sigkill_mid_job_then_restart_writes_every_image_once(tmp_path, config_f
     written_before = sorted(p.name for p in folder.glob("*.png"))
     assert 1 <= len(written_before) < len(SEEDS), written_before
     before = {name: (folder / name).read_bytes() for name in written_before}
+    # the kill found the job running, part-way: so the store left it (no one could end it)
+    from multigen.service.store import SQLiteStore
+
+    store = SQLiteStore(config_file.parent.parent / "data" / "multigen.sqlite3")
+    try:
+        killed = store.get_job(ids["job_id"])
+        assert killed.state == "running", killed.state
+        done_rows = [r for r in store.list_images(job_id=ids["job_id"], state=None) if r.state == "done"]
+        assert 1 <= len(done_rows) < len(SEEDS)
+    finally:
+        store.close()
 
     second = _runner(config_file, tmp_path / "second.log", "--exit-when-idle")
     second.wait(300)
@@ -81,8 +92,6 @@ def test_sigkill_mid_job_then_restart_writes_every_image_once(tmp_path, config_f
         assert (folder / name).read_bytes() == data
 
     # the store agrees: the job succeeded with one image row per index
-    from multigen.service.store import SQLiteStore
-
     store = SQLiteStore(config_file.parent.parent / "data" / "multigen.sqlite3")
     job = store.get_job(ids["job_id"])
     assert job.state == "succeeded" and job.seeds == SEEDS

@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +75,41 @@ def test_whole_path_matches_direct_pipe_and_loras_and_schedulers_do_not_leak(ser
     lora_meta = json.loads(lora_png.with_suffix(".json").read_text())
     assert lora_meta["pipe_config"]["model_id"] == "tiny-sd" and lora_meta["pipe_config"]["loras"] == [["tiny-sd-lora", 0.8]]
     assert str(models_dir) not in json.dumps(lora_meta) and str(models_dir) not in json.dumps(meta)
+
+
+def test_metadata_reproduces_the_image(service):
+    """An image's metadata, with models.yaml for the names it gives, makes the same pixels again: the
+    pipe class, model, LoRAs, every setup parameter, the expanded prompts, seed, dtype and threads."""
+    from multigen.pipes.registry import pipe_class
+
+    sid = service.open_session("frank", "repro", "prompt2image", "tiny-sd",
+                               [{"name": "tiny-sd-lora", "weight": 0.6}])["session_id"]
+    out = service.queue_gen(sid, prompt=["a", ["red", "blue"], "cube"], negative_prompt="blur", seeds=[4242],
+                            width=64, height=72, steps=3, guidance_scale=6.0, scheduler="euler_a")
+    assert service.wait_idle(300)
+    job = service.get_job(out["job_id"])
+    assert job["state"] == "succeeded", job["error"]
+    meta = service.image_metadata(job["images"][0]["id"])
+    written = np.asarray(Image.open(service.image_file(job["images"][0]["id"])).convert("RGB"))
+
+    models = service.config.models  # names -> files, as a user's own models.yaml would give them
+    old = torch.get_num_threads()
+    torch.set_num_threads(meta["threads"])
+    try:
+        pipe = pipe_class(meta["pipe_config"]["pipe"])(str(models.base[meta["model"]].path), device=meta["device"],
+                                                       dtype=meta["dtype"])
+        pipe.set_loras([(str(models.lora[lora["name"]].path), lora["weight"]) for lora in meta["loras"]])
+        pipe.setup(**meta["params"])
+        inputs = {"prompt": meta["prompt"], "negative_prompt": meta["negative_prompt"], "seed": meta["seed"]}
+        again = pipe.gen(inputs)[0]
+        # the comparison tells: the same call without the LoRA the metadata names gives other pixels
+        pipe.set_loras([])
+        plain = pipe.gen(inputs)[0]
+    finally:
+        torch.set_num_threads(old)
+    assert again.size == (meta["width"], meta["height"]) == (64, 72)
+    assert np.array_equal(np.asarray(again.convert("RGB")), written)
+    assert not np.array_equal(np.asarray(plain.convert("RGB")), written)
 
 
 def test_three_pipe_classes_share_one_model(service):

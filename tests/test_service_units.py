@@ -83,17 +83,41 @@ def test_cache_evicts_least_recently_used_within_budget_but_never_a_leased_model
 
 
 def test_cache_loads_once_per_key_and_in_parallel_across_keys(tmp_path):
-    loader = Loader(delay=1.0)
+    # m1's and m2's loads each wait inside the loader until the other one is loading too: loads done
+    # one after the other would never meet (the barrier breaks after 10 s). m1's load then holds
+    # until m2's caller is done, while the other two callers of m1 wait for it
+    both_loading = threading.Barrier(2, timeout=10)
+    m2_done = threading.Event()
+
+    class MeetingLoader(Loader):
+        def __call__(self, path, *args, **kwargs):
+            both_loading.wait()
+            if Path(path).name == "m1":
+                assert m2_done.wait(10), "m2's caller never finished while m1 was loading"
+            return super().__call__(path, *args, **kwargs)
+
+    loader = MeetingLoader()
     cache = _cache(tmp_path, 1000, loader)
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=cache.get, args=(m, "Prompt2ImPipe", "cpu", "float32"))
-               for m in ("m1", "m1", "m2", "m1")]
+    got: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def get(i: int, model: str) -> None:
+        try:
+            got[i] = cache.get(model, "Prompt2ImPipe", "cpu", "float32")
+            if model == "m2":
+                m2_done.set()
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=get, args=(i, m)) for i, m in enumerate(("m1", "m1", "m2", "m1"))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(30)
+    assert not errors, errors
     assert sorted(loader.calls) == ["m1", "m2"]  # m1 loaded once although asked three times at once
-    assert time.monotonic() - t0 < 1.8  # m1 and m2 loaded at the same time (one after the other: 2 s)
+    assert got[0] is got[1] is got[3] and got[2] is not got[0]
+    assert cache.counters["loads"] == 2 and cache.counters["hits"] == 2
 
 
 # ---- events ---------------------------------------------------------------------------------------------------
@@ -102,6 +126,8 @@ def test_event_bus_bounded_queues_drop_oldest_and_close_wakes_readers():
     sub = bus.subscribe()
     for i in range(5):
         bus.publish("x", {"i": i})
+    lost = sub.get(0)  # the reader is told first that it missed events (service/events.py)
+    assert lost["type"] == "events.lost" and lost["data"]["dropped"] == 2
     assert [sub.get(0)["data"]["i"] for _ in range(3)] == [2, 3, 4] and sub.dropped == 2
     got = []
     reader = threading.Thread(target=lambda: got.append(sub.get(timeout=5)))

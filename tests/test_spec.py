@@ -41,6 +41,7 @@ def edges(param: specs.Param) -> list[tuple[Any, bool]]:
 
 
 # ---- the spec itself ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_spec_and_registry_import_without_torch():
     code = ("import sys\n"
             "import multigen.pipes, multigen.pipes.spec, multigen.pipes.registry\n"
@@ -171,6 +172,19 @@ def test_every_numeric_param_is_checked_at_its_edges(param):
             with pytest.raises(PipeError) as e:
                 param.check(value)
             assert e.value.param == param.name and "out of range" in str(e.value)
+
+
+def test_every_list_of_a_request_is_capped():
+    """A list parameter without max_items would be an unbounded list in the request models: refused when the
+    models are built. Seeds are capped by the config's max_count."""
+    from multigen.service.api.schemas import value_list
+    from multigen.service.config import Limits
+
+    many = [p for spec in specs.PIPE_SPECS.values() for p in spec if p.many]
+    assert many and all(p.max_items for p in many)
+    assert specs.apply_limits(specs.JOB, Limits(max_count=7))["seeds"].max_items == 7
+    with pytest.raises(ValueError, match="max_items"):
+        value_list(specs.Param("things", ParamType.INT, "a list without a cap", many=True))
 
 
 def test_limits_narrow_the_spec_and_are_named():

@@ -10,13 +10,11 @@ from typing import Any
 import pytest
 from PIL import Image
 
-# the fixtures `server` and `browser` come with the helpers (one server per test module)
-from test_web_support import (NARROW, WIDE, Server, browser, load_page, make_png, open_session,  # noqa: F401
-                              server, set_value, shoot, viewport, wait, write_config)
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402  (after the skip check)
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
+# the fixtures `server` and `browser` come with the helpers (one server per test module), and so do
+# selenium's names: without selenium the tests fail (CI) or skip, they do not break the collection
+from test_web_support import (NARROW, WIDE, ActionChains, By, Keys, Select, Server, browser,  # noqa: F401
+                              load_page, make_png, open_session, server, set_value, shoot, viewport, wait,
+                              write_config)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

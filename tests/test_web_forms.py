@@ -8,12 +8,10 @@ from typing import Any
 
 import pytest
 
-# the fixtures `server`, `auth_server` and `browser` come with the helpers (one server per test module)
-from test_web_support import (NARROW, WIDE, Server, auth_server, browser, load_page, open_session,  # noqa: F401
-                              server, set_value, shoot, viewport, wait)
-from selenium.webdriver.common.by import By  # noqa: E402  (after the skip check)
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
+# the fixtures `server`, `auth_server` and `browser` come with the helpers (one server per test module),
+# and so do selenium's names: without selenium the tests fail (CI) or skip, they do not break the collection
+from test_web_support import (NARROW, WIDE, By, Keys, Select, Server, auth_server, browser,  # noqa: F401
+                              load_page, open_session, server, set_value, shoot, viewport, wait)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -3,14 +3,16 @@
 The server is `python -m multigen.service.cli serve --port 0` on loopback with the tiny default
 models; the browser is driven with selenium pointed at /usr/bin/chromium and /usr/bin/chromedriver
 (never a browser download: scripts/_browser.sh installs Debian's chromium and chromium-driver).
-Screenshots go to artifacts/screenshots/ at 1280x800 and 390x844. This module holds no tests.
+Without them the browser tests fail under CI=true and are skipped elsewhere (tests/browser_check.py):
+every fixture here requests conftest's ``browser_available`` first. The selenium names the tests use (``By``,
+``Keys``, ``Select``, ``ActionChains``) come from here. Screenshots go to artifacts/screenshots/ at
+1280x800 and 390x844. This module holds no tests.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,26 +24,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browser_check import CHROMEDRIVER, CHROMIUM
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+except ImportError:  # no test runs then: browser_available fails or skips them, naming selenium
+    webdriver = StaleElementReferenceException = TimeoutException = Service = None  # type: ignore[assignment]
+    ActionChains = By = Keys = Select = WebDriverWait = None  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 SHOTS = ROOT / "artifacts" / "screenshots"
 WIDE = (1280, 800)
 NARROW = (390, 844)
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage")
-
-webdriver = pytest.importorskip("selenium.webdriver")
-if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):  # pragma: no cover - set-up problem
-    pytest.skip("needs Debian's chromium and chromium-driver: source scripts/_browser.sh (apt-get install "
-                "chromium chromium-driver)", allow_module_level=True)
-
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
 # ---- server and browser ------------------------------------------------------------------
@@ -107,7 +110,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Server]:
+def server(browser_available: None, tmp_path_factory: pytest.TempPathFactory,
+           models_dir: Path) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("web")
     srv = Server(write_config(folder, models_dir), folder / "server.log")
     yield srv
@@ -126,7 +130,7 @@ def make_browser() -> Any:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def browser(browser_available: None) -> Iterator[Any]:
     os.environ.setdefault("SE_OFFLINE", "true")  # selenium-manager: never download a driver or browser
     driver = make_browser()
     driver.set_script_timeout(30)
@@ -259,7 +263,8 @@ def make_png(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
 
 
 @pytest.fixture(scope="module")
-def auth_server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[tuple[Server, str]]:
+def auth_server(browser_available: None, tmp_path_factory: pytest.TempPathFactory,
+                models_dir: Path) -> Iterator[tuple[Server, str]]:
     """A server with one user (auth on): `multigen users add alice` prints the token last."""
     folder = tmp_path_factory.mktemp("web-auth")
     config = write_config(folder, models_dir)

@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import MultigenError
 from ..protocol import GenerationService, missing_methods
 from ..users import UserTable
-from . import auth, context, events, images, jobs, metrics, sessions, uploads
+from . import auth, context, events, guards, images, jobs, metrics, sessions, uploads
 from .docs_page import DOCS_HTML
 from .openapi import build_document
 from .schemas import Schemas
@@ -31,8 +31,6 @@ bp = Blueprint("service", __name__, url_prefix="/api/v1")
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
               429: "too_many_requests", 503: "service_unavailable"}
-#: room for the multipart envelope or a JSON body with an inline data: URL around an upload
-BODY_OVERHEAD = 64 * 1024
 
 
 @bp.get("/health")
@@ -100,6 +98,7 @@ def _register_errors(app: Flask) -> None:
         if e.http_status >= 500:
             log.warning("%s: %s", e.code, e.message)
         response = jsonify(e.to_dict())
+        response.headers.update(e.headers())  # Retry-After of a limit that passes with time
         if e.http_status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="multigen"'
         return response, e.http_status
@@ -121,17 +120,18 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):
         # the path only, never the query string: it may carry an ?access_token=
-        log.exception("unexpected error in %s %s", request.method, request.path)
+        # %r: a path is the client's text, and quoted it cannot forge log lines
+        log.exception("unexpected error in %s %r", request.method, request.path)
         return error_response("internal_error", "internal server error (logged)", 500)
 
 
-def _stream_cap(config: Config) -> int:
+def _stream_limiter(config: Config) -> events.StreamLimiter:
     """Event streams allowed at once: each holds a waitress thread, so two always stay for the rest."""
     cap = min(config.server.max_event_streams, max(1, config.server.threads - 2))
     if cap < config.server.max_event_streams:
         log.warning("server.max_event_streams %d lowered to %d: %d waitress threads must leave room for "
                     "other requests", config.server.max_event_streams, cap, config.server.threads)
-    return cap
+    return events.StreamLimiter(cap, config.server.max_event_streams_per_user)
 
 
 def create_app(config: Config, service: GenerationService) -> Flask:
@@ -155,24 +155,31 @@ def create_app(config: Config, service: GenerationService) -> Flask:
     # explicit paths: Flask cannot search for the package path of `multigen`, which has no folder of its own
     app = Flask(__name__, root_path=str(here), instance_path=str(config.data_dir / "instance"),
                 static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = int(config.limits.upload_max_bytes * 4 / 3) + BODY_OVERHEAD
+    # the largest body of any route (uploads, jobs); guards.RequestGuard.limit_body lowers it for the others
+    app.config["MAX_CONTENT_LENGTH"] = guards.upload_body_limit(config.limits)
     app.json.sort_keys = False
     app.config["MULTIGEN_HEARTBEAT_SECONDS"] = float(os.environ.get("MULTIGEN_HEARTBEAT_SECONDS",
                                                                     events.HEARTBEAT_SECONDS))
     app.extensions["multigen.config"] = config
     app.extensions["multigen.service"] = service
-    app.extensions["multigen.users"] = UserTable(config.file, config.users)
+    app.extensions["multigen.users"] = users = UserTable(config.file, config.users)
     app.extensions["multigen.schemas"] = schemas = Schemas(config)
-    app.extensions["multigen.uploads"] = store = uploads.UploadStore(
-        config.data_dir / "uploads", config.limits.upload_max_bytes, config.limits.upload_max_pixels,
-        config.limits.upload_keep_hours)
+    app.extensions["multigen.uploads"] = store = uploads.UploadStore.from_limits(config.data_dir / "uploads",
+                                                                                config.limits)
     store.prune()
-    app.extensions["multigen.event_streams"] = events.StreamLimiter(_stream_cap(config))
+    app.extensions["multigen.event_streams"] = _stream_limiter(config)
     app.extensions["multigen.stopping"] = threading.Event()
-    app.extensions["multigen.openapi"] = build_document(schemas, auth=bool(config.users))
-    # metrics first: its before_request times the whole request, auth failures included
+    app.extensions["multigen.openapi"] = build_document(schemas, auth=bool(config.users),
+                                                        metrics_token=bool(config.server.metrics_token))
+    # metrics first: its before_request times the whole request, auth failures included; then Host and
+    # Origin (and preflights, which carry no token), the token, and last the route's body limit
     app.extensions["multigen.metrics"] = metrics.HttpMetrics(app)
+    app.extensions["multigen.guard"] = guard = guards.RequestGuard(config, app.url_map,
+                                                                   users if config.users else None)
+    app.before_request(guard.before_request)
     app.before_request(auth.authenticate)
+    app.before_request(guard.limit_body)
+    app.after_request(guard.after_request)
     for blueprint in (bp, sessions.bp, jobs.bp, images.bp, uploads.bp, events.bp, metrics.bp):
         app.register_blueprint(blueprint)
     from .web import bp as web_bp

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from flask import current_app, g, request
 
 from ..errors import Forbidden, NotFound, Unauthorized
+from ..users import UserTable, hash_token
 from .context import service
 
 log = logging.getLogger(__name__)
@@ -31,29 +32,45 @@ def auth_enabled() -> bool:
     return bool(current_app.extensions["multigen.config"].users)
 
 
-def authenticate() -> None:
-    """``before_request``: sets ``g.user`` (None in anonymous mode) or raises 401."""
-    g.user = None
-    if not request.path.startswith("/api/") or not auth_enabled():
-        return
-    if request.endpoint in PUBLIC_ENDPOINTS:
-        return
+def needs_token(path: str, endpoint: str | None) -> bool:
+    """With auth on: every ``/api/`` route but the public ones (unknown routes too: a 404 tells nothing)."""
+    return path.startswith("/api/") and endpoint not in PUBLIC_ENDPOINTS
+
+
+def user_for_credentials(users: UserTable, method: str, endpoint: str | None, authorization: str,
+                         query_token: str | None) -> tuple[str, str]:
+    """The user of a request's ``Authorization`` header (or ``?access_token=`` where allowed) and the
+    token's SHA-256 (a stream checks it again later).
+
+    Raises:
+        Unauthorized: no token, a malformed header, or an unknown token.
+    """
     token = None
-    header = request.headers.get("Authorization", "")
-    if header:
-        scheme, _, value = header.partition(" ")
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise Unauthorized("the Authorization header must be `Bearer <token>`", field="Authorization")
         token = value.strip()
-    elif request.method == "GET" and request.endpoint in QUERY_TOKEN_ENDPOINTS:
-        token = request.args.get("access_token")
+    elif method == "GET" and endpoint in QUERY_TOKEN_ENDPOINTS:
+        token = query_token
     if not token:
         raise Unauthorized("this server needs a token: send `Authorization: Bearer <token>`",
                            field="Authorization")
-    user = current_app.extensions["multigen.users"].user_for_token(token)
+    digest = hash_token(token)
+    user = users.user_for_digest(digest)
     if user is None:
         raise Unauthorized("unknown token", field="Authorization")
-    g.user = user
+    return user, digest
+
+
+def authenticate() -> None:
+    """``before_request``: sets ``g.user`` (None in anonymous mode) and ``g.token_sha256``, or raises 401."""
+    g.user = None
+    if not auth_enabled() or not needs_token(request.path, request.endpoint):
+        return
+    g.user, g.token_sha256 = user_for_credentials(
+        current_app.extensions["multigen.users"], request.method, request.endpoint,
+        request.headers.get("Authorization", ""), request.args.get("access_token"))
 
 
 def request_user(body_user: str | None = None) -> str:
@@ -109,5 +126,5 @@ def _owned_through_session(getter: Callable[[str], dict[str, Any]], kind: str, k
 
 def _check_owner(owner: str, kind: str, key: str) -> None:
     if g.get("user") and owner != g.user:
-        log.info("user %s asked for %s %s of another user: 404", g.user, kind, key)
+        log.info("user %s asked for %s %r of another user: 404", g.user, kind, key)
         raise NotFound(f"no {kind} {key!r}", field=f"{kind}_id")

@@ -5,10 +5,16 @@ from typing import Any
 
 from flask import current_app, request
 
+from multigen.pipes import spec as specs
+
 from ..config import Config
 from ..errors import InvalidInput, UnsupportedMedia
 from ..protocol import GenerationService
 from .schemas import Schemas
+
+#: most ``[`` and ``{`` bytes a JSON body may hold, counted before it is decoded: two prompt grammars at
+#: their item cap, two prompts of brackets at their character cap, and room for the other list fields
+MAX_CONTAINERS = 2 * specs.MAX_GRAMMAR_ITEMS + 2 * specs.MAX_PROMPT_CHARS + 1000
 
 
 def service() -> GenerationService:
@@ -34,6 +40,10 @@ def json_body() -> Any:
     if not request.is_json:
         raise UnsupportedMedia(f"send `Content-Type: application/json` (got {request.mimetype or 'none'!r})",
                                field="Content-Type")
+    raw = request.get_data(cache=True)
+    if raw.count(b"[") + raw.count(b"{") > MAX_CONTAINERS:  # decoding millions of tiny lists costs seconds and GBs
+        raise InvalidInput(f"the body holds more than {MAX_CONTAINERS} lists and objects; a prompt grammar may have "
+                           f"at most {specs.MAX_GRAMMAR_ITEMS} items", code="too_many_items")
     try:
         data = request.get_json(silent=True)
     except RecursionError:  # the decoder gives up on deep nesting with this, not a ValueError

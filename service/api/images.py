@@ -2,13 +2,20 @@
 
 A file's path always comes from the store, never from the URL, and is served only when its
 real path (symlinks resolved) lies inside ``output_dir``.
+
+A PNG never changes once written, so a conversion is made once and kept in
+``<data_dir>/converted/<id[:2]>/<image id>.<jpeg|webp>`` (written atomically, stamped with the
+PNG's modification time, which it must match to be served); the copies go when the image's file
+is found gone. Image responses are ``Cache-Control: private`` with ``Vary: Authorization``: they
+belong to one user, so no shared cache may keep them.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +31,26 @@ log = logging.getLogger(__name__)
 bp = Blueprint("images", __name__, url_prefix="/api/v1")
 
 MAX_INDEX = 2**62
-CONVERSIONS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "jpg": ("JPEG", "image/jpeg"),
-               "webp": ("WEBP", "image/webp")}
+#: ``?format=`` -> (PIL format, media type, file extension)
+CONVERSIONS = {"png": ("PNG", "image/png", "png"), "jpeg": ("JPEG", "image/jpeg", "jpeg"),
+               "jpg": ("JPEG", "image/jpeg", "jpeg"), "webp": ("WEBP", "image/webp", "webp")}
+#: seconds a client may reuse an image file without asking again (it never changes once written)
+MAX_AGE = 3600
+#: image ids that may name a file of the conversion cache (the store's are hex)
+CACHE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def private_cache(response: Response, max_age: int | None = MAX_AGE) -> Response:
+    """``response`` made cacheable by its user only: ``private, max-age`` (``no-store`` for ``None``) and
+    ``Vary: Authorization``, so that no shared cache hands one user's image to another."""
+    response.cache_control.public = False
+    if max_age is None:
+        response.cache_control.no_store = True
+    else:
+        response.cache_control.private = True
+        response.cache_control.max_age = max_age
+    response.vary.add("Authorization")
+    return response
 
 
 @bp.get("/sessions/<session_id>/images")
@@ -55,40 +80,73 @@ def safe_image_path(image_id: str) -> Path:
     real = os.path.realpath(path)
     if os.path.commonpath([root, real]) != root or not os.path.isfile(real):
         log.warning("image %s: path %s is outside %s or missing: not served", image_id, path, root)
+        forget_conversions(image_id)
         raise NotFound(f"image {image_id} has no file", field="image_id")
     return Path(real)
 
 
+def conversion_path(image_id: str, ext: str) -> Path:
+    """Where the conversion of an image to ``ext`` is kept.
+
+    Raises:
+        NotFound: an id unfit for a file name (the store's ids never are).
+    """
+    if not CACHE_KEY_RE.match(image_id):
+        raise NotFound(f"image {image_id[:80]!r} has no file", field="image_id")
+    return config().data_dir / "converted" / image_id[:2] / f"{image_id}.{ext}"
+
+
+def forget_conversions(image_id: str) -> None:
+    """Delete the kept conversions of an image whose file is gone."""
+    if CACHE_KEY_RE.match(image_id):
+        for pil_format, _, ext in CONVERSIONS.values():
+            if pil_format != "PNG":
+                conversion_path(image_id, ext).unlink(missing_ok=True)
+
+
+def converted(image_id: str, path: Path, fmt: str) -> Path:
+    """The image at ``path`` as ``fmt`` (JPEG or WebP): the kept conversion when it was made from this very
+    PNG (same modification time), else converted now and kept (temporary file, then rename)."""
+    pil_format, _, ext = CONVERSIONS[fmt]
+    png_mtime = path.stat().st_mtime_ns
+    target = conversion_path(image_id, ext)
+    if target.is_file() and target.stat().st_mtime_ns == png_mtime:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if pil_format == "JPEG" and im.mode not in ("RGB", "L"):
+                im = im.convert("RGB")
+            im.save(tmp, format=pil_format, quality=92)
+        os.utime(tmp, ns=(png_mtime, png_mtime))  # the stamp of the PNG it was made from
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 @bp.get("/images/<image_id>")
 def image_file(image_id: str):
-    """The image file; ``?format=png|jpeg|webp`` converts it. ETag and Last-Modified allow caching."""
+    """The image file; ``?format=png|jpeg|webp`` converts it (once: the conversion is kept). ETag and
+    Last-Modified allow caching; the response is private to the user (``Vary: Authorization``)."""
     owned_image(image_id)
     fmt = (request.args.get("format") or "png").lower()
     if fmt not in CONVERSIONS:
         raise InvalidInput(f"unknown format {fmt!r}; allowed: png, jpeg, webp", field="format")
     path = safe_image_path(image_id)
-    if fmt == "png" and path.suffix.lower() == ".png":
-        return send_file(path, mimetype="image/png", conditional=True, etag=True, max_age=3600)
+    pil_format, mimetype, ext = CONVERSIONS[fmt]
+    if pil_format == "PNG" and path.suffix.lower() == ".png":
+        return private_cache(send_file(path, mimetype=mimetype, conditional=True, etag=True, max_age=MAX_AGE))
     stat = path.stat()
-    etag = f"{image_id}-{int(stat.st_mtime_ns)}-{stat.st_size}-{fmt}"
-    pil_format, mimetype = CONVERSIONS[fmt]
-    response = Response(mimetype=mimetype)
-    response.set_etag(etag)
-    response.last_modified = stat.st_mtime
-    response.cache_control.max_age = 3600
-    if request.if_none_match.contains(etag) or (
-            not request.if_none_match and request.if_modified_since
-            and int(stat.st_mtime) <= request.if_modified_since.timestamp()):
-        response.status_code = 304
-        return response
-    with Image.open(path) as im:
-        im.load()
-        if pil_format == "JPEG" and im.mode not in ("RGB", "L"):
-            im = im.convert("RGB")
-        buf = io.BytesIO()
-        im.save(buf, format=pil_format, quality=92)
-    response.set_data(buf.getvalue())
-    return response
+    etag = f"{image_id}-{stat.st_mtime_ns}-{stat.st_size}-{ext}"
+    if request.if_none_match.contains(etag):  # the client has it: no conversion needed
+        response = Response(status=304)
+        response.set_etag(etag)
+        return private_cache(response)
+    return private_cache(send_file(converted(image_id, path, fmt), mimetype=mimetype, conditional=True, etag=etag,
+                                   last_modified=stat.st_mtime, max_age=MAX_AGE))
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from ..jobs import JobState
 from .auth import owned_job, owned_session
 from .context import config, json_body, service
 from .schemas import parse, pipe_params
+from .images import private_cache
 from .sessions import job_schema_for
-from .uploads import upload_store
+from .uploads import StagedImages, upload_store
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1")
 
@@ -21,25 +22,23 @@ JOB_STATES = tuple(state.value for state in JobState)
 QUEUE_ARGS = ("prompt", "negative_prompt", "count", "seeds", "priority")
 
 
-def build_queue_args(session: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+def build_queue_args(session: dict[str, Any], body: dict[str, Any], staged: StagedImages) -> dict[str, Any]:
     """Turn a validated job body into ``queue_gen`` keyword arguments.
 
-    Image references become stored file paths (upload ids are checked against the user),
-    ``control`` becomes ``ctypes``/``cscales``, and only parameters the request gave are passed,
-    so the pipe's defaults apply to the rest. The service checks the values (count and seeds included).
+    Image references become file paths through ``staged`` (upload ids are checked against the user,
+    ``data:`` URLs written to temporary files), ``control`` becomes ``ctypes``/``cscales``, and only
+    parameters the request gave are passed, so the pipe's defaults apply to the rest. The service
+    checks the values (count and seeds included).
     """
     classname = config().models.pipes[session["pipe"]].classname
     params = pipe_params(classname)
-    store = upload_store()
-    owner = session["user"]
-    user = g.get("user")
     args: dict[str, Any] = {k: body.pop(k) for k in QUEUE_ARGS if k in body}
     images = body.pop("images", None)
     if images:
-        args["images"] = [store.resolve(ref, user, owner, f"images.{i}") for i, ref in enumerate(images)]
+        args["images"] = [staged.resolve(ref, f"images.{i}") for i, ref in enumerate(images)]
     mask = body.pop("mask", None)
     if mask:
-        args["mask" if "mask" in params else "image_painted"] = store.resolve(mask, user, owner, "mask")
+        args["mask" if "mask" in params else "image_painted"] = staged.resolve(mask, "mask")
     control = body.pop("control", None)
     if control:
         types = [c["type"] for c in control]
@@ -57,11 +56,17 @@ def build_queue_args(session: dict[str, Any], body: dict[str, Any]) -> dict[str,
 
 @bp.post("/sessions/<session_id>/jobs")
 def create_job(session_id: str):
-    """Queue a job of ``count`` images: ``202 {"job": Job}``."""
+    """Queue a job of ``count`` images: ``202 {"job": Job}``.
+
+    ``data:`` URL images live in temporary files for this request only: ``queue_gen`` copies the images of
+    an accepted job into its inputs, and a refused one (any error, the service's included) leaves nothing.
+    """
     session = owned_session(session_id)
     body = parse(job_schema_for(session), json_body()).model_dump(exclude_unset=True, exclude_none=True,
                                                                     mode="json")
-    return {"job": service().queue_gen(session_id, **build_queue_args(session, body))["job"]}, 202
+    with upload_store().staging(g.get("user")) as staged:
+        job = service().queue_gen(session_id, **build_queue_args(session, body, staged))["job"]
+    return {"job": job}, 202
 
 
 @bp.get("/sessions/<session_id>/jobs")
@@ -93,7 +98,7 @@ def job_preview(job_id: str):
     data = service().preview(job_id)
     if not data:
         raise NotFound(f"job {job_id} has no preview yet", field="job_id", code="no_preview")
-    return Response(data, mimetype="image/jpeg", headers={"Cache-Control": "no-store"})
+    return private_cache(Response(data, mimetype="image/jpeg"), max_age=None)
 
 
 @bp.get("/queue")

@@ -1,17 +1,24 @@
 """``GET /metrics``: Prometheus text format, from a registry of the app's own.
 
+A scrape reads counters kept in memory and never the store: a scraper (or anyone, where it needs
+no token) could otherwise make the server run queries per session as often as it likes.
+
 - HTTP requests are counted and timed by route template and status as they happen.
-- Queue depth and workers come from ``service.queue_info()``; jobs by state from the sessions'
-  counts (``list_sessions()``: the store, so restarts are counted right), read at scrape time
-  by :class:`ServiceCollector`.
-- Images written, model loads, cache hits and per-image time come from ``service.stats()``
-  (counters since the service started).
+- Queue depth (queued, running) and workers come from ``service.queue_info()``; jobs finished by
+  state, images written, model loads, cache hits and per-image time from ``service.stats()``
+  (counters since the service started), read at scrape time by :class:`ServiceCollector`.
+- Open event streams come from the app's stream limiter.
 - Step times: the service does not time single steps for others to read, so
   :class:`StepTimer` listens to the ``job.progress`` events and observes, for each event,
   the time since the previous one of the same image divided by the steps done in between.
+
+Who may scrape: with ``server.metrics_token`` set, only ``Authorization: Bearer <it>``; without
+it, anyone where the server runs without users, and any user's token where it has users (the
+figures show every user's traffic). See docs/security.md.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -20,14 +27,16 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
+from ..errors import Unauthorized
 from ..jobs import JobState
 from ..protocol import EventSubscription, GenerationService, ServiceEvent
+from . import auth
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("metrics", __name__)
 
-JOB_STATES = tuple(state.value for state in JobState)
+FINISHED_STATES = tuple(state.value for state in JobState if state.finished)
 #: methods counted by name; any other (a client may send any token) is counted as "other"
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: events after which a job's step times are measured from its next progress event
@@ -49,6 +58,8 @@ class ServiceCollector:
             yield from self._collect(self.app.extensions["multigen.service"])
         except Exception:  # a scrape must not fail because the service is busy or stopping
             log.exception("metrics: reading the service failed")
+        yield GaugeMetricFamily("multigen_event_streams", "event streams open",
+                                value=float(self.app.extensions["multigen.event_streams"].open))
 
     def _collect(self, service: GenerationService):
         info = service.queue_info()
@@ -61,11 +72,12 @@ class ServiceCollector:
             workers.add_metric([str(w["device"]), str(w["state"])], 1.0)
         yield workers
 
-        family = GaugeMetricFamily("multigen_jobs", "jobs in the store by state", labels=["state"])
-        for state, n in self._jobs_by_state(service).items():
-            family.add_metric([state], float(n))
-        yield family
         stats = service.stats()
+        finished = CounterMetricFamily("multigen_jobs_finished", "jobs finished since the service started",
+                                       labels=["state"])
+        for state in FINISHED_STATES:
+            finished.add_metric([state], float(stats.get("jobs_finished", {}).get(state, 0)))
+        yield finished
         yield CounterMetricFamily("multigen_images_written", "images written since the service started",
                                   value=float(stats["images_written"]))
         yield CounterMetricFamily("multigen_model_loads", "models loaded into the cache",
@@ -75,14 +87,6 @@ class ServiceCollector:
         per_image = stats["image_seconds"]
         yield SummaryMetricFamily("multigen_image_seconds", "generation time per image",
                                   count_value=float(per_image["count"]), sum_value=float(per_image["sum"]))
-
-    @staticmethod
-    def _jobs_by_state(service: GenerationService) -> dict[str, int]:
-        jobs = dict.fromkeys(JOB_STATES, 0)
-        for session in service.list_sessions():
-            for state, n in session["job_counts"].items():
-                jobs[state] += int(n)
-        return jobs
 
 
 class StepTimer:
@@ -177,7 +181,21 @@ class HttpMetrics:
         return response
 
 
+def check_scraper() -> None:
+    """Raises Unauthorized unless the request may read the metrics (see the module's docstring)."""
+    token = current_app.extensions["multigen.config"].server.metrics_token
+    header = request.headers.get("Authorization", "")
+    if token:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise Unauthorized("/metrics needs `Authorization: Bearer <server.metrics_token>`", field="Authorization")
+    elif auth.auth_enabled():
+        auth.user_for_credentials(current_app.extensions["multigen.users"], request.method, request.endpoint,
+                                  header, None)
+
+
 @bp.get("/metrics")
 def metrics():
+    check_scraper()
     registry = current_app.extensions["multigen.metrics"].registry
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -130,9 +130,10 @@ RESPONSES: dict[str, type[BaseModel]] = {
     "Error": Error,
 }
 
-ERRORS = {"400": "malformed or invalid", "401": "no or bad token", "403": "not yours","404": "unknown id (or not yours)",
-          "409": "conflict", "413": "too large", "415": "wrong media type", "429": "queue full",
-          "503": "unavailable or too many event streams"}
+ERRORS = {"400": "malformed or invalid", "401": "no or bad token",
+          "403": "not yours, or a foreign Host or Origin (see server.cors_origins)",
+          "404": "unknown id (or not yours)", "409": "conflict", "413": "too large", "415": "wrong media type",
+          "429": "queue full, or too many event streams (with Retry-After)", "503": "unavailable"}
 
 #: (method, path, summary, request body schema or None, success status, response schema or media type,
 #:  query parameters, error statuses)
@@ -140,7 +141,7 @@ ROUTES: list[tuple[str, str, str, str | None, str, str, list[str], list[str]]] =
     ("get", "/api/v1/health", "Service status, version, devices and queue", None, "200", "object", [], []),
     ("get", "/api/v1/models", "Models, LoRAs, pipes and schedulers", None, "200", "object", [], ["401"]),
     ("post", "/api/v1/sessions", "Open a session", "SessionCreate", "201", "SessionResponse", [],
-     ["400", "401", "403", "415", "429"]),
+     ["400", "401", "403", "413", "415", "429"]),
     ("get", "/api/v1/sessions", "The user's sessions", None, "200", "SessionList", ["project", "state", "user"],
      ["400", "401"]),
     ("get", "/api/v1/sessions/{session_id}", "One session", None, "200", "SessionResponse", [], ["401", "404"]),
@@ -163,11 +164,14 @@ ROUTES: list[tuple[str, str, str, str | None, str, str, list[str], list[str]]] =
      ["format", "access_token"], ["400", "401", "404"]),
     ("get", "/api/v1/images/{image_id}/metadata", "Parameters that reproduce the image", None, "200", "object",
      [], ["401", "404"]),
-    ("post", "/api/v1/uploads", "Upload an image (multipart `file`; PNG, JPEG or WebP)", "multipart", "201",
-     "UploadResponse", [], ["400", "401", "413", "415"]),
+    ("post", "/api/v1/uploads", "Upload an image (multipart `file`; PNG, JPEG or WebP); 413 `quota_exceeded` past "
+     "the user's upload quota", "multipart", "201", "UploadResponse", [], ["400", "401", "413", "415"]),
+    ("delete", "/api/v1/uploads/{upload_id}", "Delete one of the user's uploads (queued jobs keep their copies)",
+     None, "200", "UploadResponse", [], ["401", "404"]),
     ("get", "/api/v1/events", "Server-sent events (`Last-Event-ID` resumes where the service can)", None, "200",
-     "text/event-stream", ["session_id", "last_event_id", "access_token"], ["400", "401", "404", "503"]),
-    ("get", "/metrics", "Prometheus metrics", None, "200", "text/plain", [], []),
+     "text/event-stream", ["session_id", "last_event_id", "access_token"], ["400", "401", "404", "429"]),
+    ("get", "/metrics", "Prometheus metrics (a token with users or server.metrics_token)", None, "200",
+     "text/plain", [], ["401"]),
 ]
 
 QUERY_PARAMS = {
@@ -205,14 +209,15 @@ def _media(kind: str) -> dict[str, Any]:
     return {"application/json": {"schema": ref}}
 
 
-def build_document(schemas: Schemas, auth: bool) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of this app (its pipes decide the job schemas)."""
+def build_document(schemas: Schemas, auth: bool, metrics_token: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of this app (its pipes decide the job schemas); ``/metrics`` needs a
+    bearer token with ``auth`` (a user's) or ``metrics_token`` (``server.metrics_token``)."""
     paths: dict[str, Any] = {}
     for method, path, summary, body, status, response, query, errors in ROUTES:
         op: dict[str, Any] = {"summary": summary, "responses": {status: {"description": "success",
                                                                          "content": _media(response)}}}
         params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for p in ("session_id", "job_id", "image_id") if "{" + p + "}" in path]
+                  for p in ("session_id", "job_id", "image_id", "upload_id") if "{" + p + "}" in path]
         params += [{"name": q, "in": "query", "required": False, **QUERY_PARAMS[q]} for q in query]
         if "last_event_id" in query:
             params.append({"name": "Last-Event-ID", "in": "header", "required": False,
@@ -227,8 +232,10 @@ def build_document(schemas: Schemas, auth: bool) -> dict[str, Any]:
             op["requestBody"] = {"required": True, "content": _media(body)}
         for code in errors:
             op["responses"][code] = {"description": ERRORS[code], "content": _media("Error")}
-        if path in ("/api/v1/health", "/metrics"):
+        if path == "/api/v1/health" or (path == "/metrics" and not metrics_token and not auth):
             op["security"] = []
+        elif path == "/metrics" and metrics_token:
+            op["security"] = [{"bearer": []}]
         paths.setdefault(path, {})[method] = op
     doc: dict[str, Any] = {
         "openapi": "3.1.0",

@@ -6,30 +6,42 @@ on top, and ``extra="forbid"``: a parameter the session's pipe does not take is 
 it. Parameters that carry images (``image``, ``mask``, ...) are not taken directly: the
 request gives ``images`` and ``mask`` as upload ids or ``data:`` URLs, which the API decodes,
 and ControlNet pipes take ``control`` (types and scales) for ``ctypes``/``cscales``.
+
+Every list a request may hold has a ``max_length`` (``maxItems`` in the OpenAPI document): the spec's
+``max_items``, the config's ``max_count`` for seeds, and the spec's caps for LoRAs and prompt grammars,
+whose size (characters, depth, items) is checked by ``multigen.pipes.cfgen.validate_grammar``, as
+``ServiceThread.queue_gen`` checks it.
 """
 from __future__ import annotations
 
 import logging
+import reprlib
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from multigen.pipes import spec as specs
+from multigen.pipes.cfgen import validate_grammar
+from multigen.pipes.errors import PipeError
 from multigen.pipes.registry import pipe_spec
 
-from ..config import Config
+from ..config import Config, Limits
 from ..errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-#: deepest nesting of a prompt grammar: deeper ones only serve to exhaust the server's recursion
-MAX_GRAMMAR_DEPTH = 32
-#: most characters in a prompt (all the strings of a grammar together): some 5000 tokens, 65 chunks
-#: of 77 for the text encoder; a multi-megabyte prompt would hold a worker and its memory for minutes
-MAX_PROMPT_CHARS = 20000
 #: most input images of one job (the spec's: one per ControlNet at most, in practice)
 MAX_JOB_IMAGES = specs.MAX_IMAGES
+#: the job-level parameters under the default limits (``JobBase``; each pipe's model has its config's)
+DEFAULT_JOB = specs.apply_limits(specs.JOB, Limits())
+#: how a rejected value is quoted in an error message: a few items and characters, whatever its size
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = 4
+_QUOTE.maxstring = _QUOTE.maxother = 80
+_QUOTE.maxlevel = 3
 
 
 def _bounds(param: specs.Param) -> dict[str, Any]:
@@ -54,8 +66,8 @@ def _one(param: specs.Param) -> Any:
         if not param.sides:
             return factor
         return Union[factor, tuple[_one(param.sides[0]), _one(param.sides[1])]]
-    if t is specs.ParamType.PROMPT:
-        return Union[str, list[Any], dict[str, Any]]
+    if t is specs.ParamType.PROMPT:  # validate_grammar checks the rest of its size
+        return Union[str, Annotated[list[Any], Field(max_length=specs.MAX_GRAMMAR_ITEMS)], dict[str, Any]]
     if t is specs.ParamType.STR:
         return str
     return Any
@@ -65,8 +77,19 @@ def annotation(param: specs.Param) -> Any:
     """The pydantic type of ``param``: one value, or for ``many`` parameters also a list of them."""
     one = _one(param)
     if param.many:
-        return Union[one, Annotated[list[one], Field(min_length=1, max_length=param.max_items)]]  # type: ignore
+        return Union[one, value_list(param)]  # type: ignore[valid-type]
     return one
+
+
+def value_list(param: specs.Param) -> Any:
+    """The pydantic type of a list of ``param``'s values: 1 to ``max_items`` of them.
+
+    Raises:
+        ValueError: the parameter declares no ``max_items`` (every list of a request is capped).
+    """
+    if not param.max_items:
+        raise ValueError(f"{param.name} takes a list but declares no max_items: declare one in the spec")
+    return Annotated[list[_one(param)], Field(min_length=1, max_length=param.max_items)]  # type: ignore[misc]
 
 
 def field_doc(param: specs.Param) -> str:
@@ -97,7 +120,7 @@ class SessionCreate(BaseModel):
     project: str = Field(pattern=NAME_PATTERN)
     pipe: str
     model: str
-    loras: list[Union[str, LoraRef]] = Field(default_factory=list)
+    loras: list[Union[str, LoraRef]] = Field(default_factory=list, max_length=specs.MAX_LORAS)
 
 
 class ControlRef(BaseModel):
@@ -124,37 +147,21 @@ class JobBase(BaseModel):
     negative_prompt: Optional[_one(specs.NEGATIVE_PROMPT)] = Field(  # type: ignore[valid-type]
         None, description=specs.NEGATIVE_PROMPT.description)
     count: _one(specs.COUNT) = Field(specs.COUNT.default, description=specs.COUNT.description)  # type: ignore
-    seeds: Optional[Annotated[list[_one(specs.SEEDS)], Field(min_length=1)]] = Field(  # type: ignore[valid-type]
+    seeds: Optional[value_list(DEFAULT_JOB["seeds"])] = Field(  # type: ignore[valid-type]
         None, description=specs.SEEDS.description)
     priority: _one(specs.PRIORITY) = Field(specs.PRIORITY.default,  # type: ignore[valid-type]
                                            description=specs.PRIORITY.description)
 
-    @field_validator("prompt", "negative_prompt")
+    @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
-    def _not_too_big(cls, value: Any) -> Any:
-        depth, chars = grammar_size(value)
-        if depth > MAX_GRAMMAR_DEPTH:
-            raise ValueError(f"the prompt grammar is nested more than {MAX_GRAMMAR_DEPTH} levels deep")
-        if chars > MAX_PROMPT_CHARS:
-            raise ValueError(f"the prompt has {chars} characters, at most {MAX_PROMPT_CHARS} are allowed")
+    def _grammar(cls, value: Any, info: ValidationInfo) -> Any:
+        # before pydantic walks the value: the size caps stop a grammar bomb at its first items
+        if isinstance(value, (str, list, dict)):
+            try:
+                validate_grammar(value, info.field_name or "prompt")
+            except PipeError as e:
+                raise PydanticCustomError("prompt_grammar", "{message}", {"message": e.message}) from None
         return value
-
-
-def grammar_size(value: Any) -> tuple[int, int]:
-    """How deeply lists and dicts nest in ``value`` (a string: 0) and how many characters its strings
-    hold, counted without recursion (and without descending past :data:`MAX_GRAMMAR_DEPTH`)."""
-    deepest, chars, stack = 0, 0, [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            chars += len(item)
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            deepest = max(deepest, depth + 1)
-            if depth + 1 <= MAX_GRAMMAR_DEPTH:  # past the limit the answer is known: stop descending
-                stack.extend((x, depth + 1) for x in item)
-    return deepest, chars
 
 
 def pipe_params(classname: str) -> tuple[str, ...]:
@@ -173,8 +180,7 @@ def job_model(cfg: Config, pipe_name: str, classname: str) -> type[BaseModel]:
     count, seeds = job["count"], job["seeds"]
     fields: dict[str, Any] = {
         "count": (_one(count), Field(count.default, description=count.description)),
-        "seeds": (Optional[Annotated[list[_one(seeds)], Field(min_length=1, max_length=seeds.max_items)]],
-                  Field(None, description=seeds.description))}
+        "seeds": (Optional[value_list(seeds)], Field(None, description=seeds.description))}
     for param in spec:
         if not param.image:
             fields[param.name] = optional_field(param)
@@ -241,4 +247,4 @@ def parse(model: type[BaseModel], body: Any) -> BaseModel:
                                field=loc, code="unknown_parameter") from None
         if err["type"] == "missing":
             raise InvalidInput(f"{loc} is required", field=loc, code="missing") from None
-        raise InvalidInput(f"{loc}: {err['msg']} (got {err.get('input')!r})"[:500], field=loc) from None
+        raise InvalidInput(f"{loc}: {err['msg']} (got {_QUOTE.repr(err.get('input'))})"[:500], field=loc) from None
