@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import numbers
 import os
 from typing import Any, Callable, ClassVar, Iterator
@@ -21,7 +22,6 @@ from . import spec as specs
 from .errors import Cancelled, InvalidValueError, UnknownParameterError
 from .families import Family, Role, family
 from .imagelist import ImageList
-from .images import padded
 from .loading import ModelType, check_declared_type, dtype_name, load_base, pipeline_type
 
 logger = logging.getLogger(__name__)
@@ -110,11 +110,13 @@ class BasePipe:
         else:
             base = pipe
             found = check_declared_type(pipeline_type(pipe), model_type, str(model_id or type(pipe).__name__))
+        family(found).check_role(self.ROLE)
         self.base = base
         self.model_type: ModelType = found
         self.model_id = str(model_id) if model_id is not None else str(base.config.get("_name_or_path") or "")
-        self.device = base.unet.device
-        self.dtype = base.unet.dtype
+        denoiser = getattr(base, self.family.denoiser)  # the UNet or the transformer
+        self.device = denoiser.device
+        self.dtype = denoiser.dtype
         self._init_extra(controlnets=controlnets, ctypes=ctypes, condition_models=condition_models)
         self._scheduler_config = dict(base.scheduler.config)
         self.pipe = self._build_pipeline(base, _make_scheduler(None, self._scheduler_config, None))
@@ -148,9 +150,15 @@ class BasePipe:
 
     # ---- setup ------------------------------------------------------------------------------
     def default_params(self) -> dict[str, Any]:
-        """Defaults of every parameter: the spec's, and the native size of the model."""
-        native = int(self.base.unet.config.sample_size) * int(getattr(self.base, "vae_scale_factor", 8))
-        return {**self.SPEC.defaults(), "width": native, "height": native}
+        """Defaults of every parameter: the spec's, the family's own, and the native size of the model."""
+        native = self.family.native_size(self.base)
+        own = {k: v for k, v in self.family.param_defaults.items() if k in self.PARAMS}
+        return {**self.SPEC.defaults(), **own, "width": native, "height": native}
+
+    def padded(self, side: int) -> int:
+        """``side`` rounded up to the family's size multiple (8 for SD/SDXL, 16 for Flux)."""
+        multiple = self.family.size_multiple
+        return int(math.ceil(side / multiple) * multiple)
 
     def setup(self, *args: Any, **params: Any) -> None:
         """Validate and store generation parameters (replacing earlier ones).
@@ -202,6 +210,20 @@ class BasePipe:
         for param in self.SPEC:
             if not param.image and param.name in p:
                 p[param.name] = param.check(p[param.name])
+        self._check_family_params(p)
+
+    def _check_family_params(self, p: dict[str, Any]) -> None:
+        """Refuse parameters the model's family cannot honour (rather than ignore them silently)."""
+        fam = self.family
+        if not fam.weighted_prompts and p.get("clip_skip"):
+            raise InvalidValueError(f"clip_skip {p['clip_skip']} is not supported for {fam.name} models; "
+                                    "allowed: 0", "clip_skip", "0")
+        if not fam.scheduler_choice:
+            for name in ("scheduler", "timestep_spacing"):
+                if p.get(name) is not None:
+                    raise InvalidValueError(f"{name} {p[name]!r} is not supported for {fam.name} models (they "
+                                            "run their own flow-matching scheduler); allowed: leave it out",
+                                            name, "leave it out")
 
     def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
         """Subclass hook: validate and preprocess pipe-specific parameters and images."""
@@ -211,11 +233,22 @@ class BasePipe:
         """Activate exactly ``loras`` (``[(path, weight), ...]``) on the shared modules.
 
         Files not loaded yet are loaded; ``[]`` disables every adapter. Never fuses.
+
+        Raises:
+            InvalidValueError: LoRAs for a family that has no LoRA support yet (Flux).
         """
+        if not self.family.supports_loras:
+            if lora_mod.normalize(loras):
+                raise InvalidValueError(f"LoRAs are not supported for {self.family.name} models yet; allowed: "
+                                        "no loras", "loras", "no loras")
+            self._loras = []
+            return
         self._loras = lora_mod.set_loras(self.pipe, loras)
 
     def unload_loras(self, paths: Any = None) -> None:
         """Delete LoRA adapters (all when ``paths`` is None) from the shared modules."""
+        if not self.family.supports_loras:
+            return  # nothing can have been loaded
         lora_mod.unload_loras(self.pipe, paths)
         self._loras = list(lora_mod.active_state(self.pipe) or ())
 
@@ -242,6 +275,16 @@ class BasePipe:
         return (gens if isinstance(seed, (list, tuple)) else gens[0]), seeds
 
     def _prompt_kwargs(self, prompt: str, negative_prompt: str | None) -> dict[str, Any]:
+        if not self.family.weighted_prompts:
+            # diffusers encodes the plain text (Flux: CLIP and T5); with lpw on, the weighting syntax
+            # is stripped so that "(red:1.3)" reads as "red", not as brackets and digits
+            from .prompting import strip_weighting
+
+            text = strip_weighting(prompt) if self.params["lpw"] else prompt
+            kwargs: dict[str, Any] = {"prompt": text}
+            if self.family.negative_prompts and negative_prompt:
+                kwargs["negative_prompt"] = strip_weighting(negative_prompt) if self.params["lpw"] else negative_prompt
+            return kwargs
         clip_skip = self.params["clip_skip"]
         from .prompting import encode_prompts
 
@@ -253,7 +296,7 @@ class BasePipe:
 
     def _call_kwargs(self) -> dict[str, Any]:
         """Subclass hook: the size/image arguments of the diffusers call."""
-        return {"width": padded(self.params["width"]), "height": padded(self.params["height"])}
+        return {"width": self.padded(self.params["width"]), "height": self.padded(self.params["height"])}
 
     def _postprocess(self, images: list[Image.Image]) -> list[Image.Image]:
         """Subclass hook: crop padding, composite onto the original."""
@@ -268,7 +311,7 @@ class BasePipe:
         flag = self.params.get("vae_tiling")
         if flag is None:
             w, h = self.output_size()
-            return padded(w) * padded(h) > VAE_TILING_PIXELS
+            return self.padded(w) * self.padded(h) > VAE_TILING_PIXELS
         return bool(flag)
 
     def gen(self, inputs: dict[str, Any]) -> ImageList:
@@ -288,7 +331,7 @@ class BasePipe:
         """
         if not self._is_setup:
             self.setup()
-        if tuple(self._loras) != lora_mod.active_state(self.pipe):
+        if self.family.supports_loras and tuple(self._loras) != lora_mod.active_state(self.pipe):
             lora_mod.set_loras(self.pipe, self._loras)  # another pipe object changed the shared set
         callback: StepCallback | None = inputs.get("callback")
         cancel: Callable[[], bool] | None = inputs.get("cancel")
@@ -305,7 +348,7 @@ class BasePipe:
         kwargs.update(num_inference_steps=self.params["steps"], guidance_scale=self.params["guidance_scale"],
                       generator=generator, num_images_per_prompt=batch, output_type="pil")
         if callback is not None or cancel is not None:
-            kwargs["callback_on_step_end"] = self._step_hook(callback, cancel)
+            kwargs["callback_on_step_end"] = self._step_hook(callback, cancel, self._latents_view(kwargs))
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
         self.pipe.vae.use_tiling = self._vae_tiling()
         self._seed_noise_sampler(generator)
@@ -323,13 +366,23 @@ class BasePipe:
             seeds = [g.initial_seed() for g in (generator if isinstance(generator, list) else [generator])]
             self.pipe.scheduler.noise_sampler_seed = seeds if isinstance(generator, list) else seeds[0]
 
+    def _latents_view(self, call_kwargs: dict[str, Any]) -> Callable[[Any, Any], Any]:
+        """``(pipeline, latents) -> [b, c, h, w]`` latents for the step callback (Flux unpacks its patches)."""
+        fam = self.family
+        height = call_kwargs.get("height") or self.padded(self.output_size()[1])
+        width = call_kwargs.get("width") or self.padded(self.output_size()[0])
+        return lambda pipe, latents: fam.step_latents(pipe, latents, height, width)
+
     @staticmethod
-    def _step_hook(callback: StepCallback | None, cancel: Callable[[], bool] | None) -> Callable[..., dict]:
+    def _step_hook(callback: StepCallback | None, cancel: Callable[[], bool] | None,
+                   latents_view: Callable[[Any, Any], Any] = lambda pipe, latents: latents
+                   ) -> Callable[..., dict]:
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
             if cancel is not None and cancel():
                 raise Cancelled(f"cancelled after step {step + 1}")
             if callback is not None:
-                callback(step + 1, int(getattr(pipe, "num_timesteps", 0) or 0), tensors.get("latents"))
+                callback(step + 1, int(getattr(pipe, "num_timesteps", 0) or 0),
+                         latents_view(pipe, tensors.get("latents")))
             return {}
 
         return on_step_end

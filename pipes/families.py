@@ -1,20 +1,22 @@
 """Model families: how each is recognised, which diffusers classes run it, and its per-family data.
 
-A :class:`Family` holds everything that differs between SD 1.x and SDXL (and later Flux,
+A :class:`Family` holds everything that differs between SD 1.x, SDXL and Flux.1 (and later
 Qwen-Image, Z-Image): how a diffusers folder, a single-file checkpoint, a loaded pipeline or
-a ControlNet is recognised as one of its own; the diffusers class of each pipe role; the
-latent-to-RGB preview factors; and metafusion's default ControlNet folders and scales.
+a ControlNet is recognised as one of its own; the diffusers class of each pipe role; which
+component denoises (a UNet or a transformer), the native image size and the size multiple;
+how prompts are encoded; the latent-to-RGB preview factors; and metafusion's default
+ControlNet folders and scales.
 The rest of the pipes ask ``family(model_type)`` instead of comparing model types, so a
 new family is one more entry in ``FAMILIES``.
 
-``ModelType`` stays the user-facing name of a family (``"SD"``, ``"SDXL"``).
+``ModelType`` stays the user-facing name of a family (``"SD"``, ``"SDXL"``, ``"FLUX"``).
 """
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
@@ -26,10 +28,11 @@ logger = logging.getLogger(__name__)
 
 
 class ModelType(str, Enum):
-    """Model family of a base checkpoint (room for ``FLUX`` later)."""
+    """Model family of a base checkpoint."""
 
     SD = "SD"
     SDXL = "SDXL"
+    FLUX = "FLUX"
 
     @classmethod
     def parse(cls, value: "ModelType | str | None") -> "ModelType | None":
@@ -63,6 +66,14 @@ def _frozen(mapping: Mapping[Any, Any]) -> Mapping[Any, Any]:
     return MappingProxyType(dict(mapping))
 
 
+def _unet_native_size(pipe: Any) -> int:
+    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def _same_latents(pipe: Any, latents: Any, height: int, width: int) -> Any:
+    return latents
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family.
@@ -80,6 +91,22 @@ class Family:
         controlnet_folder: metafusion's default ControlNet folder (relative to the working directory).
         controlnet_models: the folder name in it of each condition type's ControlNet (metafusion's).
         controlnet_scales: default ``cscales`` per condition type (metafusion's).
+        denoiser: the pipeline component that denoises (``unet``, ``transformer``); its device and
+            dtype are the pipe's.
+        native_size: ``pipeline -> side in pixels`` of the images the model was trained on.
+        size_multiple: width and height are generated padded up to a multiple of this.
+        weighted_prompts: True when ``prompting.encode_prompts`` (CLIP, A1111 weights, 77-token
+            chunks) encodes this family's prompts; False: diffusers encodes the plain prompt, with
+            the weighting syntax stripped (``prompting.strip_weighting``).
+        negative_prompts: whether the family's text-to-image pipeline uses a negative prompt.
+        supports_loras: whether ``set_loras`` may load LoRA files into this family's models.
+        scheduler_choice: whether ``scheduler``/``timestep_spacing`` may replace the model's own
+            scheduler (the SD schedulers do not run flow-matching models).
+        param_defaults: setup defaults that differ from the spec's for this family.
+        step_latents: ``(pipeline, latents, height, width) -> [b, c, h, w]`` latents as the step
+            callback and the preview expect them (Flux denoises packed 2x2 patches).
+        working_roles: the roles the pipe classes run for this family so far (None: every role in
+            ``pipelines``); a role declared but not working yet is refused with a clear error.
     """
 
     model_type: ModelType
@@ -94,6 +121,16 @@ class Family:
     controlnet_folder: str
     controlnet_models: Mapping[str, str]
     controlnet_scales: Mapping[str, float]
+    denoiser: str = "unet"
+    native_size: Callable[[Any], int] = _unet_native_size
+    size_multiple: int = 8
+    weighted_prompts: bool = True
+    negative_prompts: bool = True
+    supports_loras: bool = True
+    scheduler_choice: bool = True
+    param_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    step_latents: Callable[[Any, Any, int, int], Any] = _same_latents
+    working_roles: frozenset[Role] | None = None
 
     @property
     def name(self) -> str:
@@ -102,6 +139,20 @@ class Family:
     @property
     def latent_channels(self) -> int:
         return len(self.latent_rgb_factors)
+
+    def check_role(self, role: Role | str) -> None:
+        """Refuse a role this family declares but cannot run yet.
+
+        Raises:
+            InvalidValueError: naming the families that run ``role``.
+        """
+        role = Role(role)
+        if role in self.pipelines and (self.working_roles is None or role in self.working_roles):
+            return
+        allowed = ", ".join(f.name for f in FAMILIES if role in f.pipelines and
+                            (f.working_roles is None or role in f.working_roles))
+        raise InvalidValueError(f"{self.name} models do not run {role.value} yet; allowed model types: {allowed}",
+                                "model_type", allowed)
 
     def pipeline_class(self, role: Role | str) -> type:
         """The diffusers class that runs ``role`` for this family.
@@ -128,7 +179,7 @@ def _has_text_time(config: Mapping[str, Any]) -> bool:
 
 
 def _sdxl_folder(folder: Path, unet: dict[str, Any]) -> bool:
-    return _has_text_time(unet) or (folder / "text_encoder_2").is_dir()
+    return bool(unet) and (_has_text_time(unet) or (folder / "text_encoder_2").is_dir())
 
 
 def _sdxl_pipeline(pipe: Any) -> bool:
@@ -155,7 +206,7 @@ SD = Family(
     }),
     # the tiny and most community SD folders have no safety checker; do not ask for one
     folder_load_kwargs=_frozen({"safety_checker": None, "requires_safety_checker": False}),
-    recognises_folder=lambda folder, unet: not _sdxl_folder(folder, unet),
+    recognises_folder=lambda folder, unet: bool(unet) and not _sdxl_folder(folder, unet),
     checkpoint_prefixes=("cond_stage_model.", "model.diffusion_model."),
     recognises_pipeline=_sd_pipeline,
     recognises_controlnet=lambda config: not _has_text_time(config),
@@ -214,9 +265,100 @@ SDXL = Family(
     controlnet_scales=_frozen({**_SD_CSCALES, "qr": 0.5}),
 )
 
+#: the diffusers class of Flux.1's denoiser, as a folder's transformer/config.json names it
+_FLUX_TRANSFORMER = "FluxTransformer2DModel"
+_FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline",
+                   "FluxControlNetImg2ImgPipeline")
+
+
+def _flux_folder(folder: Path, unet: dict[str, Any]) -> bool:
+    if unet:
+        return False
+    index = _read_json(folder / "model_index.json")
+    transformer = _read_json(folder / "transformer" / "config.json")
+    return index.get("_class_name") in _FLUX_PIPELINES or transformer.get("_class_name") == _FLUX_TRANSFORMER
+
+
+def _flux_pipeline(pipe: Any) -> bool:
+    transformer = getattr(pipe, "transformer", None)
+    return transformer is not None and type(transformer).__name__ == _FLUX_TRANSFORMER
+
+
+def _flux_native_size(pipe: Any) -> int:
+    # FluxPipeline's own default: 128 latent pixels, 1024 px for Flux.1's VAE
+    return int(getattr(pipe, "default_sample_size", 128)) * int(pipe.vae_scale_factor)
+
+
+def _flux_step_latents(pipe: Any, latents: Any, height: int, width: int) -> Any:
+    """Flux denoises ``[b, tokens, 4c]`` (2x2 patches); unpack to ``[b, c, h, w]``."""
+    if latents is None or latents.dim() != 3:
+        return latents
+    # as FluxPipeline unpacks them before decoding (its own helper is private): 2x2 patches back to pixels
+    batch, _, channels = latents.shape
+    h = 2 * (int(height) // (pipe.vae_scale_factor * 2))
+    w = 2 * (int(width) // (pipe.vae_scale_factor * 2))
+    latents = latents.view(batch, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch, channels // 4, h, w)
+
+
+FLUX = Family(
+    model_type=ModelType.FLUX,
+    pipelines=_frozen({
+        Role.TEXT2IMAGE: "FluxPipeline",
+        # declared for the next slices; only text-to-image is wired up and tested so far
+        Role.IMAGE2IMAGE: "FluxImg2ImgPipeline",
+        Role.INPAINT: "FluxInpaintPipeline",
+        Role.CONTROLNET: "FluxControlNetPipeline",
+        Role.CONTROLNET_IMAGE2IMAGE: "FluxControlNetImg2ImgPipeline",
+    }),
+    folder_load_kwargs=_frozen({}),
+    recognises_folder=_flux_folder,
+    # single-file Flux checkpoints are recognised by family_of_checkpoint to say "not supported yet"
+    checkpoint_prefixes=(),
+    recognises_pipeline=_flux_pipeline,
+    recognises_controlnet=lambda config: config.get("_class_name") == "FluxControlNetModel",
+    # ComfyUI comfy/latent_formats.py (Flux), for latents normalised as (z - 0.1159) * 0.3611,
+    # which is what diffusers' FluxPipeline denoises too
+    latent_rgb_factors=((-0.0346, 0.0244, 0.0681),
+                        (0.0034, 0.0210, 0.0687),
+                        (0.0275, -0.0668, -0.0433),
+                        (-0.0174, 0.0160, 0.0617),
+                        (0.0859, 0.0721, 0.0329),
+                        (0.0004, 0.0383, 0.0115),
+                        (0.0405, 0.0861, 0.0915),
+                        (-0.0236, -0.0185, -0.0259),
+                        (-0.0245, 0.0250, 0.1180),
+                        (0.1008, 0.0755, -0.0421),
+                        (-0.0515, 0.0201, 0.0011),
+                        (0.0428, -0.0012, -0.0036),
+                        (0.0817, 0.0765, 0.0749),
+                        (-0.1264, -0.0522, -0.1103),
+                        (-0.0280, -0.0881, -0.0499),
+                        (-0.1262, -0.0982, -0.0778)),
+    latent_rgb_bias=(-0.0329, -0.0718, -0.0851),
+    controlnet_folder="",
+    controlnet_models=_frozen({}),
+    controlnet_scales=_frozen({}),
+    denoiser="transformer",
+    native_size=_flux_native_size,
+    # the VAE's 8 times the 2x2 patches the transformer packs
+    size_multiple=16,
+    weighted_prompts=False,
+    # FluxPipeline's guidance is distilled (an input of the transformer), not classifier-free:
+    # a negative prompt would need true_cfg_scale, which this slice does not expose
+    negative_prompts=False,
+    supports_loras=False,
+    scheduler_choice=False,
+    # Flux.1-dev's recommended settings (diffusers' FluxPipeline documentation)
+    param_defaults=_frozen({"guidance_scale": 3.5, "steps": 28}),
+    step_latents=_flux_step_latents,
+    working_roles=frozenset({Role.TEXT2IMAGE}),
+)
+
 #: every supported family, most specific first: detection takes the first that recognises a
-#: model (an SDXL checkpoint also holds SD's tensor names, so SDXL is asked before SD)
-FAMILIES: tuple[Family, ...] = (SDXL, SD)
+#: model (an SDXL checkpoint also holds SD's tensor names, so SDXL is asked before SD; a Flux
+#: folder has a text_encoder_2 as SDXL does, so Flux is asked before SDXL)
+FAMILIES: tuple[Family, ...] = (FLUX, SDXL, SD)
 _BY_TYPE: dict[ModelType, Family] = {f.model_type: f for f in FAMILIES}
 #: what transformer-based models (Flux and later families) look like, to say "not supported yet"
 _TRANSFORMER_FOLDER = "transformer"
@@ -245,23 +387,22 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def family_of_folder(folder: Path) -> Family:
-    """The family of a diffusers folder, from its UNet config and components.
+    """The family of a diffusers folder, from its model_index.json, UNet or transformer config.
 
     Raises:
-        InvalidValueError: a transformer (Flux-like) model, not supported yet.
-        PipeError: not a diffusers folder with a UNet.
+        InvalidValueError: a transformer model of no supported family.
+        PipeError: not a diffusers folder with a UNet or a Flux transformer.
     """
     unet = _read_json(folder / "unet" / "config.json")
-    if not unet:
-        if (folder / _TRANSFORMER_FOLDER).is_dir():
-            raise InvalidValueError(f"{folder} holds a transformer (Flux-like) model, which is not supported "
-                                    f"yet; allowed: {_SUPPORTED}", "model_type", _SUPPORTED)
-        raise PipeError(f"model {folder} is not a diffusers folder with a unet/config.json", "model_id")
     for fam in FAMILIES:
         if fam.recognises_folder(folder, unet):
             return fam
-    raise PipeError(f"model {folder} is a UNet model of no known family; allowed: {_SUPPORTED}", "model_id",
-                    _SUPPORTED)  # pragma: no cover - SD recognises every UNet folder
+    if (folder / _TRANSFORMER_FOLDER).is_dir():
+        found = _read_json(folder / _TRANSFORMER_FOLDER / "config.json").get("_class_name", "no config.json")
+        raise InvalidValueError(f"{folder} holds a transformer model ({found}) of no supported family; "
+                                f"allowed: {_SUPPORTED}", "model_type", _SUPPORTED)
+    raise PipeError(f"model {folder} is not a diffusers folder with a unet/config.json or a Flux transformer",
+                    "model_id")
 
 
 def tensor_names(path: Path) -> list[str]:
@@ -298,8 +439,9 @@ def family_of_checkpoint(path: Path) -> Family:
         if any(k.startswith(fam.checkpoint_prefixes) for k in names):
             return fam
     if any(k.startswith(_TRANSFORMER_TENSORS) for k in names):
-        raise InvalidValueError(f"{path} looks like a Flux checkpoint, not supported yet; allowed: {_SUPPORTED}",
-                                "model_type", _SUPPORTED)
+        raise InvalidValueError(f"{path} looks like a Flux checkpoint; single-file Flux checkpoints are not "
+                                f"supported yet (use a diffusers folder); allowed: SD, SDXL", "model_type",
+                                "SD, SDXL")
     raise PipeError(f"cannot tell the model type of {path}: no {' or '.join(f.name for f in FAMILIES[::-1])} "
                     "tensor names found", "model_id")
 
@@ -308,13 +450,13 @@ def family_of_pipeline(pipe: Any) -> Family:
     """The family of a loaded diffusers pipeline (from its components, not its class name).
 
     Raises:
-        InvalidValueError: a pipeline of no supported family (no UNet).
+        InvalidValueError: a pipeline of no supported family (no UNet, no Flux transformer).
     """
     for fam in FAMILIES:
         if fam.recognises_pipeline(pipe):
             return fam
-    raise InvalidValueError(f"pipeline {type(pipe).__name__} has no UNet; allowed: {_SUPPORTED} pipelines", "pipe",
-                            _SUPPORTED)
+    raise InvalidValueError(f"pipeline {type(pipe).__name__} has no UNet or Flux transformer; allowed: "
+                            f"{_SUPPORTED} pipelines", "pipe", _SUPPORTED)
 
 
 def family_of_controlnet(config: Mapping[str, Any]) -> Family | None:

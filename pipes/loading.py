@@ -108,7 +108,7 @@ def check_declared_type(found: ModelType, declared: "ModelType | str | None", wh
 
 def _check_no_meta(pipe: Any, path: Path) -> None:
     missing = []
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if module is None:
             continue
@@ -133,7 +133,7 @@ def load_base(path: "str | os.PathLike[str]", model_type: "ModelType | str | Non
 
     Returns:
         ``(pipeline, model_type)``: the family's text-to-image pipeline (``StableDiffusionPipeline``,
-        ``StableDiffusionXLPipeline``).
+        ``StableDiffusionXLPipeline``, ``FluxPipeline``; Flux from diffusers folders only).
 
     Raises:
         ModelTypeMismatchError: ``model_type`` disagrees with the weights.
@@ -167,7 +167,11 @@ def load_base(path: "str | os.PathLike[str]", model_type: "ModelType | str | Non
 
 
 def prepare_pipeline(pipe: Any, device: "str | torch.device") -> None:
-    """Move ``pipe`` to ``device``, use PyTorch SDPA attention, hide the progress bars."""
+    """Move ``pipe`` to ``device``, use PyTorch SDPA attention, hide the progress bars.
+
+    A Flux transformer keeps its own attention processors (already SDPA); its VAE is an
+    ``AutoencoderKL`` like SD's and gets the same processor.
+    """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     pipe.to(torch.device(device))

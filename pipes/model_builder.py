@@ -2,9 +2,13 @@
 
 The models have the real architectures (SD 1.x and SDXL shapes, a VAE that
 downsamples by 8, a ControlNet, kohya-style LoRA files, an LDM single-file
-checkpoint) with small, deterministic random weights, so the server and the
-tests run on a fresh machine with no GPU and no network. ``full_size=True``
-writes SD 1.5- and SDXL-shaped random weights for benchmarks on a GPU.
+checkpoint, a Flux.1-shaped transformer model with 16 latent channels) with small,
+deterministic random weights, so the server and the tests run on a fresh machine with
+no GPU and no network. ``full_size=True`` writes SD 1.5- and SDXL-shaped random weights
+for benchmarks on a GPU (Flux stays tiny: a random 12B-parameter Flux is no use).
+
+Models added after a checkout first built its folder are built by ``build_missing_models``
+(only what is missing), so adding one never rebuilds the others.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ SD_LORA = "loras/tiny-sd-lora.safetensors"
 SDXL_LORA = "loras/tiny-sdxl-lora.safetensors"
 SD_SINGLE_FILE = "single/tiny-sd.safetensors"
 SD_SINGLE_CONFIG = "single/tiny-sd-config"
+FLUX_DIR = "tiny-flux"
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,97 @@ def build_controlnet(unet, seed: int = DEFAULT_SEED):
     return cn
 
 
+@dataclass(frozen=True)
+class FluxSizes:
+    """Architecture sizes of a Flux.1-shaped model (the real one: 19 double and 38 single blocks,
+    24 heads of 128, T5-XXL and CLIP-L text encoders, a 16-channel VAE)."""
+
+    heads: int = 2
+    head_dim: int = 16
+    rope_axes: tuple[int, int, int] = (4, 4, 8)  # sums to head_dim, as Flux's (16, 56, 56) sums to 128
+    double_layers: int = 1
+    single_layers: int = 1
+    latent_channels: int = 16
+    vae_channels: tuple[int, ...] = (16, 16, 32, 32)
+    vae_groups: int = 8
+    clip_hidden: int = 32
+    clip_layers: int = 2
+    clip_heads: int = 4
+    clip_inter: int = 64
+    t5_hidden: int = 32
+    t5_layers: int = 2
+    t5_heads: int = 4
+    t5_kv: int = 8
+    t5_inter: int = 64
+
+
+TINY_FLUX = FluxSizes()
+#: Flux.1's VAE normalisation (its vae/config.json): latents = (z - shift) * scale
+FLUX_VAE_SCALE = 0.3611
+FLUX_VAE_SHIFT = 0.1159
+
+
+def make_t5_tokenizer(max_length: int = 512):
+    """A T5-style (SentencePiece Unigram) tokenizer built in code: every printable ASCII character,
+    with and without the word-start mark, plus ``<pad>``, ``</s>`` and ``<unk>``; no download."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def _t5_encoder(s: FluxSizes, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=vocab_size, d_model=s.t5_hidden, d_kv=s.t5_kv, d_ff=s.t5_inter,
+                   num_layers=s.t5_layers, num_heads=s.t5_heads, relative_attention_num_buckets=8,
+                   feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(cfg).eval()
+
+
+def build_flux(seed: int = DEFAULT_SEED, s: FluxSizes = TINY_FLUX):
+    """A Flux.1-dev-shaped FluxPipeline (guidance-distilled: ``guidance_embeds=True``), tiny and random."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tok, tok2 = make_tokenizer(), make_t5_tokenizer()
+    _seeded(seed, 41)
+    te = _text_encoder(s.clip_hidden, s.clip_layers, s.clip_heads, s.clip_inter, len(tok), False, s.clip_hidden)
+    _seeded(seed, 42)
+    te2 = _t5_encoder(s, len(tok2))
+    _seeded(seed, 43)
+    # packed latents: 2x2 patches of the VAE latent, so the transformer sees 4x the latent channels
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * s.latent_channels,
+                                         num_layers=s.double_layers, num_single_layers=s.single_layers,
+                                         attention_head_dim=s.head_dim, num_attention_heads=s.heads,
+                                         joint_attention_dim=s.t5_hidden, pooled_projection_dim=s.clip_hidden,
+                                         guidance_embeds=True, axes_dims_rope=s.rope_axes)
+    _seeded(seed, 44)
+    n = len(s.vae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=s.latent_channels,
+                        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                        block_out_channels=s.vae_channels, layers_per_block=1, norm_num_groups=s.vae_groups,
+                        sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+                        scaling_factor=FLUX_VAE_SCALE, shift_factor=FLUX_VAE_SHIFT)
+    # Flux.1-dev's scheduler config: resolution-dependent shift of the sigmas
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                        tokenizer_2=tok2, transformer=transformer)
+
+
+def build_flux_model(out_dir: str | Path, seed: int = DEFAULT_SEED) -> Path:
+    """Write the tiny Flux model to ``out_dir/FLUX_DIR`` (replacing it) and return its path."""
+    path = Path(out_dir) / FLUX_DIR
+    _replace(path)
+    build_flux(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def _lora_targets(module: torch.nn.Module, prefix: str, kinds: tuple[str, ...]) -> Iterator[tuple[str, torch.nn.Linear]]:
     for name, sub in module.named_modules():
         if isinstance(sub, torch.nn.Linear) and name.rsplit(".", 1)[-1] in kinds:
@@ -327,9 +423,39 @@ def build_default_models(out_dir: str | Path, seed: int = DEFAULT_SEED, full_siz
     _replace(out / SD_SINGLE_CONFIG)
     write_config_folder(sd, out / SD_SINGLE_CONFIG)
 
-    return {"sd": out / SD_DIR, "sdxl": out / SDXL_DIR, "controlnet": out / CONTROLNET_DIR,
-            "sd_lora": out / SD_LORA, "sdxl_lora": out / SDXL_LORA,
-            "sd_single_file": out / SD_SINGLE_FILE, "sd_single_config": out / SD_SINGLE_CONFIG}
+    paths = {"sd": out / SD_DIR, "sdxl": out / SDXL_DIR, "controlnet": out / CONTROLNET_DIR,
+             "sd_lora": out / SD_LORA, "sdxl_lora": out / SDXL_LORA,
+             "sd_single_file": out / SD_SINGLE_FILE, "sd_single_config": out / SD_SINGLE_CONFIG}
+    if not full_size:
+        tick("Flux pipeline")
+        paths["flux"] = build_flux_model(out, seed)
+    return paths
+
+
+#: the models ``build_missing_models`` adds to a folder built before they existed: name -> (folder, builder)
+LATER_MODELS: dict[str, tuple[str, Callable[[Path, int], Path]]] = {
+    "flux": (FLUX_DIR, build_flux_model),
+}
+
+
+def build_missing_models(out_dir: str | Path, seed: int = DEFAULT_SEED,
+                         progress: Progress | None = None) -> dict[str, Path]:
+    """Build the models added after ``out_dir`` was first built, those whose folder is missing.
+
+    ``build_default_models`` writes everything; a checkout whose models are already built (its
+    ``.complete`` marker exists) calls this instead, so a new model never rebuilds the others.
+
+    Returns:
+        The paths of the models built now, by name (empty when nothing was missing).
+    """
+    out = Path(out_dir)
+    tick = progress or (lambda label: None)
+    built: dict[str, Path] = {}
+    for name, (folder, builder) in LATER_MODELS.items():
+        if not (out / folder / "model_index.json").is_file():
+            tick(f"{name} model")
+            built[name] = builder(out, seed)
+    return built
 
 
 def _to(model, dtype: torch.dtype):

@@ -1,9 +1,10 @@
 """Cheap previews: latents to an RGB image by a per-family linear projection, no VAE.
 
 The coefficients are each family's ``latent_rgb_factors``/``latent_rgb_bias`` (see
-``families``; the published factors of ComfyUI ``comfy/latent_formats.py``). They apply to
-the scaled latents the diffusers pipelines denoise. The result has the latent's resolution
-(1/8 of the image per side).
+``families``; the published factors of ComfyUI ``comfy/latent_formats.py``: SD 1.5, SDXL,
+Flux). They apply to the scaled latents the diffusers pipelines denoise (the pipes' step hook
+unpacks Flux's 2x2-packed latents to ``[b, 16, h, w]`` first). The result has the latent's
+resolution (1/8 of the image per side).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def latents_to_rgb(latents: torch.Tensor, model_type: "ModelType | str") -> Imag
 
     Args:
         latents: ``[batch, c, h, w]`` or ``[c, h, w]`` scaled latents (any dtype and device; ``c`` is
-            the family's latent channel count, 4 for SD and SDXL).
+            the family's latent channel count, 4 for SD and SDXL, 16 for Flux).
         model_type: a ``ModelType`` (or its name).
 
     Returns:

@@ -138,6 +138,16 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     return [(str(t), float(w)) for t, w in res]
 
 
+def strip_weighting(text: str) -> str:
+    """The prompt without A1111 weighting syntax: ``"a (red:1.3) [dull] cat"`` -> ``"a red dull cat"``.
+
+    For families whose prompts go to diffusers as plain text (Flux): the weights are dropped, not
+    applied; escaped brackets stay as literal characters and ``BREAK`` becomes a space.
+    """
+    parts = [" " if _is_break(item) else item[0] for item in parse_prompt_attention(text)]
+    return re.sub(r"\s{2,}", " ", "".join(parts)).strip()
+
+
 def _is_break(item: list[Any] | tuple[str, float]) -> bool:
     return item[0] == "BREAK" and item[1] == BREAK_WEIGHT
 

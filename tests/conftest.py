@@ -19,13 +19,18 @@ CONFIG_DIR = ROOT / "config"
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
-    """The default models, built once (scripts/test builds them before pytest starts)."""
+    """The default models, built once (scripts/test builds them before pytest starts); models added
+    since a checkout built its folder (tiny-flux) are built on their own when missing."""
     path = ROOT / "models"
     if not (path / ".complete").exists():
         from multigen.pipes.model_builder import build_default_models
 
         build_default_models(path)
         (path / ".complete").touch()
+    else:
+        from multigen.pipes.model_builder import build_missing_models
+
+        build_missing_models(path)
     return path
 
 

@@ -148,4 +148,5 @@ def test_each_pipe_class_gets_its_family_pipeline(sd_base, models_dir):
             assert type(cls(pipe=base).pipe).__name__ == prefix + kind
     for fam in FAMILIES:  # every role of every family names a diffusers class
         assert {r: fam.pipeline_class(r) for r in Role} == {r: getattr(diffusers, n) for r, n in fam.pipelines.items()}
-        assert len(fam.latent_rgb_factors) == fam.latent_channels == 4
+        assert len(fam.latent_rgb_factors) == fam.latent_channels  # one RGB row per latent channel
+    assert [f.latent_channels for f in FAMILIES if f.model_type in ("SD", "SDXL")] == [4, 4]

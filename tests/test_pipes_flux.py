@@ -1,0 +1,181 @@
+"""Flux.1 text-to-image on the tiny Flux model built offline (models/tiny-flux)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from multigen.pipes import Cancelled, Im2ImPipe, ModelType, Prompt2ImPipe, latents_to_rgb, load_base
+from multigen.pipes.errors import InvalidValueError
+from multigen.pipes.families import FLUX, SD, SDXL, Role, family, family_of_folder, family_of_pipeline
+from multigen.pipes.model_builder import FLUX_DIR, SD_DIR, build_flux_model, build_missing_models
+from multigen.pipes.prompting import strip_weighting
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def flux_base(models_dir):
+    base, kind = load_base(models_dir / FLUX_DIR)
+    assert kind is ModelType.FLUX
+    return base
+
+
+@pytest.fixture()
+def flux(flux_base):
+    pipe = Prompt2ImPipe(pipe=flux_base)
+    pipe.setup(width=72, height=64, steps=2)
+    return pipe
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_tiny_flux_builds_offline_and_only_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = build_flux_model(tmp_path)
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    transformer = json.loads((path / "transformer" / "config.json").read_text())
+    vae = json.loads((path / "vae" / "config.json").read_text())
+    # Flux.1's shapes: 16 latent channels, packed 2x2 into 64 transformer channels, distilled guidance
+    assert transformer["_class_name"] == "FluxTransformer2DModel" and transformer["in_channels"] == 64
+    assert transformer["guidance_embeds"] is True and vae["latent_channels"] == 16
+    assert (path / "tokenizer_2" / "tokenizer.json").is_file()
+    assert family_of_folder(path) is FLUX
+    # an existing folder is left alone; a missing one is built without touching the others
+    (tmp_path / SD_DIR).mkdir()
+    (tmp_path / SD_DIR / "keep.txt").write_text("x")
+    assert build_missing_models(tmp_path) == {}
+    (path / "model_index.json").unlink()
+    assert build_missing_models(tmp_path) == {"flux": path}
+    assert (path / "model_index.json").is_file() and (tmp_path / SD_DIR / "keep.txt").read_text() == "x"
+
+
+def test_family_is_recognised(models_dir, flux_base):
+    assert family_of_folder(models_dir / FLUX_DIR) is FLUX
+    assert family_of_folder(models_dir / "tiny-sdxl") is SDXL and family_of_folder(models_dir / "tiny-sd") is SD
+    assert family_of_pipeline(flux_base) is FLUX and family("flux") is FLUX
+    assert type(flux_base).__name__ == "FluxPipeline"
+    assert FLUX.pipeline_class(Role.TEXT2IMAGE).__name__ == "FluxPipeline"
+    assert FLUX.pipeline_class(Role.IMAGE2IMAGE).__name__ == "FluxImg2ImgPipeline"
+    assert FLUX.latent_channels == 16 and FLUX.denoiser == "transformer"
+    # declared, not working yet: refused with the families that do run it
+    with pytest.raises(InvalidValueError) as e:
+        Im2ImPipe(pipe=flux_base)
+    assert e.value.param == "model_type" and "SD" in e.value.allowed and "FLUX" not in e.value.allowed
+
+
+def test_defaults_follow_the_family(flux_base):
+    pipe = Prompt2ImPipe(pipe=flux_base)
+    defaults = pipe.default_params()
+    assert (defaults["width"], defaults["height"]) == (1024, 1024)  # FluxPipeline's native size
+    assert defaults["guidance_scale"] == 3.5 and defaults["steps"] == 28
+    assert pipe.device.type == "cpu" and pipe.dtype == flux_base.transformer.dtype
+    assert pipe.padded(72) == 80 and pipe.padded(64) == 64
+
+
+def test_makes_an_image_of_the_requested_size(flux):
+    image = flux.gen({"prompt": "a red cat", "seed": 1})
+    assert image.size == (72, 64)
+    assert _pixels(image).std() > 0  # not a flat (black or NaN) image
+    cfg = flux.get_config()
+    assert cfg["model_type"] == "FLUX" and cfg["scheduler_class"] == "FlowMatchEulerDiscreteScheduler"
+    assert (cfg["width"], cfg["height"], cfg["steps"], cfg["seed"]) == (72, 64, 2, 1)
+
+
+def test_model_id_and_pipe_give_the_same_image(models_dir, flux):
+    own = Prompt2ImPipe(models_dir / FLUX_DIR, device="cpu")
+    assert own.model_type is ModelType.FLUX
+    own.setup(width=72, height=64, steps=2)
+    a = own.gen({"prompt": "a red cat", "seed": 5})
+    b = flux.gen({"prompt": "a red cat", "seed": 5})
+    assert np.array_equal(_pixels(a), _pixels(b))
+
+
+def test_a_seed_repeats_and_another_differs(flux):
+    a = _pixels(flux.gen({"prompt": "a lab", "seed": 7}))
+    b = _pixels(flux.gen({"prompt": "a lab", "seed": 7}))
+    c = _pixels(flux.gen({"prompt": "a lab", "seed": 8}))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_guidance_and_prompt_change_the_image(flux):
+    base = _pixels(flux.gen({"prompt": "a lab", "seed": 3}))
+    flux.setup(width=72, height=64, steps=2, guidance_scale=9.0)
+    assert not np.array_equal(base, _pixels(flux.gen({"prompt": "a lab", "seed": 3})))
+    flux.setup(width=72, height=64, steps=2)
+    assert not np.array_equal(base, _pixels(flux.gen({"prompt": "a garden", "seed": 3})))
+
+
+def test_weighting_syntax_is_stripped(flux):
+    assert strip_weighting("a (red:1.3) [dull] cat") == "a red dull cat"
+    assert strip_weighting(r"x BREAK \(y\)") == "x (y)"
+    weighted = _pixels(flux.gen({"prompt": "a (red:1.3) cat", "seed": 2}))
+    plain = _pixels(flux.gen({"prompt": "a red cat", "seed": 2}))
+    assert np.array_equal(weighted, plain)
+    flux.setup(width=72, height=64, steps=2, lpw=False)  # lpw off: the text goes to diffusers as it is
+    assert not np.array_equal(plain, _pixels(flux.gen({"prompt": "a (red:1.3) cat", "seed": 2})))
+
+
+def test_step_callback_once_per_step_with_unpacked_latents(flux):
+    flux.setup(width=72, height=64, steps=3)
+    calls = []
+    flux.gen({"prompt": "a lab", "seed": 1, "callback": lambda step, steps, lat: calls.append((step, steps, lat))})
+    assert [(s, n) for s, n, _ in calls] == [(1, 3), (2, 3), (3, 3)]
+    latents = calls[-1][2]
+    assert tuple(latents.shape) == (1, 16, 64 // 8, 80 // 8)  # padded to 80 wide, the VAE's factor 8
+    preview = latents_to_rgb(latents, "FLUX")
+    assert preview.size == (10, 8) and preview.mode == "RGB"
+
+
+def test_cancel_stops_it(flux):
+    flux.setup(width=72, height=64, steps=4)
+    calls = []
+    with pytest.raises(Cancelled):
+        flux.gen({"prompt": "a lab", "seed": 1, "callback": lambda *a: calls.append(a[0]),
+                  "cancel": lambda: len(calls) >= 1})
+    assert calls == [1]  # one step ran, then the cancel check stopped it
+    with pytest.raises(Cancelled):
+        flux.gen({"prompt": "a lab", "seed": 1, "cancel": lambda: True})
+
+
+def test_parameters_flux_cannot_honour_are_refused(flux, models_dir):
+    for params, name in (({"clip_skip": 1}, "clip_skip"), ({"scheduler": "euler"}, "scheduler"),
+                         ({"timestep_spacing": "trailing"}, "timestep_spacing")):
+        with pytest.raises(InvalidValueError) as e:
+            flux.setup(width=72, height=64, **params)
+        assert e.value.param == name
+    assert flux.params["steps"] == 2  # a refused setup keeps the previous one
+    flux.set_loras([])  # what the service does before every job
+    assert flux.loras == []
+    with pytest.raises(InvalidValueError) as e:
+        flux.set_loras([(str(models_dir / "loras" / "tiny-sd-lora.safetensors"), 1.0)])
+    assert e.value.param == "loras"
+    assert flux.gen({"prompt": "a lab", "seed": 1}).size == (72, 64)
+
+
+def test_single_file_flux_is_still_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(path))
+    with pytest.raises(InvalidValueError) as e:
+        load_base(path, config_dir=tmp_path)
+    assert "not supported yet" in str(e.value) and e.value.param == "model_type"
+
+
+def test_step_latents_unpack_as_the_flux_pipeline_does(flux_base):
+    import torch
+    from diffusers import FluxPipeline
+
+    from multigen.pipes.families import FLUX
+
+    packed = torch.randn(1, (48 // 16) * (64 // 16), 64)
+    ours = FLUX.step_latents(flux_base, packed, 48, 64)
+    theirs = FluxPipeline._unpack_latents(packed, 48, 64, flux_base.vae_scale_factor)  # the reference, in a test
+    assert torch.equal(ours, theirs)
