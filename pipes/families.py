@@ -74,6 +74,16 @@ def _same_latents(pipe: Any, latents: Any, height: int, width: int) -> Any:
     return latents
 
 
+def _vae_factor(folder: Path) -> int:
+    """The VAE's down-sampling of a diffusers folder, from its config (as diffusers computes it)."""
+    vae = _read_json(folder / "vae" / "config.json")
+    return 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def _unet_folder_native_size(folder: Path) -> int:
+    return int(_read_json(folder / "unet" / "config.json")["sample_size"]) * _vae_factor(folder)
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family.
@@ -94,6 +104,8 @@ class Family:
         denoiser: the pipeline component that denoises (``unet``, ``transformer``); its device and
             dtype are the pipe's.
         native_size: ``pipeline -> side in pixels`` of the images the model was trained on.
+        folder_native_size: ``diffusers folder -> side in pixels`` from its configs, without torch
+            (may raise ``KeyError``/``TypeError``/``ValueError`` on incomplete configs).
         size_multiple: width and height are generated padded up to a multiple of this.
         weighted_prompts: True when ``prompting.encode_prompts`` (CLIP, A1111 weights, 77-token
             chunks) encodes this family's prompts; False: diffusers encodes the plain prompt, with
@@ -123,6 +135,7 @@ class Family:
     controlnet_scales: Mapping[str, float]
     denoiser: str = "unet"
     native_size: Callable[[Any], int] = _unet_native_size
+    folder_native_size: Callable[[Path], int] = _unet_folder_native_size
     size_multiple: int = 8
     weighted_prompts: bool = True
     negative_prompts: bool = True
@@ -289,6 +302,11 @@ def _flux_native_size(pipe: Any) -> int:
     return int(getattr(pipe, "default_sample_size", 128)) * int(pipe.vae_scale_factor)
 
 
+def _flux_folder_native_size(folder: Path) -> int:
+    # FluxPipeline's default_sample_size (128) times its VAE's factor, as _flux_native_size
+    return 128 * _vae_factor(folder)
+
+
 def _flux_step_latents(pipe: Any, latents: Any, height: int, width: int) -> Any:
     """Flux denoises ``[b, tokens, 4c]`` (2x2 patches); unpack to ``[b, c, h, w]``."""
     if latents is None or latents.dim() != 3:
@@ -305,7 +323,8 @@ FLUX = Family(
     model_type=ModelType.FLUX,
     pipelines=_frozen({
         Role.TEXT2IMAGE: "FluxPipeline",
-        # declared for the next slices; only text-to-image is wired up and tested so far
+        # text-to-image, image-to-image and inpainting (MaskedIm2ImPipe, InpaintingPipe) run; the
+        # ControlNet roles are declared for a later slice
         Role.IMAGE2IMAGE: "FluxImg2ImgPipeline",
         Role.INPAINT: "FluxInpaintPipeline",
         Role.CONTROLNET: "FluxControlNetPipeline",
@@ -341,6 +360,7 @@ FLUX = Family(
     controlnet_scales=_frozen({}),
     denoiser="transformer",
     native_size=_flux_native_size,
+    folder_native_size=_flux_folder_native_size,
     # the VAE's 8 times the 2x2 patches the transformer packs
     size_multiple=16,
     weighted_prompts=False,
@@ -352,7 +372,7 @@ FLUX = Family(
     # Flux.1-dev's recommended settings (diffusers' FluxPipeline documentation)
     param_defaults=_frozen({"guidance_scale": 3.5, "steps": 28}),
     step_latents=_flux_step_latents,
-    working_roles=frozenset({Role.TEXT2IMAGE}),
+    working_roles=frozenset({Role.TEXT2IMAGE, Role.IMAGE2IMAGE, Role.INPAINT}),
 )
 
 #: every supported family, most specific first: detection takes the first that recognises a
@@ -403,6 +423,16 @@ def family_of_folder(folder: Path) -> Family:
                                 f"allowed: {_SUPPORTED}", "model_type", _SUPPORTED)
     raise PipeError(f"model {folder} is not a diffusers folder with a unet/config.json or a Flux transformer",
                     "model_id")
+
+
+def native_size_of_folder(folder: Path) -> int | None:
+    """The native side in pixels of a diffusers folder's model, asked of its family, from its
+    configs only (torch-free: the service's model list uses it); None when the folder is not one
+    of a supported family or its configs are incomplete."""
+    try:
+        return int(family_of_folder(Path(folder)).folder_native_size(Path(folder)))
+    except (PipeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def tensor_names(path: Path) -> list[str]:

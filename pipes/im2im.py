@@ -1,12 +1,14 @@
 """Image-to-image pipes: ``Im2ImPipe``, ``MaskedIm2ImPipe``, ``InpaintingPipe``.
 
 Input images are converted to RGB (RGBA onto white), scaled (``scale``) or resized
-(``width``/``height``), padded to multiples of 8 by repeating edge pixels, and the output is
-cropped back to the requested size. The masked pipes composite the result onto the original
-with the (blurred) mask, so pixels outside it are exactly the original's.
+(``width``/``height``), padded to the family's size multiple (8 for SD/SDXL, 16 for Flux) by
+repeating edge pixels, and the output is cropped back to the requested size. The masked pipes
+composite the result onto the original with the (blurred) mask, so pixels outside it are exactly
+the original's.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any
@@ -18,7 +20,7 @@ from .base import BasePipe
 from .errors import InvalidValueError, MissingImageError
 from .families import Role
 from .images import (blur_mask, check_image_size, check_same_size, composite, crop, load_image, load_mask,
-                     mask_from_difference, pad_image, padded, scale_image)
+                     mask_from_difference, pad_image, scale_image)
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +69,23 @@ class Im2ImPipe(BasePipe):
         image = self._sized(load_image(source, "image"), merged, given, "image")
         merged["width"], merged["height"] = image.size
         self._input_image = image
-        self._padded_input = pad_image(image)
+        self._padded_input = pad_image(image, self.family.size_multiple)
         self._sources = {"image": source_name(source)}
 
+    def _size_kwargs(self) -> dict[str, Any]:
+        """``width``/``height`` of the padded input, for the diffusers classes that take them (Flux's
+        would otherwise resize the input to its native 1024x1024; SD's img2img takes no size). The
+        ControlNet pipes built on this class call their diffusers classes as before, without them."""
+        if self.ROLE is not Role.IMAGE2IMAGE:
+            return {}
+        params = inspect.signature(type(self.pipe).__call__).parameters
+        if "width" not in params or "height" not in params:
+            return {}
+        w, h = self._padded_input.size
+        return {"width": w, "height": h}
+
     def _call_kwargs(self) -> dict[str, Any]:
-        return {"image": self._padded_input, "strength": self.params["strength"]}
+        return {"image": self._padded_input, "strength": self.params["strength"], **self._size_kwargs()}
 
     def _postprocess(self, images: list[Image.Image]) -> list[Image.Image]:
         return [crop(im, self.output_size()) for im in images]
@@ -118,16 +132,17 @@ class MaskedIm2ImPipe(Im2ImPipe):
         merged["width"], merged["height"] = size
         self._input_image = original
         self._mask = mask
-        self._denoise_mask = pad_image(blur_mask(mask, merged.get("blur", 0)))
+        multiple = self.family.size_multiple
+        self._denoise_mask = pad_image(blur_mask(mask, merged.get("blur", 0)), multiple)
         self._compose_mask = blur_mask(mask, merged.get("blur_compose", merged.get("blur", 0)))
-        self._padded_input = pad_image(painted if painted is not None else original)
+        self._padded_input = pad_image(painted if painted is not None else original, multiple)
         self._sources = {"image": source_name(source), "image_painted": source_name(painted_src),
                          "mask": source_name(mask_src)}
 
     def _call_kwargs(self) -> dict[str, Any]:
         w, h = self._padded_input.size
         return {"image": self._padded_input, "mask_image": self._denoise_mask, "strength": self.params["strength"],
-                "width": padded(w), "height": padded(h)}
+                "width": w, "height": h}
 
     def _postprocess(self, images: list[Image.Image]) -> list[Image.Image]:
         size = self.output_size()

@@ -117,15 +117,17 @@ def check_side(value: Any, param: str) -> int:
     return side
 
 
-def padded(side: int) -> int:
-    """``side`` rounded up to a multiple of ``MULTIPLE``."""
-    return int(math.ceil(side / MULTIPLE) * MULTIPLE)
+def padded(side: int, multiple: int = MULTIPLE) -> int:
+    """``side`` rounded up to a multiple of ``multiple`` (default ``MULTIPLE``; a family's
+    ``size_multiple``: 16 for Flux)."""
+    return int(math.ceil(side / multiple) * multiple)
 
 
-def pad_image(image: Image.Image) -> Image.Image:
-    """Pad right and bottom to multiples of 8 by repeating the edge pixels (no-op if aligned)."""
+def pad_image(image: Image.Image, multiple: int = MULTIPLE) -> Image.Image:
+    """Pad right and bottom to multiples of ``multiple`` (default 8) by repeating the edge pixels
+    (no-op if aligned)."""
     w, h = image.size
-    pw, ph = padded(w), padded(h)
+    pw, ph = padded(w, multiple), padded(h, multiple)
     if (pw, ph) == (w, h):
         return image
     arr = np.asarray(image)

@@ -20,6 +20,9 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 MODELS="$ROOT/models"
 if [ ! -f "$MODELS/.complete" ]; then
-  "$VENV/bin/multigen" models init --dir "$MODELS"
+  "$VENV/bin/multigen" models init --rebuild --dir "$MODELS"
   touch "$MODELS/.complete"
+elif [ ! -f "$MODELS/tiny-flux/model_index.json" ]; then
+  # built before the Flux model existed: add it, leave the others alone
+  "$VENV/bin/multigen" models init --dir "$MODELS"
 fi

@@ -67,7 +67,7 @@ class ModelCatalog:
         return norm
 
     def model_type(self, model: str) -> str | None:
-        """The base model's family (``SD``, ``SDXL``): declared, else detected from its files once."""
+        """The base model's family (``SD``, ``SDXL``, ``FLUX``): declared, else detected from its files once."""
         with self._lock:
             if model not in self._types:
                 self._types[model] = model_type_of(self.models.base[model])

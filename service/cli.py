@@ -14,16 +14,38 @@ from .logs import setup_logging
 log = logging.getLogger("multigen.service.cli")
 
 
+def _built_before(out: Path) -> bool:
+    """Whether ``out`` holds every model the first ``build_default_models`` wrote (the ones
+    ``build_missing_models`` does not add): then only the models added since are built."""
+    from multigen.pipes import model_builder as mb
+
+    folders = (mb.CONTROLNET_DIR, mb.SD_SINGLE_CONFIG)
+    files = (f"{mb.SD_DIR}/model_index.json", f"{mb.SDXL_DIR}/model_index.json", mb.SD_LORA, mb.SDXL_LORA,
+             mb.SD_SINGLE_FILE)
+    return all((out / d).is_dir() for d in folders) and all((out / f).is_file() for f in files)
+
+
 def _models_init(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from multigen.pipes.model_builder import build_default_models
+    from multigen.pipes.model_builder import build_default_models, build_missing_models
 
     if args.dir:
         out = Path(args.dir)
     else:
         out = load_config(args.config, check_models_exist=False).model_dir
+    if not (args.rebuild or args.full_size) and _built_before(out):
+        # a folder built before: add the models added since (tiny-flux), leave the others alone
+        _quiet_libraries()
+        paths = build_missing_models(out, seed=args.seed)
+        print(f"{out}: already built; " + (f"added {', '.join(paths)}" if paths else "nothing missing")
+              + " (--rebuild writes every model again)")
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        return 0
     steps = ["SD pipeline", "SDXL pipeline", "ControlNet", "LoRA files", "single-file checkpoint"]
+    if not args.full_size:
+        steps.append("Flux pipeline")
     with tqdm(total=len(steps), desc="models init", unit="part", file=sys.stderr) as bar:
         def tick(label: str) -> None:
             if bar.n or label != steps[0]:
@@ -92,12 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="manage models")
     msub = m.add_subparsers(dest="models_command", required=True)
-    mi = msub.add_parser("init", help="build the small default models locally (no download)")
+    mi = msub.add_parser("init", help="build the small default models locally (no download); on a folder "
+                                      "built before, only the models added since")
     mi.add_argument("--dir", help="destination (default: model_dir of the config)")
     mi.add_argument("--config", help="config.yaml whose model_dir to use")
     mi.add_argument("--full-size", action="store_true",
                     help="SD 1.5- and SDXL-shaped random weights (GBs; for GPU benchmarks)")
     mi.add_argument("--seed", type=int, default=1234, help="same seed, byte-identical files")
+    mi.add_argument("--rebuild", action="store_true",
+                    help="write every model again, even into a folder built before")
     mi.set_defaults(func=_models_init)
 
     u = sub.add_parser("users", help="manage API users")

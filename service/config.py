@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from multigen.pipes.families import ModelType  # torch-free
+from multigen.pipes.families import ModelType, native_size_of_folder  # torch-free
 
 from .errors import ConfigError
 
@@ -58,19 +57,17 @@ class ModelEntry:
     def native_size(self) -> tuple[int, int] | None:
         """The size the model was trained at: ``defaults`` width/height, else read from its folder's configs.
 
-        A diffusers folder tells it without loading weights (UNet ``sample_size`` times the VAE's
-        down-sampling); a single-file checkpoint does through its ``config`` folder. None when unknown.
+        A diffusers folder tells it without loading weights: its family reads it from the configs
+        (SD/SDXL: UNet ``sample_size`` times the VAE's down-sampling; Flux: 128 latent pixels times
+        it); a single-file checkpoint does through its ``config`` folder. None when unknown.
         """
         if self.defaults.get("width") and self.defaults.get("height"):
             return int(self.defaults["width"]), int(self.defaults["height"])
         folder = self.config if self.path.is_file() else self.path
-        try:
-            unet = json.loads((folder / "unet" / "config.json").read_text())
-            vae = json.loads((folder / "vae" / "config.json").read_text())
-            side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-        except (OSError, TypeError, ValueError, KeyError):
+        if folder is None:
             return None
-        return side, side
+        side = native_size_of_folder(Path(folder))
+        return None if side is None else (side, side)
 
 
 @dataclass

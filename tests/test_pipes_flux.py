@@ -1,4 +1,4 @@
-"""Flux.1 text-to-image on the tiny Flux model built offline (models/tiny-flux)."""
+"""Flux.1 text-to-image, image-to-image and inpainting on the tiny Flux model built offline (models/tiny-flux)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from multigen.pipes import Cancelled, Im2ImPipe, ModelType, Prompt2ImPipe, latents_to_rgb, load_base
+from PIL import Image
+
+from multigen.pipes import (Cancelled, Cond2ImPipe, Im2ImPipe, InpaintingPipe, MaskedIm2ImPipe, ModelType,
+                            Prompt2ImPipe, latents_to_rgb, load_base)
 from multigen.pipes.errors import InvalidValueError
 from multigen.pipes.families import FLUX, SD, SDXL, Role, family, family_of_folder, family_of_pipeline
 from multigen.pipes.model_builder import FLUX_DIR, SD_DIR, build_flux_model, build_missing_models
@@ -63,9 +66,10 @@ def test_family_is_recognised(models_dir, flux_base):
     assert FLUX.pipeline_class(Role.TEXT2IMAGE).__name__ == "FluxPipeline"
     assert FLUX.pipeline_class(Role.IMAGE2IMAGE).__name__ == "FluxImg2ImgPipeline"
     assert FLUX.latent_channels == 16 and FLUX.denoiser == "transformer"
+    assert FLUX.working_roles == {Role.TEXT2IMAGE, Role.IMAGE2IMAGE, Role.INPAINT}
     # declared, not working yet: refused with the families that do run it
     with pytest.raises(InvalidValueError) as e:
-        Im2ImPipe(pipe=flux_base)
+        Cond2ImPipe(pipe=flux_base)
     assert e.value.param == "model_type" and "SD" in e.value.allowed and "FLUX" not in e.value.allowed
 
 
@@ -179,3 +183,112 @@ def test_step_latents_unpack_as_the_flux_pipeline_does(flux_base):
     ours = FLUX.step_latents(flux_base, packed, 48, 64)
     theirs = FluxPipeline._unpack_latents(packed, 48, 64, flux_base.vae_scale_factor)  # the reference, in a test
     assert torch.equal(ours, theirs)
+
+
+# ---- image-to-image and inpainting --------------------------------------------------------------
+
+PROMPT = {"prompt": "a watercolour landscape", "seed": 3}
+#: the part the masked tests redraw (left, top, right, bottom; right and bottom excluded)
+BOX = (20, 16, 44, 40)
+
+
+def _noise_image(width: int = 72, height: int = 64) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _box_mask(size: tuple[int, int], box: tuple[int, int, int, int] = BOX) -> Image.Image:
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[box[1]:box[3], box[0]:box[2]] = 255
+    return Image.fromarray(mask, mode="L")
+
+
+def _unchanged_region(size: tuple[int, int], box: tuple[int, int, int, int], blur: float) -> np.ndarray:
+    """Farther than a blur's reach (3 r + 2 pixels) from ``box``: computed from the test's own mask
+    as tests/test_pipes_im2im.py does, not from the pipe's."""
+    margin = int(3 * blur + 2)
+    keep = np.ones((size[1], size[0]), bool)
+    left, top, right, bottom = box
+    keep[max(0, top - margin):bottom + margin, max(0, left - margin):right + margin] = False
+    return keep
+
+
+def test_im2im_size_seed_and_strength(flux_base):
+    src = _noise_image(72, 68)  # neither side a multiple of 16: padded for the model, cropped back
+    pipe = Im2ImPipe(pipe=flux_base)
+    assert type(pipe.pipe).__name__ == "FluxImg2ImgPipeline"
+    pipe.setup(image=src, steps=4, strength=0.5)
+    a, b = pipe.gen(PROMPT)[0], pipe.gen(PROMPT)[0]
+    assert a.size == (72, 68) and np.array_equal(_pixels(a), _pixels(b))
+    assert not np.array_equal(_pixels(a), _pixels(pipe.gen({**PROMPT, "seed": 4})[0]))
+    pipe.setup(image=src, steps=4, strength=1.0)
+    full = _pixels(pipe.gen(PROMPT)[0])
+    assert not np.array_equal(full, _pixels(a))
+    cfg = pipe.get_config()
+    assert cfg["model_type"] == "FLUX" and cfg["strength"] == 1.0 and cfg["pipe"] == "Im2ImPipe"
+    pipe.setup(image=src, steps=2, strength=0.5, width=96, height=80)  # width/height resize the input
+    assert pipe.gen(PROMPT)[0].size == (96, 80)
+
+
+def test_im2im_steps_follow_strength_and_latents_unpack(flux_base):
+    pipe = Im2ImPipe(pipe=flux_base)
+    pipe.setup(image=_noise_image(72, 64), steps=4, strength=0.5)
+    calls = []
+    pipe.gen({**PROMPT, "callback": lambda step, steps, lat: calls.append((step, steps, tuple(lat.shape)))})
+    # half the steps run; the latents are the padded input's (80x64), not Flux's native 1024x1024
+    assert calls == [(1, 2, (1, 16, 8, 10)), (2, 2, (1, 16, 8, 10))]
+    with pytest.raises(Cancelled):
+        pipe.gen({**PROMPT, "cancel": lambda: True})
+    with pytest.raises(InvalidValueError) as e:
+        pipe.setup(image=_noise_image(), steps=2, strength=0.2)  # no step would run
+    assert e.value.param == "strength"
+
+
+def test_masked_im2im_keeps_unmasked_pixels(flux_base):
+    original = _noise_image(72, 64)
+    pipe = MaskedIm2ImPipe(pipe=flux_base)
+    assert type(pipe.pipe).__name__ == "FluxInpaintPipeline"
+    pipe.setup(image=original, mask=_box_mask(original.size), steps=4, strength=0.8, blur=2, blur_compose=2)
+    out = pipe.gen(PROMPT)[0]
+    assert out.size == original.size
+    keep = _unchanged_region(original.size, BOX, blur=2)
+    assert np.array_equal(_pixels(out)[keep], _pixels(original)[keep])
+    inside = (slice(BOX[1], BOX[3]), slice(BOX[0], BOX[2]))
+    assert np.abs(_pixels(out)[inside] - _pixels(original)[inside]).mean() > 5  # the box was redrawn
+    assert np.array_equal(_pixels(out), _pixels(pipe.gen(PROMPT)[0]))  # a seed repeats its image
+    pipe.setup(image=original, mask=_box_mask(original.size), steps=4, strength=0.4, blur=2, blur_compose=2)
+    weaker = pipe.gen(PROMPT)[0]
+    assert not np.array_equal(_pixels(weaker), _pixels(out))
+    assert np.array_equal(_pixels(weaker)[keep], _pixels(original)[keep])
+
+
+def test_masked_im2im_from_a_painted_copy(flux_base):
+    original = _noise_image(72, 64)
+    arr = np.asarray(original).copy()
+    arr[BOX[1]:BOX[3], BOX[0]:BOX[2]] = (0, 255, 0)
+    pipe = MaskedIm2ImPipe(pipe=flux_base)
+    pipe.setup(original_image=original, image_painted=Image.fromarray(arr), steps=2, strength=0.5,
+               blur=0, blur_compose=0)
+    out = pipe.gen(PROMPT)[0]
+    keep = _unchanged_region(original.size, BOX, blur=0)
+    assert out.size == (72, 64) and np.array_equal(_pixels(out)[keep], _pixels(original)[keep])
+
+
+def test_inpainting_changes_mostly_the_masked_region(flux_base):
+    original = _noise_image(80, 64)
+    pipe = InpaintingPipe(pipe=flux_base)
+    pipe.setup(image=original, mask=_box_mask(original.size), steps=2, blur=3)
+    assert pipe.params["strength"] == 1.0  # InpaintingPipe draws the masked part from noise
+    out = pipe.gen(PROMPT)[0]
+    assert out.size == (80, 64)
+    diff = np.abs(_pixels(out) - _pixels(original)).sum(axis=2)
+    keep = _unchanged_region(original.size, BOX, blur=3)
+    assert (diff[keep] == 0).all()
+    inside = np.zeros_like(keep)
+    inside[BOX[1]:BOX[3], BOX[0]:BOX[2]] = True
+    assert (diff[inside] > 0).mean() > 0.9 and diff[~inside].sum() < diff[inside].sum()
+    assert np.array_equal(_pixels(out), _pixels(pipe.gen(PROMPT)[0]))
+    assert not np.array_equal(_pixels(out), _pixels(pipe.gen({**PROMPT, "seed": 9})[0]))
+    with pytest.raises(Exception) as e:
+        pipe.setup(image=original, steps=2)  # no mask
+    assert getattr(e.value, "param", None) == "mask"
