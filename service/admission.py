@@ -81,7 +81,7 @@ def _expected_size(catalog: ModelCatalog, model: str, params: dict[str, Any]) ->
     the model's native size and the spec's default steps (an estimate for image pipes that size from
     their input)."""
     defaults = catalog.defaults(model)
-    native = catalog.models.base[model].native_size() or (512, 512)
+    native = catalog.native_size(model) or (512, 512)
     steps = params.get("steps") or defaults.get("steps") or STEPS.default
     width = params.get("width") or defaults.get("width") or native[0]
     height = params.get("height") or defaults.get("height") or native[1]

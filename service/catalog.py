@@ -40,6 +40,7 @@ class ModelCatalog:
         self.model_dir = model_dir
         self.pipe_factory: PipeFactory = pipe_factory or registry_pipe_class
         self._types: dict[str, str | None] = {}
+        self._sizes: dict[str, tuple[int, int] | None] = {}
         self._lock = threading.Lock()
 
     def check_session(self, user: Any, project: Any, pipe: Any, model: Any, loras: Any) -> list[dict[str, Any]]:
@@ -72,6 +73,13 @@ class ModelCatalog:
             if model not in self._types:
                 self._types[model] = model_type_of(self.models.base[model])
             return self._types[model]
+
+    def native_size(self, model: str) -> tuple[int, int] | None:
+        """The model's native (width, height), read from its files once (None when unknown)."""
+        with self._lock:
+            if model not in self._sizes:
+                self._sizes[model] = self.models.base[model].native_size()
+            return self._sizes[model]
 
     def pipe(self, name: str) -> PipeEntry:
         return self.models.pipes[name]

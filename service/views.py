@@ -48,10 +48,21 @@ def metafusion_session_info(session: dict[str, Any], next_job: dict[str, Any] | 
 def job_event_view(rec: JobRecord, done: int, position: int | None, live: RunningJob | None = None) -> dict[str, Any]:
     """What a job event carries: ids, state and progress, never prompts or parameters (an event is
     copied to every subscriber and kept in the replay history; clients fetch the job for the rest)."""
-    view = job_view(rec, [], position, live)
+    progress, eta = _progress(rec, done, live)
     return {"id": rec.id, "session_id": rec.session_id, "state": rec.state, "count": rec.count, "done": done,
-            "position": view["position"], "progress": view["progress"], "eta_seconds": view["eta_seconds"],
-            "error": rec.error, "device": rec.device, "url": f"/api/v1/jobs/{rec.id}"}
+            "position": position if rec.state == JobState.QUEUED else None, "progress": progress,
+            "eta_seconds": eta, "error": rec.error, "device": rec.device, "url": f"/api/v1/jobs/{rec.id}"}
+
+
+def _progress(rec: JobRecord, done: int, live: RunningJob | None) -> tuple[dict[str, Any], float | None]:
+    """A job's progress and ETA: live while it runs, else derived from its state and written images."""
+    if live is not None and rec.state == JobState.RUNNING:
+        return dict(live.progress), live.eta_seconds
+    finished = rec.state == JobState.SUCCEEDED
+    steps = rec.params.get("steps") or 0
+    progress = {"step": steps if finished else 0, "steps": steps, "image": done,
+                "fraction": 1.0 if finished else round(done / rec.count, 4) if rec.count else 0.0}
+    return progress, 0.0 if finished else None
 
 
 def job_view(rec: JobRecord, images: list[ImageRecord], position: int | None,
@@ -60,15 +71,7 @@ def job_view(rec: JobRecord, images: list[ImageRecord], position: int | None,
     state = rec.state
     count = rec.count
     done = len(images)
-    if live is not None and state == JobState.RUNNING:
-        progress = dict(live.progress)
-        eta = live.eta_seconds
-    else:
-        finished = state == JobState.SUCCEEDED
-        steps = rec.params.get("steps") or 0
-        progress = {"step": steps if finished else 0, "steps": steps, "image": done,
-                    "fraction": 1.0 if finished else round(done / count, 4) if count else 0.0}
-        eta = 0.0 if finished else None
+    progress, eta = _progress(rec, done, live)
     return {"id": rec.id, "session_id": rec.session_id, "user": rec.user, "state": state,
             "position": position if state == JobState.QUEUED else None, "count": count, "done": done,
             "seeds": rec.seeds, "prompt": rec.prompt, "negative_prompt": rec.negative_prompt,

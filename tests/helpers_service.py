@@ -219,6 +219,14 @@ def fake_service(tmp: Path, devices: list[str] | None = None, start: bool = True
         svc.store.close()
 
 
+def open_fake_session(svc: ServiceThread, user: str = "alice", project: str = "p1", pipe: str = "prompt2image",
+                      model: str = "m1", loras: Any = None) -> str:
+    """Open a session on a fake service (its models.yaml: :data:`FAKE_MODELS_YAML`); returns its id."""
+    res = svc.open_session(user, project, pipe, model, loras)
+    assert "session_id" in res, res
+    return res["session_id"]
+
+
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.01) -> Any:
     """Poll ``predicate`` until it returns a true value; fail after ``timeout`` seconds."""
     end = time.monotonic() + timeout
