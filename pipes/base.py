@@ -20,7 +20,7 @@ from PIL import Image
 from . import lora as lora_mod
 from . import spec as specs
 from .errors import Cancelled, InvalidValueError, UnknownParameterError
-from .families import Family, Role, family
+from .families import FAMILIES, Family, Role, family
 from .imagelist import ImageList
 from .loading import ModelType, check_declared_type, dtype_name, load_base, pipeline_type
 
@@ -124,6 +124,7 @@ class BasePipe:
         self._loras: list[lora_mod.LoraSpec] = []
         self.params: dict[str, Any] = {}
         self._last_inputs: dict[str, Any] = {}
+        self._warnings: list[str] = []
         self._is_setup = False
 
     # ---- construction hooks -------------------------------------------------------------
@@ -215,15 +216,25 @@ class BasePipe:
     def _check_family_params(self, p: dict[str, Any]) -> None:
         """Refuse parameters the model's family cannot honour (rather than ignore them silently)."""
         fam = self.family
-        if not fam.weighted_prompts and p.get("clip_skip"):
-            raise InvalidValueError(f"clip_skip {p['clip_skip']} is not supported for {fam.name} models; "
-                                    "allowed: 0", "clip_skip", "0")
-        if not fam.scheduler_choice:
-            for name in ("scheduler", "timestep_spacing"):
-                if p.get(name) is not None:
-                    raise InvalidValueError(f"{name} {p[name]!r} is not supported for {fam.name} models (they "
-                                            "run their own flow-matching scheduler); allowed: leave it out",
-                                            name, "leave it out")
+        if fam.encode_prompt is not None or not fam.weighted_prompts:
+            if p.get("clip_skip"):
+                raise InvalidValueError(f"clip_skip {p['clip_skip']} is not supported for {fam.name} models; "
+                                        "allowed: 0", "clip_skip", "0")
+        for param in specs.FAMILY_PARAMS:
+            if p.get(param.name) is not None and param.name not in fam.params:
+                takes = ", ".join(f.name for f in FAMILIES if param.name in f.params)
+                raise InvalidValueError(f"{param.name} is not supported for {fam.name} models; allowed: leave it "
+                                        f"out (model types that take it: {takes})", param.name, "leave it out")
+        if fam.schedulers is not None:
+            if p.get("timestep_spacing") is not None:
+                raise InvalidValueError(f"timestep_spacing {p['timestep_spacing']!r} is not supported for {fam.name} "
+                                        "models (flow-matching); allowed: leave it out", "timestep_spacing",
+                                        "leave it out")
+            name = p.get("scheduler")
+            if name is not None and name not in fam.schedulers:
+                allowed = ", ".join(fam.schedulers) or "leave it out (the model's own flow-matching scheduler)"
+                raise InvalidValueError(f"scheduler {name!r} is not supported for {fam.name} models; allowed: "
+                                        f"{allowed}", "scheduler", allowed)
 
     def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
         """Subclass hook: validate and preprocess pipe-specific parameters and images."""
@@ -275,15 +286,18 @@ class BasePipe:
         return (gens if isinstance(seed, (list, tuple)) else gens[0]), seeds
 
     def _prompt_kwargs(self, prompt: str, negative_prompt: str | None) -> dict[str, Any]:
-        if not self.family.weighted_prompts:
-            # diffusers encodes the plain text (Flux: CLIP and T5); with lpw on, the weighting syntax
-            # is stripped so that "(red:1.3)" reads as "red", not as brackets and digits
-            from .prompting import strip_weighting
-
-            text = strip_weighting(prompt) if self.params["lpw"] else prompt
-            kwargs: dict[str, Any] = {"prompt": text}
-            if self.family.negative_prompts and negative_prompt:
-                kwargs["negative_prompt"] = strip_weighting(negative_prompt) if self.params["lpw"] else negative_prompt
+        fam = self.family
+        if not fam.negative_prompts and negative_prompt:
+            self._warn(f"the negative prompt is not used by {fam.name} models")
+            negative_prompt = None
+        if fam.encode_prompt is not None:
+            return fam.encode_prompt(self, prompt, negative_prompt)
+        if not fam.weighted_prompts:
+            # diffusers encodes the plain text; with lpw on, the weighting syntax is stripped so that
+            # "(red:1.3)" reads as "red", not as brackets and digits, and the job says so
+            kwargs: dict[str, Any] = {"prompt": self._stripped(prompt)}
+            if negative_prompt:
+                kwargs["negative_prompt"] = self._stripped(negative_prompt)
             return kwargs
         clip_skip = self.params["clip_skip"]
         from .prompting import encode_prompts
@@ -293,6 +307,28 @@ class BasePipe:
         plain = {} if self.params["lpw"] else {"parse_weights": False, "max_chunks": 1}
         return encode_prompts(self.pipe, prompt, negative_prompt, self.model_type, clip_skip=clip_skip,
                               device=self.device, **plain)
+
+    def _stripped(self, text: str) -> str:
+        """``text`` without the weighting syntax (with ``lpw`` on), and a warning when there was some."""
+        from .prompting import strip_weighting
+
+        if not self.params["lpw"]:
+            return text
+        plain = strip_weighting(text)
+        if plain != text:
+            self._warn(f"prompt weighting is not applied on {self.family.name} models: the syntax was removed")
+        return plain
+
+    def _warn(self, message: str) -> None:
+        """Record something the last ``gen`` could not honour (``get_config()["warnings"]``)."""
+        if message not in self._warnings:
+            logger.info("%s: %s", type(self).__name__, message)
+            self._warnings.append(message)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the last ``gen`` could not honour as asked (prompt weighting removed, ...)."""
+        return list(self._warnings)
 
     def _call_kwargs(self) -> dict[str, Any]:
         """Subclass hook: the size/image arguments of the diffusers call."""
@@ -341,7 +377,10 @@ class BasePipe:
         negative = inputs.get("negative_prompt") or ""
         generator, seeds = self._generators(inputs)
         batch = len(generator) if isinstance(generator, list) else 1
+        self._warnings = []
         kwargs = self._call_kwargs()
+        # the family's own parameters (true_cfg_scale, max_sequence_length) go to diffusers by name
+        kwargs.update({name: self.params[name] for name in self.family.params if self.params.get(name) is not None})
         # an empty negative prompt is None to the encoder: SDXL models with force_zeros_for_empty_prompt
         # then use zero embeddings, as diffusers does
         kwargs.update(self._prompt_kwargs(prompt, negative or None))
@@ -429,6 +468,8 @@ class BasePipe:
         for key in ("prompt", "negative_prompt", "seed"):
             if key in self._last_inputs:
                 cfg[key] = self._last_inputs[key]
+        if self._warnings:
+            cfg["warnings"] = list(self._warnings)
         cfg.update(self._extra_config())
         return cfg
 

@@ -13,17 +13,24 @@ Models added after a checkout first built its folder are built by ``build_missin
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 from .ldm_layout import diffusers_to_ldm
+from .tiny import TINY_MODELS
+from .tiny.common import (DEFAULT_SEED, byte_tokenizer_parts, clip_text_encoder, linear_lora_tensors, linears,
+                          make_t5_tokenizer, make_tokenizer, replace_path, seeded)
+from .tiny.flux import FLUX_DIR, build_flux, build_flux_model
 
-DEFAULT_SEED = 1234
+__all__ = ["DEFAULT_SEED", "build_default_models", "build_missing_models", "build_sd", "build_sdxl",
+           "build_controlnet", "build_lora", "build_flux", "build_flux_model", "byte_tokenizer_parts",
+           "make_tokenizer", "make_t5_tokenizer", "write_config_folder", "FLUX_DIR"]
+#: the former private names (tests read them)
+_text_encoder, _seeded, _replace = clip_text_encoder, seeded, replace_path
 
 #: names of what ``build_default_models`` writes, relative to its folder
 SD_DIR = "tiny-sd"
@@ -33,7 +40,6 @@ SD_LORA = "loras/tiny-sd-lora.safetensors"
 SDXL_LORA = "loras/tiny-sdxl-lora.safetensors"
 SD_SINGLE_FILE = "single/tiny-sd.safetensors"
 SD_SINGLE_CONFIG = "single/tiny-sd-config"
-FLUX_DIR = "tiny-flux"
 
 
 @dataclass(frozen=True)
@@ -73,41 +79,6 @@ FULL_SDXL = Sizes(unet_channels=(320, 640, 1280), unet_layers=2, unet_heads=(5, 
                   transformer_layers=(1, 2, 10), vae_channels=(128, 256, 512, 512), vae_layers=2,
                   vae_groups=32, te_hidden=768, te_layers=12, te_heads=12, te_inter=3072,
                   te2_hidden=1280, te2_layers=32, te2_heads=20, te2_inter=5120, time_embed_dim=256)
-
-
-def byte_tokenizer_parts() -> tuple[dict[str, int], list[str]]:
-    """A CLIP BPE vocabulary of the 256 byte symbols (and their ``</w>`` forms), no merges."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for s in symbols:
-        vocab[s] = len(vocab)
-    for s in symbols:
-        vocab[s + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab, []
-
-
-def make_tokenizer():
-    from transformers import CLIPTokenizer
-
-    vocab, merges = byte_tokenizer_parts()
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
-def _text_encoder(hidden: int, layers: int, heads: int, inter: int, vocab_size: int,
-                  projection: bool, projection_dim: int):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         max_position_embeddings=77, projection_dim=projection_dim,
-                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-                         hidden_act="quick_gelu")
-    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
-    return model.eval()
 
 
 def _vae(s: Sizes):
@@ -165,21 +136,17 @@ def _sdxl_unet(s: Sizes, cross_dim: int, pooled_dim: int):
                                 norm_num_groups=s.groups)
 
 
-def _seeded(seed: int, offset: int) -> None:
-    torch.manual_seed(seed * 1000 + offset)
-
-
 def build_sd(seed: int = DEFAULT_SEED, full_size: bool = False):
     """An SD 1.x-shaped StableDiffusionPipeline with deterministic random weights."""
     from diffusers import StableDiffusionPipeline
 
     s = FULL_SD if full_size else TINY_SD
     tok = make_tokenizer()
-    _seeded(seed, 1)
-    te = _text_encoder(s.te_hidden, s.te_layers, s.te_heads, s.te_inter, len(tok), False, s.te_hidden)
-    _seeded(seed, 2)
+    seeded(seed, 1)
+    te = clip_text_encoder(s.te_hidden, s.te_layers, s.te_heads, s.te_inter, len(tok), False, s.te_hidden)
+    seeded(seed, 2)
     unet = _sd_unet(s, s.te_hidden)
-    _seeded(seed, 3)
+    seeded(seed, 3)
     vae = _vae(s)
     return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                                    scheduler=_scheduler(), safety_checker=None,
@@ -192,13 +159,13 @@ def build_sdxl(seed: int = DEFAULT_SEED, full_size: bool = False):
 
     s = FULL_SDXL if full_size else TINY_SDXL
     tok, tok2 = make_tokenizer(), make_tokenizer()
-    _seeded(seed, 11)
-    te = _text_encoder(s.te_hidden, s.te_layers, s.te_heads, s.te_inter, len(tok), False, s.te_hidden)
-    _seeded(seed, 12)
-    te2 = _text_encoder(s.te2_hidden, s.te2_layers, s.te2_heads, s.te2_inter, len(tok2), True, s.te2_hidden)
-    _seeded(seed, 13)
+    seeded(seed, 11)
+    te = clip_text_encoder(s.te_hidden, s.te_layers, s.te_heads, s.te_inter, len(tok), False, s.te_hidden)
+    seeded(seed, 12)
+    te2 = clip_text_encoder(s.te2_hidden, s.te2_layers, s.te2_heads, s.te2_inter, len(tok2), True, s.te2_hidden)
+    seeded(seed, 13)
     unet = _sdxl_unet(s, s.te_hidden + s.te2_hidden, s.te2_hidden)
-    _seeded(seed, 14)
+    seeded(seed, 14)
     vae = _vae(s)
     return StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
                                      tokenizer_2=tok2, unet=unet, scheduler=_scheduler(),
@@ -209,7 +176,7 @@ def build_controlnet(unet, seed: int = DEFAULT_SEED):
     """A ControlNet matching ``unet``, its zero-initialised output layers randomised."""
     from diffusers import ControlNetModel
 
-    _seeded(seed, 21)
+    seeded(seed, 21)
     cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64, 128)
                                    if unet.config.block_out_channels[0] < 320 else (16, 32, 96, 256))
     with torch.no_grad():
@@ -220,111 +187,6 @@ def build_controlnet(unet, seed: int = DEFAULT_SEED):
     return cn
 
 
-@dataclass(frozen=True)
-class FluxSizes:
-    """Architecture sizes of a Flux.1-shaped model (the real one: 19 double and 38 single blocks,
-    24 heads of 128, T5-XXL and CLIP-L text encoders, a 16-channel VAE)."""
-
-    heads: int = 2
-    head_dim: int = 16
-    rope_axes: tuple[int, int, int] = (4, 4, 8)  # sums to head_dim, as Flux's (16, 56, 56) sums to 128
-    double_layers: int = 1
-    single_layers: int = 1
-    latent_channels: int = 16
-    vae_channels: tuple[int, ...] = (16, 16, 32, 32)
-    vae_groups: int = 8
-    clip_hidden: int = 32
-    clip_layers: int = 2
-    clip_heads: int = 4
-    clip_inter: int = 64
-    t5_hidden: int = 32
-    t5_layers: int = 2
-    t5_heads: int = 4
-    t5_kv: int = 8
-    t5_inter: int = 64
-
-
-TINY_FLUX = FluxSizes()
-#: Flux.1's VAE normalisation (its vae/config.json): latents = (z - shift) * scale
-FLUX_VAE_SCALE = 0.3611
-FLUX_VAE_SHIFT = 0.1159
-
-
-def make_t5_tokenizer(max_length: int = 512):
-    """A T5-style (SentencePiece Unigram) tokenizer built in code: every printable ASCII character,
-    with and without the word-start mark, plus ``<pad>``, ``</s>`` and ``<unk>``; no download."""
-    import string
-
-    from transformers import T5Tokenizer
-
-    chars = [c for c in string.printable if not c.isspace()]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
-
-
-def _t5_encoder(s: FluxSizes, vocab_size: int):
-    from transformers import T5Config, T5EncoderModel
-
-    cfg = T5Config(vocab_size=vocab_size, d_model=s.t5_hidden, d_kv=s.t5_kv, d_ff=s.t5_inter,
-                   num_layers=s.t5_layers, num_heads=s.t5_heads, relative_attention_num_buckets=8,
-                   feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    return T5EncoderModel(cfg).eval()
-
-
-def build_flux(seed: int = DEFAULT_SEED, s: FluxSizes = TINY_FLUX):
-    """A Flux.1-dev-shaped FluxPipeline (guidance-distilled: ``guidance_embeds=True``), tiny and random."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    tok, tok2 = make_tokenizer(), make_t5_tokenizer()
-    _seeded(seed, 41)
-    te = _text_encoder(s.clip_hidden, s.clip_layers, s.clip_heads, s.clip_inter, len(tok), False, s.clip_hidden)
-    _seeded(seed, 42)
-    te2 = _t5_encoder(s, len(tok2))
-    _seeded(seed, 43)
-    # packed latents: 2x2 patches of the VAE latent, so the transformer sees 4x the latent channels
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * s.latent_channels,
-                                         num_layers=s.double_layers, num_single_layers=s.single_layers,
-                                         attention_head_dim=s.head_dim, num_attention_heads=s.heads,
-                                         joint_attention_dim=s.t5_hidden, pooled_projection_dim=s.clip_hidden,
-                                         guidance_embeds=True, axes_dims_rope=s.rope_axes)
-    _seeded(seed, 44)
-    n = len(s.vae_channels)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=s.latent_channels,
-                        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                        block_out_channels=s.vae_channels, layers_per_block=1, norm_num_groups=s.vae_groups,
-                        sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
-                        scaling_factor=FLUX_VAE_SCALE, shift_factor=FLUX_VAE_SHIFT)
-    # Flux.1-dev's scheduler config: resolution-dependent shift of the sigmas
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
-                        tokenizer_2=tok2, transformer=transformer)
-
-
-def build_flux_model(out_dir: str | Path, seed: int = DEFAULT_SEED) -> Path:
-    """Write the tiny Flux model to ``out_dir/FLUX_DIR`` (replacing it) and return its path."""
-    path = Path(out_dir) / FLUX_DIR
-    _replace(path)
-    build_flux(seed).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def _lora_targets(module: torch.nn.Module, prefix: str, kinds: tuple[str, ...]) -> Iterator[tuple[str, torch.nn.Linear]]:
-    for name, sub in module.named_modules():
-        if isinstance(sub, torch.nn.Linear) and name.rsplit(".", 1)[-1] in kinds:
-            yield prefix + name.replace(".", "_"), sub
-
-
-def _lora_tensors(name: str, lin: torch.nn.Linear, rank: int, alpha: float, gen: torch.Generator,
-                  scale: float) -> dict[str, torch.Tensor]:
-    down = torch.randn(rank, lin.in_features, generator=gen) * scale
-    up = torch.randn(lin.out_features, rank, generator=gen) * scale
-    return {f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up.contiguous(),
-            f"{name}.alpha": torch.tensor(float(alpha))}
-
-
 def build_lora(pipe, seed: int = DEFAULT_SEED, rank: int = 4) -> dict[str, torch.Tensor]:
     """A kohya/A1111-style LoRA state dict for ``pipe`` (UNet attention and text-encoder attention)."""
     gen = torch.Generator("cpu").manual_seed(seed * 1000 + 31)
@@ -333,15 +195,16 @@ def build_lora(pipe, seed: int = DEFAULT_SEED, rank: int = 4) -> dict[str, torch
     te_kinds = ("q_proj", "k_proj", "v_proj", "out_proj")
     for name, sub in pipe.unet.named_modules():
         if isinstance(sub, torch.nn.Linear) and (name.endswith(".to_out.0") or name.rsplit(".", 1)[-1] in unet_kinds):
-            out.update(_lora_tensors("lora_unet_" + name.replace(".", "_"), sub, rank, rank, gen, 0.3))
+            out.update(linear_lora_tensors("lora_unet_" + name.replace(".", "_"), sub, rank, rank, gen, 0.3))
     encoders = [("lora_te_", pipe.text_encoder)]
     if getattr(pipe, "text_encoder_2", None) is not None:
         encoders = [("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)]
     for prefix, te in encoders:
         # kohya names always start text_model_, whether or not transformers nests a text_model
-        for name, sub in _lora_targets(te, "", te_kinds):
+        for dotted, sub in linears(te, te_kinds):
+            name = dotted.replace(".", "_")
             kohya = name if name.startswith("text_model_") else "text_model_" + name
-            out.update(_lora_tensors(prefix + kohya, sub, rank, rank, gen, 0.3))
+            out.update(linear_lora_tensors(prefix + kohya, sub, rank, rank, gen, 0.3))
     return out
 
 
@@ -396,19 +259,19 @@ def build_default_models(out_dir: str | Path, seed: int = DEFAULT_SEED, full_siz
 
     tick("SD pipeline")
     sd = build_sd(seed, full_size)
-    _replace(out / SD_DIR)
+    replace_path(out / SD_DIR)
     _to(sd, dtype).save_pretrained(out / SD_DIR, **variant_kwargs)
 
     tick("SDXL pipeline")
     sdxl = build_sdxl(seed, full_size)
-    _replace(out / SDXL_DIR)
+    replace_path(out / SDXL_DIR)
     _to(sdxl, dtype).save_pretrained(out / SDXL_DIR, **variant_kwargs)
     sdxl_lora = build_lora(sdxl, seed)
     del sdxl
 
     tick("ControlNet")
     cn = build_controlnet(sd.unet, seed)
-    _replace(out / CONTROLNET_DIR)
+    replace_path(out / CONTROLNET_DIR)
     _to(cn, dtype).save_pretrained(out / CONTROLNET_DIR, **variant_kwargs)
     del cn
 
@@ -420,22 +283,21 @@ def build_default_models(out_dir: str | Path, seed: int = DEFAULT_SEED, full_siz
     tick("single-file checkpoint")
     (out / "single").mkdir(exist_ok=True)
     save_file(_cast(diffusers_to_ldm(sd), dtype), str(out / SD_SINGLE_FILE))
-    _replace(out / SD_SINGLE_CONFIG)
+    replace_path(out / SD_SINGLE_CONFIG)
     write_config_folder(sd, out / SD_SINGLE_CONFIG)
 
     paths = {"sd": out / SD_DIR, "sdxl": out / SDXL_DIR, "controlnet": out / CONTROLNET_DIR,
              "sd_lora": out / SD_LORA, "sdxl_lora": out / SDXL_LORA,
              "sd_single_file": out / SD_SINGLE_FILE, "sd_single_config": out / SD_SINGLE_CONFIG}
     if not full_size:
-        tick("Flux pipeline")
-        paths["flux"] = build_flux_model(out, seed)
+        for model in TINY_MODELS:
+            tick(f"{model.name} model")
+            paths[model.name] = model.build(out, seed)
     return paths
 
 
 #: the models ``build_missing_models`` adds to a folder built before they existed: name -> (folder, builder)
-LATER_MODELS: dict[str, tuple[str, Callable[[Path, int], Path]]] = {
-    "flux": (FLUX_DIR, build_flux_model),
-}
+LATER_MODELS: dict[str, tuple[str, Callable[[Path, int], Path]]] = {m.name: (m.folder, m.build) for m in TINY_MODELS}
 
 
 def build_missing_models(out_dir: str | Path, seed: int = DEFAULT_SEED,
@@ -464,10 +326,3 @@ def _to(model, dtype: torch.dtype):
 
 def _cast(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
-
-
-def _replace(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()

@@ -28,7 +28,7 @@ from .parameters import Param, ParamSet, ParamType, PipeSpec
 __all__ = [
     "Param", "ParamSet", "ParamType", "PipeSpec", "PIPE_SPECS", "JOB", "LORA_WEIGHT", "COMMON", "MAX_IMAGES",
     "DRAWN_SEED_MAX", "CONDITION_TYPES", "IMAGE_PARAM_NAMES", "MAX_PROMPT_CHARS", "MAX_GRAMMAR_DEPTH",
-    "MAX_GRAMMAR_ITEMS", "MAX_LORAS", "apply_limits", "spec_from_names",
+    "MAX_GRAMMAR_ITEMS", "MAX_LORAS", "FAMILY_PARAMS", "apply_limits", "spec_from_names",
 ]
 
 # ---- the declarations ------------------------------------------------------------------------------
@@ -60,8 +60,17 @@ LPW = Param("lpw", ParamType.BOOL, "prompt weighting `(word:1.3)` and prompts lo
 VAE_TILING_PIXELS = 1536 * 1536
 VAE_TILING = Param("vae_tiling", ParamType.BOOL, "decode in tiles (large images, less memory); default: "
                    f"automatic, for images of more than {VAE_TILING_PIXELS} pixels", nullable=True)
+#: parameters only some model families take (each family lists its own in ``Family.params``); passed
+#: to the diffusers call under their own names; another family refuses them with a 400
+TRUE_CFG_SCALE = Param("true_cfg_scale", ParamType.FLOAT, "real classifier-free guidance with the negative "
+                       "prompt (Flux, Qwen-Image; above 1 it runs two passes a step); default: the family's",
+                       minimum=1.0, maximum=100.0, nullable=True)
+MAX_SEQUENCE_LENGTH = Param("max_sequence_length", ParamType.INT, "most prompt tokens the T5/LLM text encoder "
+                            "reads (Flux, Qwen-Image, Z-Image); default: the family's", minimum=1, maximum=1024,
+                            unit="tokens", nullable=True)
+FAMILY_PARAMS: tuple[Param, ...] = (TRUE_CFG_SCALE, MAX_SEQUENCE_LENGTH)
 COMMON: tuple[Param, ...] = (WIDTH, HEIGHT, STEPS, GUIDANCE_SCALE, CLIP_SKIP, SCHEDULER, TIMESTEP_SPACING, LPW,
-                             VAE_TILING)
+                             VAE_TILING) + FAMILY_PARAMS
 
 IMAGE = Param("image", ParamType.IMAGE, "the input image")
 CONDITION_IMAGES = Param("image", ParamType.IMAGE, "the condition images, one per ControlNet", many=True,

@@ -170,7 +170,7 @@ def test_single_file_flux_is_still_refused(tmp_path):
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(path))
     with pytest.raises(InvalidValueError) as e:
         load_base(path, config_dir=tmp_path)
-    assert "not supported yet" in str(e.value) and e.value.param == "model_type"
+    assert "takes no single-file checkpoints" in str(e.value) and e.value.param == "model_type"
 
 
 def test_step_latents_unpack_as_the_flux_pipeline_does(flux_base):

@@ -1,0 +1,229 @@
+"""What every model family declares: :class:`Family`, the pipe roles, and helpers the family modules share.
+
+One module per family (``sd.py``, ``sdxl.py``, ``flux.py``, ...) builds one :class:`Family`;
+``families/__init__.py`` lists them in detection order and derives :class:`ModelType` from
+their names. Torch-free: diffusers is imported only when a pipeline class is asked for.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from ..errors import InvalidValueError
+
+
+class Role(str, Enum):
+    """What a pipe class does; each family names the diffusers class that does it."""
+
+    TEXT2IMAGE = "text2image"
+    IMAGE2IMAGE = "image2image"
+    INPAINT = "inpaint"
+    CONTROLNET = "controlnet"
+    CONTROLNET_IMAGE2IMAGE = "controlnet_image2image"
+    #: instruction editing ("make the sky red"), a model made for it (Qwen-Image-Edit)
+    EDIT = "edit"
+
+
+def frozen(mapping: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    """A read-only copy of ``mapping``."""
+    return MappingProxyType(dict(mapping))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's object, or ``{}`` when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def vae_factor(folder: Path) -> int:
+    """The VAE's down-sampling of a diffusers folder, from its config (as diffusers computes it)."""
+    vae = read_json(folder / "vae" / "config.json")
+    if "temperal_downsample" in vae:  # Qwen-Image's video-shaped VAE: 2 ** len(temperal_downsample)
+        return 2 ** len(vae["temperal_downsample"])
+    return 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def folder_classes(folder: Path, component: str) -> tuple[str, str]:
+    """``(pipeline class, component class)`` a diffusers folder names in model_index.json and the
+    component's config.json (``""`` where missing)."""
+    index = read_json(folder / "model_index.json")
+    comp = read_json(folder / component / "config.json")
+    return str(index.get("_class_name", "")), str(comp.get("_class_name", ""))
+
+
+def unet_native_size(pipe: Any) -> int:
+    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def unet_folder_native_size(folder: Path) -> int:
+    return int(read_json(folder / "unet" / "config.json")["sample_size"]) * vae_factor(folder)
+
+
+def same_latents(pipe: Any, latents: Any, height: int, width: int) -> Any:
+    return latents
+
+
+def unpack_2x2(pipe: Any, latents: Any, height: int, width: int) -> Any:
+    """Latents packed as 2x2 patches ``[b, tokens, 4c]`` (Flux, Qwen-Image) unpacked to ``[b, c, h, w]``,
+    as those pipelines unpack them before decoding (their own helpers are private)."""
+    if latents is None or latents.dim() != 3:
+        return latents
+    batch, _, channels = latents.shape
+    h = 2 * (int(height) // (pipe.vae_scale_factor * 2))
+    w = 2 * (int(width) // (pipe.vae_scale_factor * 2))
+    latents = latents.view(batch, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch, channels // 4, h, w)
+
+
+#: Flux-style flow-matching schedulers: no scheduler choice, so none is listed
+NO_SCHEDULERS: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family.
+
+    Attributes:
+        name: its user-facing name, the value of its :class:`ModelType` (``"SD"``, ``"FLUX"``).
+        title: how people write it (``"Qwen-Image"``).
+        pipelines: the diffusers class name of each role it runs.
+        folder_load_kwargs: extra ``from_pretrained`` arguments for a diffusers folder.
+        recognises_folder: ``(folder, unet_config) -> bool`` for a diffusers folder.
+        checkpoint_prefixes: tensor-name prefixes that mark a single-file checkpoint as this family.
+        recognises_pipeline: ``pipeline -> bool`` for a loaded diffusers pipeline.
+        recognises_controlnet: ``controlnet_config -> bool``: the ControlNet fits this family.
+        latent_rgb_factors: ``channels x 3`` latent-to-RGB projection of the previews.
+        latent_rgb_bias: the 3 offsets added after it.
+        controlnet_folder: metafusion's default ControlNet folder (relative to the working directory).
+        controlnet_models: the folder name in it of each condition type's ControlNet (metafusion's).
+        controlnet_scales: default ``cscales`` per condition type (metafusion's).
+        controlnet_class: the diffusers class of this family's ControlNet models (loading them).
+        multi_controlnet_class: the diffusers class that runs several of them together (None: a list).
+        denoiser: the pipeline component that denoises (``unet``, ``transformer``); its device and
+            dtype are the pipe's.
+        native_size: ``pipeline -> side in pixels`` of the images the model was trained on.
+        folder_native_size: ``diffusers folder -> side in pixels`` from its configs, without torch
+            (may raise ``KeyError``/``TypeError``/``ValueError`` on incomplete configs).
+        aspect_sizes: ``(width, height)`` of the resolutions it was trained on, native side first.
+        size_multiple: width and height are generated padded up to a multiple of this.
+        weighted_prompts: whether ``(word:1.3)`` weighting is honoured for this family.
+        encode_prompt: the family's own prompt encoder: ``(pipe_object, prompt, negative) ->
+            diffusers call kwargs`` (embeddings); None: ``prompting.encode_prompts`` (CLIP, A1111
+            weights, 77-token chunks) when ``weighted_prompts``, else diffusers encodes the plain
+            prompt, the weighting syntax stripped and a warning recorded.
+        negative_prompts: whether the family's pipelines use a negative prompt.
+        params: the family-only parameters of the spec (``spec.FAMILY_PARAMS``) it takes; they are
+            passed to the diffusers call under their own names.
+        supports_loras: whether ``set_loras`` may load LoRA files into this family's models.
+        lora_components: the components LoRA adapters live in (for the active set and removal).
+        schedulers: the scheduler names (``schedulers.py``) that may replace the model's own;
+            ``None``: every SD-style scheduler.
+        param_defaults: setup defaults that differ from the spec's for this family.
+        step_latents: ``(pipeline, latents, height, width) -> [b, c, h, w]`` latents as the step
+            callback and the preview expect them (Flux denoises packed 2x2 patches).
+        working_roles: the roles the pipe classes run for this family so far (None: every role in
+            ``pipelines``); a role declared but not working yet is refused with a clear error.
+        single_file_class: the diffusers class that loads a single-file denoiser of this family
+            into a config folder (None: the whole pipeline loads with ``from_single_file``).
+    """
+
+    name: str
+    title: str
+    pipelines: Mapping[Role, str]
+    folder_load_kwargs: Mapping[str, Any]
+    recognises_folder: Callable[[Path, dict[str, Any]], bool]
+    checkpoint_prefixes: tuple[str, ...]
+    recognises_pipeline: Callable[[Any], bool]
+    recognises_controlnet: Callable[[Mapping[str, Any]], bool]
+    latent_rgb_factors: tuple[tuple[float, float, float], ...]
+    latent_rgb_bias: tuple[float, float, float]
+    controlnet_folder: str = ""
+    controlnet_models: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    controlnet_scales: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    controlnet_class: str = "ControlNetModel"
+    multi_controlnet_class: str | None = None
+    denoiser: str = "unet"
+    native_size: Callable[[Any], int] = unet_native_size
+    folder_native_size: Callable[[Path], int] = unet_folder_native_size
+    aspect_sizes: tuple[tuple[int, int], ...] = ()
+    size_multiple: int = 8
+    weighted_prompts: bool = True
+    encode_prompt: Callable[[Any, str, str | None], dict[str, Any]] | None = None
+    negative_prompts: bool = True
+    params: frozenset[str] = frozenset()
+    supports_loras: bool = True
+    lora_components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
+    schedulers: tuple[str, ...] | None = None
+    param_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    step_latents: Callable[[Any, Any, int, int], Any] = same_latents
+    working_roles: frozenset[Role] | None = None
+    single_file_class: str | None = None
+
+    @property
+    def model_type(self) -> Any:
+        """This family's :class:`ModelType` member."""
+        from . import ModelType
+
+        return ModelType(self.name)
+
+    @property
+    def latent_channels(self) -> int:
+        return len(self.latent_rgb_factors)
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        """The roles this family runs now, in declaration order."""
+        return tuple(r for r in self.pipelines if self.working_roles is None or r in self.working_roles)
+
+    @property
+    def scheduler_choice(self) -> bool:
+        """Whether a ``scheduler`` parameter may replace the model's own."""
+        return self.schedulers is None or bool(self.schedulers)
+
+    def runs(self, role: Role | str) -> bool:
+        return Role(role) in self.roles
+
+    def check_role(self, role: Role | str) -> None:
+        """Refuse a role this family does not run.
+
+        Raises:
+            InvalidValueError: naming the families that run ``role``.
+        """
+        if self.runs(role):
+            return
+        from . import FAMILIES
+
+        allowed = ", ".join(f.name for f in FAMILIES if f.runs(role))
+        raise InvalidValueError(f"{self.name} models do not run {Role(role).value}; allowed model types: {allowed}",
+                                "model_type", allowed)
+
+    def pipeline_class(self, role: Role | str) -> type:
+        """The diffusers class that runs ``role`` for this family (also for a role declared but not run yet).
+
+        Raises:
+            InvalidValueError: the family has no pipeline for this role.
+        """
+        if Role(role) not in self.pipelines:
+            self.check_role(role)
+        import diffusers
+
+        return getattr(diffusers, self.pipelines[Role(role)])
+
+    def default_cscale(self, ctype: str) -> float:
+        """The default conditioning scale of ``ctype`` (1.0 for types metafusion has none for)."""
+        return float(self.controlnet_scales.get(ctype, 1.0))
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /api/v1/models`` says of the family: name, tasks, its own parameters, sizes."""
+        return {"name": self.name, "title": self.title, "roles": [r.value for r in self.roles],
+                "params": sorted(self.params), "loras": self.supports_loras,
+                "negative_prompt": self.negative_prompts, "prompt_weighting": self.weighted_prompts,
+                "schedulers": None if self.schedulers is None else list(self.schedulers),
+                "aspect_sizes": [list(s) for s in self.aspect_sizes]}
