@@ -19,8 +19,8 @@ from .errors import InvalidValueError, PipeError
 
 logger = logging.getLogger(__name__)
 
-#: attribute on the shared UNet recording the active set, so pipe objects can tell whether
-#: another one changed it since
+#: attribute on the shared denoiser (UNet or transformer) recording the active set, so pipe objects can
+#: tell whether another one changed it since
 STATE_ATTR = "_multigen_active_loras"
 
 LoraSpec = tuple[str, float]
@@ -69,10 +69,15 @@ def loaded_adapters(pipe: Any) -> set[str]:
     return {name for names in listed.values() for name in names}
 
 
+def _denoiser(pipe: Any) -> Any:
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 def active_state(pipe: Any) -> tuple[LoraSpec, ...] | None:
     """The LoRA set last activated on ``pipe``'s shared modules (by any pipe object); None when
     unknown (a load failed half-way), so that the next ``set_loras`` applies its set in full."""
-    return getattr(pipe.unet, STATE_ATTR, ())
+    return getattr(_denoiser(pipe), STATE_ATTR, ())
 
 
 def _load(pipe: Any, path: str, name: str) -> None:
@@ -119,11 +124,11 @@ def set_loras(pipe: Any, loras: "Sequence[Any] | None") -> list[LoraSpec]:
     if not specs:
         if present:
             pipe.disable_lora()
-        setattr(pipe.unet, STATE_ATTR, ())
+        setattr(_denoiser(pipe), STATE_ATTR, ())
         return specs
     # loading an adapter activates it alone: until set_adapters below has run, the recorded state
     # is stale, so a load that fails half-way must not leave it claiming the old set is active
-    setattr(pipe.unet, STATE_ATTR, None)
+    setattr(_denoiser(pipe), STATE_ATTR, None)
     names = []
     for path, _ in specs:
         name = adapter_name(path)
@@ -132,7 +137,7 @@ def set_loras(pipe: Any, loras: "Sequence[Any] | None") -> list[LoraSpec]:
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[w for _, w in specs])
     pipe.enable_lora()
-    setattr(pipe.unet, STATE_ATTR, tuple(specs))
+    setattr(_denoiser(pipe), STATE_ATTR, tuple(specs))
     return specs
 
 
@@ -145,12 +150,12 @@ def unload_loras(pipe: Any, paths: "Iterable[str] | None" = None) -> None:
     if paths is None:
         if present:
             pipe.unload_lora_weights()
-        setattr(pipe.unet, STATE_ATTR, ())
+        setattr(_denoiser(pipe), STATE_ATTR, ())
         return
     names = [adapter_name(p) for p in paths]
     doomed = [n for n in names if n in present]
     if doomed:
         pipe.delete_adapters(doomed)
     state = tuple(s for s in active_state(pipe) or () if adapter_name(s[0]) not in names)
-    setattr(pipe.unet, STATE_ATTR, ())
+    setattr(_denoiser(pipe), STATE_ATTR, ())
     set_loras(pipe, list(state))
