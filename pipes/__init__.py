@@ -8,7 +8,14 @@ does not load torch, so the service and the API read the spec without it.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+# torchao (quantize: int8/fp8) warns on import, on every CPU-only machine, that its CUDA kernels do not load,
+# diffusers then that "torchao Tensor objects" cannot be imported, and torch that torchao registers enums the
+# old way: harmless, noise in every log
+for _name in ("torchao", "diffusers.quantizers.torchao.torchao_quantizer", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 from .errors import (Cancelled, InvalidValueError, MaskSizeError, MissingConditionModelError, MissingImageError,
                      ModelTypeMismatchError, PipeError, SizeError, UnknownParameterError, UnknownSchedulerError)
@@ -20,7 +27,7 @@ _LAZY = {
     "Cfgen": ".cfgen", "GenSession": ".gensession", "latents_to_rgb": ".preview", "list_schedulers": ".schedulers",
     "ModelType": ".loading", "default_dtype": ".loading", "load_base": ".loading",
     "Prompt2ImPipe": ".prompt2im", "Im2ImPipe": ".im2im", "MaskedIm2ImPipe": ".im2im", "InpaintingPipe": ".im2im",
-    "Cond2ImPipe": ".controlnet", "CIm2ImPipe": ".controlnet",
+    "Cond2ImPipe": ".controlnet", "CIm2ImPipe": ".controlnet", "Edit2ImPipe": ".edit",
 }
 
 
@@ -43,5 +50,5 @@ __all__ = [
     "default_dtype", "UnknownSchedulerError", "SizeError", "MissingImageError", "MaskSizeError",
     "ModelTypeMismatchError", "MissingConditionModelError", "UnknownParameterError", "InvalidValueError",
     "Param", "ParamSet", "ParamType", "PipeSpec", "apply_limits", "pipe_class", "pipe_spec", "pipe_names",
-    "UnknownPipeClassError",
+    "UnknownPipeClassError", "Edit2ImPipe",
 ]

@@ -20,9 +20,10 @@ from PIL import Image
 from . import lora as lora_mod
 from . import spec as specs
 from .errors import Cancelled, InvalidValueError, UnknownParameterError
-from .families import FAMILIES, Family, Role, family
+from .families import Family, Role, family
 from .imagelist import ImageList
 from .loading import ModelType, check_declared_type, dtype_name, load_base, pipeline_type
+from .memory import execution_device
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class BasePipe:
         self.model_type: ModelType = found
         self.model_id = str(model_id) if model_id is not None else str(base.config.get("_name_or_path") or "")
         denoiser = getattr(base, self.family.denoiser)  # the UNet or the transformer
-        self.device = denoiser.device
+        self.device = execution_device(base, denoiser)  # the GPU an offloaded base computes on
         self.dtype = denoiser.dtype
         self._init_extra(controlnets=controlnets, ctypes=ctypes, condition_models=condition_models)
         self._scheduler_config = dict(base.scheduler.config)
@@ -145,6 +146,7 @@ class BasePipe:
 
     def _build_pipeline(self, base: Any, scheduler: Any, role: Role | None = None, **extra: Any) -> Any:
         cls = self._pipeline_class(role)
+        extra = {**self.family.role_components(base, role or self.ROLE), **extra}  # e.g. Qwen-Image-Edit's processor
         # dtype must be given: from_pipe casts the (shared) modules to fp32 otherwise
         with quiet_diffusers():
             return cls.from_pipe(base, scheduler=scheduler, dtype=self.dtype, **extra)
@@ -214,27 +216,9 @@ class BasePipe:
         self._check_family_params(p)
 
     def _check_family_params(self, p: dict[str, Any]) -> None:
-        """Refuse parameters the model's family cannot honour (rather than ignore them silently)."""
-        fam = self.family
-        if fam.encode_prompt is not None or not fam.weighted_prompts:
-            if p.get("clip_skip"):
-                raise InvalidValueError(f"clip_skip {p['clip_skip']} is not supported for {fam.name} models; "
-                                        "allowed: 0", "clip_skip", "0")
-        for param in specs.FAMILY_PARAMS:
-            if p.get(param.name) is not None and param.name not in fam.params:
-                takes = ", ".join(f.name for f in FAMILIES if param.name in f.params)
-                raise InvalidValueError(f"{param.name} is not supported for {fam.name} models; allowed: leave it "
-                                        f"out (model types that take it: {takes})", param.name, "leave it out")
-        if fam.schedulers is not None:
-            if p.get("timestep_spacing") is not None:
-                raise InvalidValueError(f"timestep_spacing {p['timestep_spacing']!r} is not supported for {fam.name} "
-                                        "models (flow-matching); allowed: leave it out", "timestep_spacing",
-                                        "leave it out")
-            name = p.get("scheduler")
-            if name is not None and name not in fam.schedulers:
-                allowed = ", ".join(fam.schedulers) or "leave it out (the model's own flow-matching scheduler)"
-                raise InvalidValueError(f"scheduler {name!r} is not supported for {fam.name} models; allowed: "
-                                        f"{allowed}", "scheduler", allowed)
+        """Refuse parameters the model's family cannot honour (rather than ignore them silently); the
+        service's queue-time checks ask the family the same (``Family.check_params``)."""
+        self.family.check_params(p)
 
     def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
         """Subclass hook: validate and preprocess pipe-specific parameters and images."""
@@ -287,6 +271,10 @@ class BasePipe:
 
     def _prompt_kwargs(self, prompt: str, negative_prompt: str | None) -> dict[str, Any]:
         fam = self.family
+        unused = fam.negative_unused(self.params) if negative_prompt and fam.negative_prompts else None
+        if unused:  # settings under which the pipeline would drop it silently (guidance off)
+            self._warn(f"the negative prompt is not used by {fam.name} models {unused}")
+            negative_prompt = None
         if not fam.negative_prompts and negative_prompt:
             self._warn(f"the negative prompt is not used by {fam.name} models")
             negative_prompt = None
@@ -329,6 +317,10 @@ class BasePipe:
     def warnings(self) -> list[str]:
         """What the last ``gen`` could not honour as asked (prompt weighting removed, ...)."""
         return list(self._warnings)
+
+    def warn(self, message: str) -> None:
+        """``_warn`` for the family prompt encoders (a prompt cut at ``max_sequence_length``, ...)."""
+        self._warn(message)
 
     def _call_kwargs(self) -> dict[str, Any]:
         """Subclass hook: the size/image arguments of the diffusers call."""
@@ -386,6 +378,7 @@ class BasePipe:
         kwargs.update(self._prompt_kwargs(prompt, negative or None))
         kwargs.update(num_inference_steps=self.params["steps"], guidance_scale=self.params["guidance_scale"],
                       generator=generator, num_images_per_prompt=batch, output_type="pil")
+        kwargs = self.family.finish_call(self, kwargs)  # Qwen-Image: guidance_scale goes as true_cfg_scale
         if callback is not None or cancel is not None:
             kwargs["callback_on_step_end"] = self._step_hook(callback, cancel, self._latents_view(kwargs))
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]

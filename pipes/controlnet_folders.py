@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from .errors import MissingConditionModelError
-from .families import Family
+from .families import FAMILIES, Family
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +40,20 @@ def default_controlnet_path(fam: Family, ctype: str, owner: str = "ControlNet pi
         An existing diffusers ControlNet folder (with a ``config.json``).
 
     Raises:
-        MissingConditionModelError: the family has no default ControlNet for ``ctype``, or its
-            folder is missing; the message names the folder looked for and how to configure one.
+        MissingConditionModelError: the family has no default ControlNet folders (Flux), none for
+            ``ctype``, or its folder is missing; the message names the folder looked for and how to
+            configure one.
     """
     root = controlnet_root()
     how = (f"pass controlnets={{{ctype!r}: <ControlNet folder>}} (or a list in the order of ctypes), or, in the "
            f"service, list the ControlNet under `controlnet:` in models.yaml and name it in the pipe entry "
            f"(`controlnet: {{{ctype}: <name>}}`)")
+    if not fam.controlnet_folder or not fam.controlnet_models:
+        having = ", ".join(f"{f.name} (./{f.controlnet_folder}/)" for f in FAMILIES if f.controlnet_models)
+        raise MissingConditionModelError(
+            f"{owner} has no ControlNet for ctypes {ctype!r}: {fam.name} models have no default ControlNet "
+            f"folders (metafusion has them for {having}); {how}", "controlnets",
+            "controlnets= or models.yaml controlnet:")
     name = fam.controlnet_models.get(ctype)
     if name is None:
         known = ", ".join(sorted(fam.controlnet_models))

@@ -78,7 +78,7 @@ class Im2ImPipe(BasePipe):
         ControlNet pipes built on this class call their diffusers classes as before, without them."""
         if self.ROLE is not Role.IMAGE2IMAGE:
             return {}
-        params = inspect.signature(type(self.pipe).__call__).parameters
+        params = inspect.signature(self._pipeline_class().__call__).parameters
         if "width" not in params or "height" not in params:
             return {}
         w, h = self._padded_input.size
@@ -152,6 +152,11 @@ class MaskedIm2ImPipe(Im2ImPipe):
     def mask(self) -> Image.Image:
         """The mask (mode L, 255 = redraw) before blurring."""
         return self._mask
+
+    @property
+    def denoise_mask(self) -> Image.Image:
+        """The mask the diffusers pipeline denoises with: blurred by ``blur``, padded to the size multiple."""
+        return self._denoise_mask
 
 
 class InpaintingPipe(MaskedIm2ImPipe):

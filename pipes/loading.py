@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from . import memory
 from .errors import InvalidValueError, ModelTypeMismatchError, PipeError
-from .families import ModelType, Role, family, family_of_checkpoint, family_of_folder, family_of_pipeline
+from .families import (Family, ModelType, Role, family, family_of_checkpoint, family_of_folder,
+                       family_of_pipeline)
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +120,112 @@ def _check_no_meta(pipe: Any, path: Path) -> None:
         raise PipeError(f"checkpoint {path} lacks {len(missing)} weights: {shown}", "model_id")
 
 
+def check_config_dir(config_dir: "str | os.PathLike[str] | None", fam: Family, path: Path) -> Path:
+    """The config folder of a single-file checkpoint: a local diffusers folder of the checkpoint's family.
+
+    Raises:
+        PipeError: ``config_dir`` is missing, not a diffusers folder, or one of another family.
+    """
+    allowed = f"a local diffusers folder of a {fam.name} model"
+    if config_dir is None or not Path(config_dir).expanduser().is_dir():
+        raise PipeError(f"config_dir is needed to load the single-file checkpoint {path} offline: a local "
+                        f"diffusers folder with the JSON configs and tokenizers (got {config_dir!r})",
+                        "config_dir", allowed)
+    folder = Path(config_dir).expanduser()
+    try:
+        other = family_of_folder(folder)
+    except PipeError as exc:
+        raise InvalidValueError(f"config_dir {str(folder)!r} is not a diffusers folder of a {fam.name} model "
+                                f"({exc}); allowed: {allowed}", "config_dir", allowed) from exc
+    if other is not fam:
+        raise InvalidValueError(f"config_dir {str(folder)!r} holds a {other.name} model's configs, but {path} is a "
+                                f"{fam.name} checkpoint; allowed: {allowed}", "config_dir", allowed)
+    return folder
+
+
+def check_denoiser_tensors(weights: dict[str, Any], denoiser_class: type, folder: Path, subfolder: str,
+                           path: Path) -> None:
+    """Refuse converted weights whose tensor names differ from the config folder's denoiser (a schnell
+    file with a dev config): ``from_single_file`` would otherwise run diffusers' own conversion on them.
+
+    Raises:
+        PipeError: naming the tensors that are missing or left over.
+    """
+    config = denoiser_class.load_config(str(folder), subfolder=subfolder, local_files_only=True)
+    with torch.device("meta"):  # the names only: no memory for weights
+        expected = set(denoiser_class.from_config(config).state_dict())
+    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or extra:
+        shown = ", ".join((missing or extra)[:6]) + (" ..." if len(missing or extra) > 6 else "")
+        raise PipeError(f"the checkpoint {path} does not fit the {subfolder} config of config_dir {str(folder)!r}: "
+                        f"{len(missing)} tensors missing, {len(extra)} left over ({shown}); allowed: the config "
+                        "folder of the same model (dev and schnell differ)", "config_dir")
+
+
+def load_single_file(path: Path, fam: Family, config_dir: "str | os.PathLike[str] | None",
+                     torch_dtype: torch.dtype) -> Any:
+    """The text-to-image pipeline of a single-file checkpoint and its config folder.
+
+    SD and SDXL files hold the whole pipeline (LDM layout): it loads with the pipeline class's
+    ``from_single_file``. Families with a ``single_file_class`` (Flux.1) are shared as the denoiser
+    alone: it loads with that class's ``from_single_file`` (through the family's
+    ``single_file_layout`` when diffusers cannot convert the file itself), and everything else (text
+    encoders, VAE, tokenizers, scheduler) comes from the config folder, which then holds their weights.
+
+    Raises:
+        PipeError: ``config_dir`` is missing, of another family or incomplete; the file lacks weights.
+    """
+    folder = check_config_dir(config_dir, fam, path)
+    pipeline_class = fam.pipeline_class(Role.TEXT2IMAGE)
+    if fam.single_file_class is None:
+        pipe = pipeline_class.from_single_file(str(path), config=str(folder), dtype=torch_dtype,
+                                               local_files_only=True)
+        _check_no_meta(pipe, path)
+        return pipe
+    import diffusers
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    denoiser_class = getattr(diffusers, fam.single_file_class)
+    weights: Any = str(path)
+    if fam.single_file_layout is not None:
+        weights = fam.single_file_layout(load_single_file_checkpoint(str(path), local_files_only=True))
+        check_denoiser_tensors(weights, denoiser_class, folder, fam.denoiser, path)
+    try:
+        denoiser = denoiser_class.from_single_file(
+            weights, config=str(folder), subfolder=fam.denoiser, torch_dtype=torch_dtype, local_files_only=True)
+        pipe = pipeline_class.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True,
+                                              **{fam.denoiser: denoiser}, **fam.folder_load_kwargs)
+    except PipeError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:  # configs that do not fit, weights missing
+        raise PipeError(f"the {fam.name} checkpoint {path} does not load with config_dir {str(folder)!r}: "
+                        f"{type(exc).__name__}: {exc}; allowed: the {fam.denoiser} config of the same model, and "
+                        f"the weights of every other component, in config_dir", "config_dir") from exc
+    _check_no_meta(pipe, path)
+    return pipe
+
+
 def load_base(path: "str | os.PathLike[str]", model_type: "ModelType | str | None" = None,
               config_dir: "str | os.PathLike[str] | None" = None, device: "str | torch.device" = "cpu",
-              dtype: "str | torch.dtype | None" = None) -> tuple[Any, ModelType]:
+              dtype: "str | torch.dtype | None" = None, quantize: str | None = None,
+              offload: str | None = None) -> tuple[Any, ModelType]:
     """Load a base text-to-image pipeline from a diffusers folder or a single-file checkpoint.
 
     Args:
-        path: a diffusers folder, or a ``.safetensors``/``.ckpt`` file in LDM layout.
+        path: a diffusers folder, or a ``.safetensors``/``.ckpt`` file (SD/SDXL in LDM layout, a Flux.1
+            transformer in BFL's layout).
         model_type: the declared type; when given and the weights disagree, an error says so.
-        config_dir: for single files, a local diffusers folder with the JSON configs and
-            tokenizers (no weights needed); nothing is fetched from a hub.
+        config_dir: for single files, a local diffusers folder of the same family with the JSON
+            configs and tokenizers (SD/SDXL: no weights needed; Flux: the weights of everything but
+            the transformer); nothing is fetched from a hub.
         device: where to put the weights.
         dtype: precision (see ``default_dtype``).
+        quantize: ``none``, ``int8`` or ``fp8`` weight-only quantization (``memory.quantize_pipeline``).
+        offload: ``none``, ``model`` or ``sequential`` CPU offload to a GPU ``device`` (``memory``).
 
     Returns:
         ``(pipeline, model_type)``: the family's text-to-image pipeline (``StableDiffusionPipeline``,
-        ``StableDiffusionXLPipeline``, ``FluxPipeline``; Flux from diffusers folders only).
+        ``StableDiffusionXLPipeline``, ``FluxPipeline``).
 
     Raises:
         ModelTypeMismatchError: ``model_type`` disagrees with the weights.
@@ -141,6 +233,7 @@ def load_base(path: "str | os.PathLike[str]", model_type: "ModelType | str | Non
     """
     p = Path(path).expanduser()
     torch_dtype = default_dtype(device, dtype)
+    quantize, offload = memory.check_memory_options(quantize, offload, device, p.name)  # before the slow load
     if not p.exists():
         raise PipeError(f"model_id {str(p)!r} does not exist", "model_id")
     if p.is_dir():
@@ -154,15 +247,12 @@ def load_base(path: "str | os.PathLike[str]", model_type: "ModelType | str | Non
                             f"allowed suffixes: {', '.join(SINGLE_FILE_SUFFIXES)}", "model_id",
                             ", ".join(SINGLE_FILE_SUFFIXES))
         found = check_declared_type(detect_checkpoint_type(p), model_type, str(p))
-        if config_dir is None or not Path(config_dir).is_dir():
-            raise PipeError(f"config_dir is needed to load the single-file checkpoint {p} offline: a local "
-                            f"diffusers folder with the JSON configs and tokenizers (got {config_dir!r})",
-                            "config_dir")
-        pipe = family(found).pipeline_class(Role.TEXT2IMAGE).from_single_file(
-            str(p), config=str(config_dir), dtype=torch_dtype, local_files_only=True)
-        _check_no_meta(pipe, p)
-    prepare_pipeline(pipe, device)
-    logger.info("loaded %s model %s (%s on %s)", found.value, p, dtype_name(torch_dtype), torch.device(device))
+        pipe = load_single_file(p, family(found), config_dir, torch_dtype)
+    quantized = memory.quantize_pipeline(pipe, quantize, family(found).denoiser)  # on the CPU, before moving
+    prepare_pipeline(pipe, memory.load_device(device, offload))
+    memory.apply_memory_options(pipe, quantize, offload, device, quantized)
+    logger.info("loaded %s model %s (%s on %s, quantize %s, offload %s)", found.value, p, dtype_name(torch_dtype),
+                torch.device(device), quantize, offload)
     return pipe, found
 
 

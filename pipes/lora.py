@@ -1,7 +1,9 @@
 """LoRA adapters on a shared base pipeline: load once, switch per call, remove exactly.
 
-Adapters live in the shared modules (UNet, text encoders), so every pipe object built on the
-same base sees them. The adapter name is derived from the file's resolved path, so whichever
+Adapters live in the shared modules (UNet or transformer, text encoders), so every pipe object
+built on the same base sees them. Any family whose diffusers pipelines have a LoRA loader mixin
+(``load_lora_weights``: SD, SDXL, Flux.1, ...) loads through the same calls; a file of another
+family (an SD LoRA on a Flux model) is refused, also when diffusers would load nothing from it. The adapter name is derived from the file's resolved path, so whichever
 pipe object asks for a file finds it if it is already loaded. Weights are never fused: the
 base weights stay bit-identical, and disabling or deleting adapters gives exactly the base
 model's pixels.
@@ -80,10 +82,29 @@ def active_state(pipe: Any) -> tuple[LoraSpec, ...] | None:
     return getattr(_denoiser(pipe), STATE_ATTR, ())
 
 
+def _model_name(pipe: Any) -> str:
+    """The family name of ``pipe`` for messages ("FLUX"), or "this" when it is of no known family."""
+    from .families import family_of_pipeline
+
+    try:
+        return family_of_pipeline(pipe).name
+    except PipeError:
+        return "this"
+
+
 def _load(pipe: Any, path: str, name: str) -> None:
+    """Load one LoRA file as adapter ``name``, refusing a file that does not fit the model.
+
+    Raises:
+        PipeError: the file does not exist.
+        InvalidValueError: the file cannot be read, has another family's layout (diffusers raises on
+            keys it cannot map), or loaded into no component (nothing matched, diffusers only warned).
+    """
     p = Path(path)
     if not p.is_file():
         raise PipeError(f"loras file {path} does not exist", "loras", "paths of existing .safetensors files")
+    model = _model_name(pipe)
+    allowed = f"LoRA files made for {model} models"
     try:
         from transformers.utils import logging as hf_logging
 
@@ -100,10 +121,15 @@ def _load(pipe: Any, path: str, name: str) -> None:
             if name in loaded_adapters(pipe):
                 pipe.delete_adapters([name])
         finally:
-            raise PipeError(f"loras file {path} could not be loaded into this model: {exc}", "loras") from exc
+            raise InvalidValueError(f"loras file {path} could not be loaded into this {model} model (a LoRA of "
+                                    f"another model family, or not a LoRA file?): {exc}; allowed: {allowed}",
+                                    "loras", allowed) from exc
     finally:
         if verbosity is not None:
             hf_logging.set_verbosity(verbosity)
+    if name not in loaded_adapters(pipe):  # diffusers warned that no key matched and loaded nothing
+        raise InvalidValueError(f"loras file {path} has no weights that fit this {model} model (a LoRA of another "
+                                f"model family?); allowed: {allowed}", "loras", allowed)
     logger.info("loaded LoRA %s as adapter %s", path, name)
 
 

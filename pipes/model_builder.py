@@ -302,7 +302,8 @@ LATER_MODELS: dict[str, tuple[str, Callable[[Path, int], Path]]] = {m.name: (m.f
 
 def build_missing_models(out_dir: str | Path, seed: int = DEFAULT_SEED,
                          progress: Progress | None = None) -> dict[str, Path]:
-    """Build the models added after ``out_dir`` was first built, those whose folder is missing.
+    """Build the models added after ``out_dir`` was first built: those missing a file their build
+    writes (the folder's model_index.json, or a LoRA or ControlNet beside it, ``TinyModel.extras``).
 
     ``build_default_models`` writes everything; a checkout whose models are already built (its
     ``.complete`` marker exists) calls this instead, so a new model never rebuilds the others.
@@ -313,10 +314,10 @@ def build_missing_models(out_dir: str | Path, seed: int = DEFAULT_SEED,
     out = Path(out_dir)
     tick = progress or (lambda label: None)
     built: dict[str, Path] = {}
-    for name, (folder, builder) in LATER_MODELS.items():
-        if not (out / folder / "model_index.json").is_file():
-            tick(f"{name} model")
-            built[name] = builder(out, seed)
+    for model in TINY_MODELS:
+        if model.missing(out):
+            tick(f"{model.name} model")
+            built[model.name] = model.build(out, seed)
     return built
 
 

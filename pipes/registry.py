@@ -12,6 +12,7 @@ from typing import Any
 
 from . import spec as specs
 from .errors import PipeError
+from .families.base import Role
 from .parameters import PipeSpec
 
 
@@ -26,22 +27,28 @@ class PipeClassEntry:
     classname: str
     spec: PipeSpec
     module: str  #: relative to ``multigen.pipes``
+    #: the task it runs (its class's ``ROLE``), known without importing it (the service checks a
+    #: session's pipe against the model's family); None: asked of the class, which imports it
+    role: Role | None = None
 
     def load(self) -> type:
         """Import the class (torch and diffusers with it)."""
         cls = getattr(importlib.import_module(self.module, __package__), self.classname)
         if getattr(cls, "SPEC", None) is not self.spec:  # a class must check what the service checks
             raise TypeError(f"{self.classname}.SPEC is not the registered spec of {self.classname}")
+        if self.role is not None and getattr(cls, "ROLE", None) is not self.role:
+            raise TypeError(f"{self.classname}.ROLE is not the registered role {self.role.value}")
         return cls
 
 
 _ENTRIES: dict[str, PipeClassEntry] = {e.classname: e for e in (
-    PipeClassEntry("Prompt2ImPipe", specs.PROMPT2IM, ".prompt2im"),
-    PipeClassEntry("Im2ImPipe", specs.IM2IM, ".im2im"),
-    PipeClassEntry("MaskedIm2ImPipe", specs.MASKED_IM2IM, ".im2im"),
-    PipeClassEntry("InpaintingPipe", specs.INPAINTING, ".im2im"),
-    PipeClassEntry("Cond2ImPipe", specs.COND2IM, ".controlnet"),
-    PipeClassEntry("CIm2ImPipe", specs.CIM2IM, ".controlnet"),
+    PipeClassEntry("Prompt2ImPipe", specs.PROMPT2IM, ".prompt2im", Role.TEXT2IMAGE),
+    PipeClassEntry("Im2ImPipe", specs.IM2IM, ".im2im", Role.IMAGE2IMAGE),
+    PipeClassEntry("MaskedIm2ImPipe", specs.MASKED_IM2IM, ".im2im", Role.INPAINT),
+    PipeClassEntry("InpaintingPipe", specs.INPAINTING, ".im2im", Role.INPAINT),
+    PipeClassEntry("Cond2ImPipe", specs.COND2IM, ".controlnet", Role.CONTROLNET),
+    PipeClassEntry("CIm2ImPipe", specs.CIM2IM, ".controlnet", Role.CONTROLNET_IMAGE2IMAGE),
+    PipeClassEntry("Edit2ImPipe", specs.EDIT2IM, ".edit", Role.EDIT),
 )}
 if set(_ENTRIES) != set(specs.PIPE_SPECS):  # every declared spec has a class, and every class a spec
     raise ImportError(f"pipe registry {sorted(_ENTRIES)} and specs {sorted(specs.PIPE_SPECS)} differ")
@@ -72,6 +79,16 @@ def pipe_spec(classname: str) -> PipeSpec:
         UnknownPipeClassError: not a pipe class.
     """
     return pipe_entry(classname).spec
+
+
+def pipe_role(classname: str) -> Role:
+    """The task (:class:`Role`) a pipe class runs: which of a family's diffusers classes it uses.
+
+    Raises:
+        UnknownPipeClassError: not a pipe class.
+    """
+    entry = pipe_entry(classname)
+    return entry.role if entry.role is not None else Role(entry.load().ROLE)
 
 
 def pipe_class(classname: str) -> type:

@@ -63,10 +63,10 @@ VAE_TILING = Param("vae_tiling", ParamType.BOOL, "decode in tiles (large images,
 #: parameters only some model families take (each family lists its own in ``Family.params``); passed
 #: to the diffusers call under their own names; another family refuses them with a 400
 TRUE_CFG_SCALE = Param("true_cfg_scale", ParamType.FLOAT, "real classifier-free guidance with the negative "
-                       "prompt (Flux, Qwen-Image; above 1 it runs two passes a step); default: the family's",
+                       "prompt (above 1 it runs two passes a step); default: the family's",
                        minimum=1.0, maximum=100.0, nullable=True)
 MAX_SEQUENCE_LENGTH = Param("max_sequence_length", ParamType.INT, "most prompt tokens the T5/LLM text encoder "
-                            "reads (Flux, Qwen-Image, Z-Image); default: the family's", minimum=1, maximum=1024,
+                            "reads; default: the family's", minimum=1, maximum=1024,
                             unit="tokens", nullable=True)
 FAMILY_PARAMS: tuple[Param, ...] = (TRUE_CFG_SCALE, MAX_SEQUENCE_LENGTH)
 COMMON: tuple[Param, ...] = (WIDTH, HEIGHT, STEPS, GUIDANCE_SCALE, CLIP_SKIP, SCHEDULER, TIMESTEP_SPACING, LPW,
@@ -119,9 +119,11 @@ CIM2IM = PipeSpec(COMMON + (IMAGE, STRENGTH, SCALE, CTYPES,
                                                       "default: the transparent pixels of an RGBA input image"))
                   + CONTROL, classname="CIm2ImPipe", aliases={"fimage": "image"}, image_slots=("image",),
                   required_images=(("image",),))
+EDIT2IM = PipeSpec(COMMON + (replace(IMAGE, description="the image to edit"), SCALE), classname="Edit2ImPipe",
+                   aliases={"fimage": "image"}, image_slots=("image",), required_images=(("image",),))
 #: the spec of every pipe class, by class name (``registry.py`` adds how to load the classes)
 PIPE_SPECS: Mapping[str, PipeSpec] = MappingProxyType(
-    {s.classname: s for s in (PROMPT2IM, IM2IM, MASKED_IM2IM, INPAINTING, COND2IM, CIM2IM)})
+    {s.classname: s for s in (PROMPT2IM, IM2IM, MASKED_IM2IM, INPAINTING, COND2IM, CIM2IM, EDIT2IM)})
 #: every name a pipe takes an image under, aliases included
 IMAGE_PARAM_NAMES: frozenset[str] = frozenset(
     name for s in PIPE_SPECS.values() for name in s.accepted if s[s.canonical(name)].image)

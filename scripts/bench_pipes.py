@@ -12,11 +12,14 @@ Example (small and quick)::
 
     .venv/bin/python scripts/bench_pipes.py --size 256 --steps 4 --repeats 3
 
+    .venv/bin/python scripts/bench_pipes.py --kinds FLUX,QWEN_IMAGE --size 256 --steps 4 --repeats 5
+
 The lead's run on an idle machine: the defaults (512², 20 steps, 5 repeats, SD and SDXL).
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import statistics
@@ -51,64 +54,75 @@ def _mask(size: int) -> Image.Image:
     return m
 
 
-def _cases(kind: str, base: Any, controlnet: Any, size: int, steps: int, lpw: bool) -> list[tuple[str, Any, Callable]]:
-    """(name, our pipe object, plain call) per pipe class, with identical settings."""
-    import diffusers
+def _takes(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.__call__).parameters
 
+
+def _cases(fam: Any, base: Any, controlnet: Any, size: int, steps: int, lpw: bool) -> list[tuple[str, Any, Callable]]:
+    """(name, our pipe object, plain call) per pipe class the family runs, with identical settings.
+
+    The plain side is the family's own diffusers class (``Family.pipelines``) called as its
+    documentation shows, with the settings our pipe object resolved (steps, guidance, the family's
+    own parameters such as ``true_cfg_scale``)."""
     from multigen.pipes import CIm2ImPipe, Cond2ImPipe, Im2ImPipe, InpaintingPipe, MaskedIm2ImPipe, Prompt2ImPipe
     from multigen.pipes.conditions import make_condition
+    from multigen.pipes.families import Role
 
-    xl = kind == "SDXL"
-    common = {"steps": steps, "guidance_scale": 7.5, "lpw": lpw}
     img, mask = _image(size), _mask(size)
     prompt, negative = "a red house by a lake, watercolour", "blurry"
+    dtype = getattr(base, fam.denoiser).dtype
 
-    def plain(cls_sd: str, cls_xl: str, **extra: Any) -> Any:
-        cls = getattr(diffusers, cls_xl if xl else cls_sd)
+    def plain(role: Role, **extra: Any) -> Any:
+        cls = fam.pipeline_class(role)
         sched = type(base.scheduler).from_config(base.scheduler.config)
-        p = cls.from_pipe(base, scheduler=sched, dtype=base.unet.dtype, **extra)
+        p = cls.from_pipe(base, scheduler=sched, dtype=dtype, **extra)
         p.set_progress_bar_config(disable=True)
         return p
 
-    def call(p: Any, **kw: Any) -> Callable[[], Any]:
+    def call(p: Any, ours: Any, sized: bool = True, **kw: Any) -> Callable[[], Any]:
+        settings = {name: ours.params[name] for name in fam.params if ours.params.get(name) is not None}
+        if sized and _takes(type(p), "width"):
+            settings.update(width=ours.padded(size), height=ours.padded(size))
+
         def run() -> Any:
             with torch.inference_mode():
-                return p(prompt=prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.5,
-                         generator=torch.Generator("cpu").manual_seed(1), **kw).images
+                return p(prompt=prompt, negative_prompt=negative, num_inference_steps=steps,
+                         guidance_scale=ours.params["guidance_scale"], generator=torch.Generator("cpu").manual_seed(1),
+                         **settings, **kw).images
         return run
 
+    def ours(cls: type, **setup: Any) -> Any:
+        pipe = cls(pipe=base, **({"controlnets": setup.pop("controlnets")} if "controlnets" in setup else {}),
+                   **({"ctypes": setup.pop("ctypes")} if "ctypes" in setup else {}))
+        pipe.setup(steps=steps, lpw=lpw, **setup)
+        return pipe
+
     cases = []
-    p2i = Prompt2ImPipe(pipe=base)
-    p2i.setup(width=size, height=size, **common)
-    cases.append(("Prompt2ImPipe", p2i, call(plain("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
-                                             width=size, height=size)))
-    i2i = Im2ImPipe(pipe=base)
-    i2i.setup(image=img, strength=0.75, **common)
-    cases.append(("Im2ImPipe", i2i, call(plain("StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),
-                                         image=img, strength=0.75)))
-    masked = MaskedIm2ImPipe(pipe=base)
-    masked.setup(image=img, mask=mask, strength=0.75, blur=4, blur_compose=4, **common)
-    inpaint_plain = plain("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
-    cases.append(("MaskedIm2ImPipe", masked, call(inpaint_plain, image=img, mask_image=masked._denoise_mask,
-                                                  strength=0.75, width=size, height=size)))
-    inp = InpaintingPipe(pipe=base)
-    inp.setup(image=img, mask=mask, blur=4, **common)
-    cases.append(("InpaintingPipe", inp, call(inpaint_plain, image=img, mask_image=inp._denoise_mask, strength=1.0,
-                                              width=size, height=size)))
-    if controlnet is not None:
-        c2i = Cond2ImPipe(pipe=base, controlnets=controlnet)
-        c2i.setup(image=img, **common)
-        cn_plain = plain("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
-                         controlnet=controlnet)
-        cases.append(("Cond2ImPipe", c2i, call(cn_plain, image=img, width=size, height=size,
-                                               controlnet_conditioning_scale=1.0)))
-        ci2i = CIm2ImPipe(pipe=base, controlnets=[controlnet], ctypes=["canny"])
-        ci2i.setup(image=img, strength=0.75, cscales=0.75, **common)
-        cimg_plain = plain("StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
-                           controlnet=controlnet)
+    p2i = ours(Prompt2ImPipe, width=size, height=size)
+    cases.append(("Prompt2ImPipe", p2i, call(plain(Role.TEXT2IMAGE), p2i)))
+    if fam.runs(Role.IMAGE2IMAGE):
+        i2i = ours(Im2ImPipe, image=img, strength=0.75)
+        cases.append(("Im2ImPipe", i2i, call(plain(Role.IMAGE2IMAGE), i2i, image=img, strength=0.75)))
+    if fam.runs(Role.INPAINT):
+        inpaint_plain = plain(Role.INPAINT)
+        masked = ours(MaskedIm2ImPipe, image=img, mask=mask, strength=0.75, blur=4, blur_compose=4)
+        cases.append(("MaskedIm2ImPipe", masked, call(inpaint_plain, masked, image=img, mask_image=masked.denoise_mask,
+                                                      strength=0.75)))
+        inp = ours(InpaintingPipe, image=img, mask=mask, blur=4)
+        cases.append(("InpaintingPipe", inp, call(inpaint_plain, inp, image=img, mask_image=inp.denoise_mask,
+                                                  strength=1.0)))
+    if controlnet is not None and fam.runs(Role.CONTROLNET):
+        c2i = ours(Cond2ImPipe, controlnets=controlnet, image=img)
+        cn_plain = plain(Role.CONTROLNET, controlnet=controlnet)
+        key = "control_image" if _takes(type(cn_plain), "control_image") else "image"
+        cases.append(("Cond2ImPipe", c2i, call(cn_plain, c2i, **{key: img}, controlnet_conditioning_scale=1.0)))
+    if controlnet is not None and fam.runs(Role.CONTROLNET_IMAGE2IMAGE):
+        ci2i = ours(CIm2ImPipe, controlnets=[controlnet], ctypes=["canny"], image=img, strength=0.75, cscales=0.75)
+        cimg_plain = plain(Role.CONTROLNET_IMAGE2IMAGE, controlnet=controlnet)
         # both sides compute the condition once, outside the timed runs (ours does it in setup)
-        cases.append(("CIm2ImPipe", ci2i, call(cimg_plain, image=img, control_image=make_condition("canny", img),
-                                               strength=0.75, controlnet_conditioning_scale=0.75)))
+        cases.append(("CIm2ImPipe", ci2i, call(cimg_plain, ci2i, sized=False, image=img,
+                                               control_image=make_condition("canny", img), strength=0.75,
+                                               controlnet_conditioning_scale=0.75)))
     return cases
 
 
@@ -146,7 +160,8 @@ def _time(fn: Callable[[], Any]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models-dir", default=str(ROOT / "models"))
-    parser.add_argument("--kinds", default="SD,SDXL", help="comma-separated: SD, SDXL")
+    parser.add_argument("--kinds", default="SD,SDXL", help="comma-separated families: SD, SDXL, FLUX, QWEN_IMAGE, Z_IMAGE "
+                        "(their tiny models: tiny-sd, tiny-flux, tiny-qwen-image, ...)")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side (after one warm-up each)")
@@ -168,23 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {p.strip() for p in args.pipes.split(",") if p.strip()}
     print(f"device={args.device} threads={args.threads} size={args.size} steps={args.steps} "
           f"repeats={args.repeats} lpw={args.lpw}")
-    print(f"{'model':5} {'pipe':16} {'dtype':9} {'ours med s':>11} {'plain med s':>12} {'overhead':>9} "
+    print(f"{'model':10} {'pipe':16} {'dtype':9} {'ours med s':>11} {'plain med s':>12} {'overhead':>9} "
           f"{'ours min':>9} {'plain min':>9} {'min ovh':>9} {'layer':>9} {'same':>5}")
     worst = worst_layer = 0.0
-    for kind in [k.strip().upper() for k in args.kinds.split(",") if k.strip()]:
-        base, _ = load_base(models / ("tiny-sd" if kind == "SD" else "tiny-sdxl"), device=args.device,
-                            dtype=args.dtype)
-        controlnet = None
-        if kind == "SD" and (models / "tiny-controlnet-sd").is_dir():
-            from diffusers import ControlNetModel
+    from multigen.pipes.families import family
 
-            controlnet = ControlNetModel.from_pretrained(str(models / "tiny-controlnet-sd"),
-                                                         dtype=base.unet.dtype).to(args.device)
-        elif kind == "SDXL":
+    for kind in [k.strip().upper() for k in args.kinds.split(",") if k.strip()]:
+        fam = family(kind)
+        slug = fam.name.lower().replace("_", "-")
+        base, _ = load_base(models / f"tiny-{slug}", device=args.device, dtype=args.dtype)
+        dtype = getattr(base, fam.denoiser).dtype
+        controlnet = None
+        if (models / f"tiny-controlnet-{slug}").is_dir():
+            import diffusers
+
+            controlnet = getattr(diffusers, fam.controlnet_class).from_pretrained(
+                str(models / f"tiny-controlnet-{slug}"), dtype=dtype).to(args.device)
+        elif fam.name == "SDXL":
             from multigen.pipes.model_builder import build_controlnet
 
-            controlnet = build_controlnet(base.unet).to(args.device, base.unet.dtype)
-        for name, ours, plain_run in _cases(kind, base, controlnet, args.size, args.steps, args.lpw):
+            controlnet = build_controlnet(base.unet).to(args.device, dtype)
+        for name, ours, plain_run in _cases(fam, base, controlnet, args.size, args.steps, args.lpw):
             if wanted and name not in wanted:
                 continue
             timed = _TimedPipeline(ours.pipe)
@@ -208,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             layer = (sum(t_ours) - timed.inside) / timed.inside * 100.0
             worst = max(worst, overhead)
             worst_layer = max(worst_layer, layer)
-            print(f"{kind:5} {name:16} {dtype_name(base.unet.dtype):9} {mo:11.4f} {mp:12.4f} {overhead:8.1f}% "
+            print(f"{kind:10} {name:16} {dtype_name(dtype):9} {mo:11.4f} {mp:12.4f} {overhead:8.1f}% "
                   f"{min(t_ours):9.4f} {min(t_plain):9.4f} {min_overhead:8.1f}% {layer:8.2f}% {same:>5}", flush=True)
     print(f"worst median overhead vs plain diffusers: {worst:.1f}% (target: at most 3%)")
     print(f"worst layer time (our code around the diffusers call, same run): {worst_layer:.2f}%")

@@ -1,23 +1,21 @@
 """Admission of a job: everything a queued job asks for is checked before it is stored.
 
 Names, counts, seeds, prompts, priority and every setup parameter against the session's
-pipe (its parameter spec and the config's limits; scheduler names against the schedulers'
-registry), and the input images against what the pipe takes. Each error is an :class:`InvalidInput` naming the field.
+pipe (its parameter spec and the config's limits), what the model's family refuses (scheduler
+names of the other kind, other families' parameters), and the input images against what the
+pipe takes. Each error is an :class:`InvalidInput` naming the field.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from multigen.pipes.errors import UnknownSchedulerError
 from multigen.pipes.registry import pipe_spec
-from multigen.pipes.schedulers import resolve_name
 from multigen.pipes.spec import STEPS
 
 from .budget import CostBudget, job_cost
 from .catalog import ModelCatalog
 from .config import Limits
-from .errors import InvalidInput
 from .jobs import JobState
 from .records import JobRecord, SessionRecord
 from .validation import (check_count_and_seeds, check_has_image, check_priority, check_prompt, check_setup_params,
@@ -63,11 +61,8 @@ def admit_job(catalog: ModelCatalog, limits: Limits, budget: CostBudget, session
     priority = check_priority(priority)
     params = {k: v for k, v in setup_params.items() if v is not None}
     check_setup_params(params, pipe_spec(classname), session.pipe, limits)
-    if params.get("scheduler") is not None:  # a name the pipe would refuse fails now, not when the job runs
-        try:
-            resolve_name(params["scheduler"])
-        except UnknownSchedulerError as e:
-            raise InvalidInput(str(e), field="scheduler") from None
+    # what the model's family refuses (its schedulers, its own parameters) fails now, not when the job runs
+    catalog.check_job_params(session.model, params)
     images_to_params(classname, images, params, session.pipe)
     check_has_image(classname, params, session.pipe)
     steps, width, height = _expected_size(catalog, session.model, params)

@@ -1,9 +1,11 @@
 """``ModelCatalog``: what models.yaml says about a session's model and pipe, in one place.
 
-The model's type (declared, or detected from its files once), the LoRA files of a
-session with their weights, the model's ``defaults:``, the pipe class a models.yaml pipe
-names, and the constructor arguments its pipe class needs beyond the shared base
-(ControlNets, condition models).
+The model's type (declared, or detected from its files once) and its family (the pipes it
+runs, the parameters and schedulers it takes, checked when a session opens and a job is
+queued), the LoRA files of a session with their weights, the model's ``defaults:``, the pipe
+class a models.yaml pipe names, and the constructor arguments its pipe class needs beyond the
+shared base (ControlNets, condition models). :func:`describe_family` and
+:meth:`ModelCatalog.describe_model` are what ``GET /api/v1/models`` says of them.
 """
 from __future__ import annotations
 
@@ -11,10 +13,16 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from multigen.pipes import spec as specs
+from multigen.pipes.families import FAMILIES, Family
+from multigen.pipes.registry import pipe_names, pipe_role
+from multigen.pipes.schedulers import family_schedulers
+
 from .config import ModelsConfig, PipeEntry
 from .errors import InvalidInput
 from .records import SessionRecord
-from .validation import check_choice, check_name, controlnet_paths, model_type_of, normalize_loras
+from .validation import (check_choice, check_family_params, check_family_runs_pipe, check_name, controlnet_paths,
+                         family_of_type, model_type_of, normalize_loras, runs_pipe)
 
 PipeFactory = Callable[[str], Any]
 
@@ -24,6 +32,52 @@ def registry_pipe_class(classname: str) -> Any:
     from multigen.pipes.registry import pipe_class
 
     return pipe_class(classname)
+
+
+def family_support(name: str) -> dict[str, list[str]]:
+    """Which model types take a setup parameter, from the families' declarations: ``{"families": [...]}``
+    for a family-only one (``spec.FAMILY_PARAMS``), ``{"refused_by": [...]}`` for one some families
+    refuse (``Family.refused_params``), ``{}`` for one every family takes."""
+    if name in {p.name for p in specs.FAMILY_PARAMS}:
+        return {"families": [f.name for f in FAMILIES[::-1] if name in f.params]}
+    refuse = [f.name for f in FAMILIES[::-1] if name in f.refused_params]
+    return {"refused_by": refuse} if refuse else {}
+
+
+def family_param_note(name: str) -> str:
+    """:func:`family_support` in words, for help texts and the OpenAPI document (``""``: every family takes it)."""
+    support = family_support(name)
+    if "families" in support:
+        takes = support["families"]
+        return f"only {_types(takes)} {'takes' if len(takes) == 1 else 'take'} it" if takes else \
+            "no model type takes it yet"
+    refuse = support.get("refused_by", [])
+    return f"{_types(refuse)} {'refuses' if len(refuse) == 1 else 'refuse'} it" if refuse else ""
+
+
+def _types(names: list[str]) -> str:
+    return ("model type " if len(names) == 1 else "model types ") + ", ".join(names)
+
+
+def scheduler_note() -> str:
+    """The scheduler names of each model type, from the families' declarations (families that take the
+    same names share an entry), for the OpenAPI document."""
+    groups: dict[tuple[str, ...] | None, list[str]] = {}
+    for fam in FAMILIES[::-1]:
+        groups.setdefault(fam.schedulers, []).append(fam.name)
+    parts = [f"{', '.join(names)}: " + ("the SD-style names of `schedulers`" if allowed is None else
+                                        ", ".join(family_schedulers(allowed)) or "only the model's own")
+             for allowed, names in groups.items()]
+    return "per model type (GET /api/v1/models `families[].schedulers`): " + "; ".join(parts)
+
+
+def describe_family(fam: Family) -> dict[str, Any]:
+    """A family as ``GET /api/v1/models`` lists it: ``Family.describe()``, its scheduler names (the installed
+    ones, SD-style included where it takes every one) and, per task it runs, the pipe classes that run it."""
+    out = fam.describe()
+    out["schedulers"] = family_schedulers(fam.schedulers)
+    out["pipe_classes"] = {role.value: [c for c in pipe_names() if pipe_role(c) is role] for role in fam.roles}
+    return out
 
 
 class ModelCatalog:
@@ -55,6 +109,7 @@ class ModelCatalog:
         check_name(project, "project")
         check_choice(pipe, models.pipes, "pipe", "pipe")
         check_choice(model, models.base, "model", "model")
+        check_family_runs_pipe(self.family(model), models.pipes[pipe].classname, pipe, model, self.usable_pipes(model))
         mtype = self.model_type(model)
         norm = normalize_loras(loras, models, mtype)
         if models.pipes[pipe].needs_cnet and not controlnet_paths(models, pipe, mtype):
@@ -73,6 +128,32 @@ class ModelCatalog:
             if model not in self._types:
                 self._types[model] = model_type_of(self.models.base[model])
             return self._types[model]
+
+    def family(self, model: str) -> Family | None:
+        """The base model's family, None while its type is unknown (the pipe checks it on load)."""
+        return family_of_type(self.model_type(model))
+
+    def usable_pipes(self, model: str) -> list[str]:
+        """The models.yaml pipes whose class runs a task the model's family runs (all, for an unknown family)."""
+        fam = self.family(model)
+        return [name for name, entry in self.models.pipes.items() if runs_pipe(fam, entry.classname)]
+
+    def check_job_params(self, model: str, params: dict[str, Any]) -> None:
+        """What the model's family refuses of a job's setup parameters (``validation.check_family_params``).
+
+        Raises:
+            InvalidInput: naming the parameter and the allowed values.
+        """
+        check_family_params(params, self.family(model))
+
+    def describe_model(self, model: str) -> dict[str, Any]:
+        """A base model as ``GET /api/v1/models`` lists it: name, declared type, family (declared or
+        detected; None when unknown), native size, ``defaults:``, and the models.yaml pipes it runs."""
+        entry = self.models.base[model]
+        size = self.native_size(model)
+        return {"name": entry.name, "type": entry.type, "family": self.model_type(model),
+                "native_size": list(size) if size else None, "defaults": entry.defaults,
+                "pipes": self.usable_pipes(model)}
 
     def native_size(self, model: str) -> tuple[int, int] | None:
         """The model's native (width, height), read from its files once (None when unknown)."""

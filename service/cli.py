@@ -35,7 +35,7 @@ def _models_init(args: argparse.Namespace) -> int:
     else:
         out = load_config(args.config, check_models_exist=False).model_dir
     if not (args.rebuild or args.full_size) and _built_before(out):
-        # a folder built before: add the models added since (tiny-flux), leave the others alone
+        # a folder built before: add the models added since (tiny-flux, ...), leave the others alone
         _quiet_libraries()
         paths = build_missing_models(out, seed=args.seed)
         print(f"{out}: already built; " + (f"added {', '.join(paths)}" if paths else "nothing missing")
@@ -43,9 +43,11 @@ def _models_init(args: argparse.Namespace) -> int:
         for name, path in paths.items():
             print(f"{name}: {path}")
         return 0
+    from multigen.pipes.tiny import TINY_MODELS
+
     steps = ["SD pipeline", "SDXL pipeline", "ControlNet", "LoRA files", "single-file checkpoint"]
     if not args.full_size:
-        steps.append("Flux pipeline")
+        steps += [f"{m.name} model" for m in TINY_MODELS]
     with tqdm(total=len(steps), desc="models init", unit="part", file=sys.stderr) as bar:
         def tick(label: str) -> None:
             if bar.n or label != steps[0]:

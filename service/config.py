@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from multigen.pipes.families import ModelType, native_size_of_folder  # torch-free
+from multigen.pipes.registry import pipe_names  # torch-free
 
 from .errors import ConfigError
 
@@ -38,8 +39,10 @@ MODEL_DEFAULTS = ("width", "height", "steps", "guidance_scale", "clip_skip", "sc
 #: folders a config.yaml may leave out, relative to its own folder: everything a config does not
 #: place stays beside it (the repository's config/config.yaml names its ../ folders explicitly)
 FOLDER_DEFAULTS = {"model_dir": "models", "logging_folder": "logs", "data_dir": "data", "output_dir": "outputs"}
-KNOWN_PIPE_CLASSES = ("Prompt2ImPipe", "Im2ImPipe", "MaskedIm2ImPipe", "InpaintingPipe",
-                      "Cond2ImPipe", "CIm2ImPipe")
+#: a base model's memory options in models.yaml and the values each takes (``multigen.pipes.memory``)
+MEMORY_OPTIONS = {"quantize": ("none", "int8", "fp8"), "offload": ("none", "model", "sequential")}
+#: the pipe classes a models.yaml pipe may name (the pipes' registry, torch-free)
+KNOWN_PIPE_CLASSES = pipe_names()
 
 
 @dataclass
@@ -53,6 +56,12 @@ class ModelEntry:
     extra: dict[str, Any] = field(default_factory=dict)
     #: generation defaults of this model (base models only), under the job's own parameters
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: this model's precision (a ``DTYPE_NAMES`` name), over config.yaml's ``dtype``; None: the worker's
+    dtype: str | None = None
+    #: weight quantization (base models only): ``none``, ``int8`` or ``fp8``
+    quantize: str = "none"
+    #: CPU offload to a GPU (base models only): ``none``, ``model`` or ``sequential``
+    offload: str = "none"
 
     def native_size(self) -> tuple[int, int] | None:
         """The size the model was trained at: ``defaults`` width/height, else read from its folder's configs.
@@ -217,11 +226,72 @@ def _model_entries(data: dict, section: str, file: Path, model_dir: Path,
         path = _model_path(str(entry["id"]), model_dir, file, f"{key}.id")
         cfg = entry.get("config")
         defaults = _model_defaults(entry.get("defaults"), file, f"{key}.defaults") if section == "base" else {}
+        memory = _memory_options(entry, section, file, key)
         out[str(name)] = ModelEntry(
             name=str(name), path=path, type=str(mtype).upper() if mtype else None,
-            config=(model_dir / str(cfg)).resolve() if cfg else None, defaults=defaults,
-            extra={k: v for k, v in entry.items() if k not in ("id", "type", "config", "defaults")})
+            config=(model_dir / str(cfg)).resolve() if cfg else None, defaults=defaults, **memory,
+            extra={k: v for k, v in entry.items()
+                   if k not in ("id", "type", "config", "defaults", "dtype", *MEMORY_OPTIONS)})
     return out
+
+
+def _memory_options(entry: dict, section: str, file: Path, key: str) -> dict[str, Any]:
+    """A models.yaml entry's ``dtype``, ``quantize`` and ``offload``, checked (base models only).
+
+    YAML reads ``off``, ``no`` and ``false`` as false: for ``quantize`` and ``offload`` that is ``none``.
+    """
+    given = [k for k in ("dtype", *MEMORY_OPTIONS) if entry.get(k) is not None]
+    if section != "base":
+        if given:
+            raise ConfigError(str(file), f"{key}.{given[0]}", f"{given[0]} applies to base models only",
+                              f"remove it: a {section} entry takes the precision and memory options of the base "
+                              "model it is used with")
+        return {}
+    out: dict[str, Any] = {}
+    dtype = entry.get("dtype")
+    if dtype is not None:
+        if not isinstance(dtype, str) or dtype.lower().replace("torch.", "") not in DTYPE_NAMES:
+            raise ConfigError(str(file), f"{key}.dtype", f"unknown dtype {dtype!r}",
+                              f"use one of {', '.join(DTYPE_NAMES)}, or leave it out for config.yaml's dtype")
+        out["dtype"] = dtype.lower().replace("torch.", "")
+    for option, allowed in MEMORY_OPTIONS.items():
+        value = entry.get(option)
+        if value is None or value is False:
+            continue
+        if not isinstance(value, str) or value.strip().lower() not in allowed:
+            raise ConfigError(str(file), f"{key}.{option}", f"unknown {option} {value!r}",
+                              f"use one of: {', '.join(allowed)}")
+        out[option] = value.strip().lower()
+    return out
+
+
+def check_memory_devices(models: ModelsConfig, devices: str | list[str], config_file: Path | None = None) -> None:
+    """Fail when a base model's ``quantize`` or ``offload`` cannot run on one of the workers' devices.
+
+    Every worker may run every model, so each option must suit every device: fp8 needs CUDA GPUs of
+    compute capability 8.9 or more, offload needs GPUs, quantization needs torchao. Resolves
+    ``devices`` (and imports torch) only when some model sets an option.
+
+    Raises:
+        ConfigError: naming models.yaml, the model's field, the bad value, the device and the fix.
+    """
+    chosen = [e for e in models.base.values() if e.quantize != "none" or e.offload != "none"]
+    if not chosen:
+        return
+    from multigen.pipes.errors import PipeError
+    from multigen.pipes.memory import check_memory_options
+
+    from .devices import resolve_devices
+
+    resolved = resolve_devices(devices, config_file)
+    for entry in chosen:
+        for device in resolved:
+            try:
+                check_memory_options(entry.quantize, entry.offload, device, entry.name)
+            except PipeError as e:
+                raise ConfigError(str(models.file), f"base.{entry.name}.{e.param}", e.message,
+                                  f"set {e.param} to {' or '.join((e.allowed or 'none').split(', '))} for this model "
+                                  f"(the server's devices: {', '.join(resolved)})") from None
 
 
 def builtin_model_path(name: str) -> Path:
@@ -346,12 +416,15 @@ def default_config_path() -> Path:
     return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else PACKAGED_CONFIG
 
 
-def load_config(path: str | os.PathLike | None = None, check_models_exist: bool = True) -> Config:
+def load_config(path: str | os.PathLike | None = None, check_models_exist: bool = True,
+                check_devices: bool | None = None) -> Config:
     """Read and check config.yaml and the models list it names.
 
     Args:
         path: config file; defaults to :func:`default_config_path`.
         check_models_exist: fail when a listed model's files are missing.
+        check_devices: fail when a model's ``quantize``/``offload`` cannot run on the configured devices
+            (:func:`check_memory_devices`); default: as ``check_models_exist`` (what serving needs).
 
     Raises:
         ConfigError: naming the file, the key and the fix.
@@ -381,6 +454,8 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     if not (devices == "auto" or (isinstance(devices, list) and all(isinstance(d, str) for d in devices))):
         raise ConfigError(str(file), "devices", f"expected `auto` or a list like [cuda:0, cuda:1], got {devices!r}",
                           "write `devices: auto` or a list of torch device names")
+    if check_models_exist if check_devices is None else check_devices:
+        check_memory_devices(models, devices, file)
     threads = _typed(data, "threads", int, file, None, "set threads to a whole number of torch threads per worker")
     cache = _section(data, "cache", file)
     budget = _typed(cache, "memory_budget_gb", (int, float), file, 8.0, "set cache.memory_budget_gb to a number of GiB")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from .cache import ModelCache
+from .cache import ModelCache, ModelTooLarge
 from .catalog import ModelCatalog
 from .events import EventBus
 from .failures import job_error
@@ -111,6 +111,7 @@ class JobRunner:
             with self.cache.lease(session.model, classname, device.name, device.dtype,
                                   **self.catalog.pipe_kwargs(session)) as lease:
                 job.timings["model_loaded"] = not lease.hit
+                device = replace(device, dtype=lease.entry.dtype)  # a models.yaml dtype replaces the worker's
                 pipe = lease.pipe
                 pipe.set_loras(self.catalog.lora_files(session.loras))  # exactly this job's LoRAs: nothing leaks
                 # the model's defaults (models.yaml) under the job's own parameters
@@ -145,7 +146,7 @@ class JobRunner:
     def _fail(self, job: RunningJob, e: Exception) -> None:
         from multigen.pipes.errors import PipeError
 
-        bad_input = isinstance(e, (PipeError, ImageTimeLimit))
+        bad_input = isinstance(e, (PipeError, ImageTimeLimit, ModelTooLarge))
         if bad_input:
             log.warning("session=%s job=%s: refused: %s", job.session_id, job.job_id, e)
         else:  # the whole story for the admin; the job's error says where to find it
@@ -232,6 +233,9 @@ class JobRunner:
             "threads": device.threads, "device": device.name, "dtype": str(device.dtype).replace("torch.", ""),
             "created_at": created, "pipe_config": public_pipe_config(out.config, self.catalog.path_names()),
         }
+        if "model_id" in meta["pipe_config"]:
+            # the session's name: two models.yaml entries on one folder share a path (the path names only one)
+            meta["pipe_config"]["model_id"] = session.model
         path = self.writer.write(Path(session.folder), image.idx, out.image, meta)
         self.store.complete_image(image.id, created)
         self.counters.images_written += 1

@@ -4,9 +4,11 @@ Names that become paths, the pipe/model/LoRAs of a session, and every parameter 
 are checked here; each error is an :class:`InvalidInput` naming the field and the allowed
 values. Types and ranges come from the parameter spec (``multigen.pipes.spec``) with the
 config's ``limits`` on top, so what is refused here is what the pipe would refuse, and what
-the API's request models refuse. What only the pipe can judge (an unknown scheduler name, an
-image that does not decode, a mask of another size) fails the job at run time with the pipe's
-own message.
+the API's request models refuse. What the model's family cannot run or take (a pipe class of a
+task it does not run, another family's parameters, a scheduler of the other kind) is asked of
+the family's own declarations (``multigen.pipes.families``), as the pipes ask them. What only
+the pipe can judge (an image that does not decode, a mask of another size) fails the job at run
+time with the pipe's own message.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from typing import Any
 
 from multigen.pipes import spec as specs
 from multigen.pipes.errors import PipeError
-from multigen.pipes.registry import pipe_spec, spec_of
+from multigen.pipes.families import Family, family, family_of_checkpoint, family_of_folder
+from multigen.pipes.registry import pipe_role, pipe_spec, spec_of
+from multigen.pipes.schedulers import FLOW_TABLE, SD_TABLE, resolve_name
 
 from .config import Limits, ModelEntry, ModelsConfig
 from .errors import InvalidInput
@@ -55,16 +59,67 @@ def check_choice(value: Any, known: dict[str, Any] | list[str], field: str, what
 
 
 def model_type_of(entry: ModelEntry) -> str | None:
-    """The declared type of a base model, or the one detected from its files (None if unknown)."""
+    """The declared type of a base model, or the one its family detects from its files (None if unknown).
+
+    Torch-free: a folder's configs or a checkpoint's tensor names are read, no weights.
+    """
     if entry.type:
         return entry.type
     try:
-        from multigen.pipes.loading import detect_checkpoint_type, detect_folder_type
-
-        found = detect_checkpoint_type(entry.path) if entry.path.is_file() else detect_folder_type(entry.path)
-        return str(found.value)
+        found = family_of_checkpoint(entry.path) if entry.path.is_file() else family_of_folder(entry.path)
+        return found.name
     except Exception:  # unknown until loaded: the pipe will check when loading
         return None
+
+
+def family_of_type(model_type: str | None) -> Family | None:
+    """The family of a model type (``model_type_of``), None when it is unknown until the model loads."""
+    if model_type is None:
+        return None
+    try:
+        return family(model_type)
+    except PipeError:
+        return None
+
+
+def runs_pipe(fam: Family | None, classname: str) -> bool:
+    """Whether a family runs a pipe class's task (True when the family is unknown: the pipe checks on load)."""
+    return fam is None or fam.runs(pipe_role(classname))
+
+
+def check_family_runs_pipe(fam: Family | None, classname: str, pipe_name: str, model: str,
+                           usable: list[str]) -> None:
+    """A session's pipe class runs a task its model's family runs (``Family.roles``).
+
+    Args:
+        usable: the models.yaml pipes the family runs, for the message.
+
+    Raises:
+        InvalidInput: naming ``pipe``, the task, and the pipes usable with the model.
+    """
+    if fam is None or runs_pipe(fam, classname):
+        return
+    role = pipe_role(classname)
+    raise InvalidInput(f"pipe {pipe_name!r} ({classname}) runs {role.value}, which {fam.name} models "
+                       f"do not run ({fam.title} runs {', '.join(r.value for r in fam.roles)}); pipes usable "
+                       f"with model {model!r}: {', '.join(usable) or 'none'}", field="pipe", code="unsupported_pipe")
+
+
+def check_family_params(params: dict[str, Any], fam: Family | None) -> None:
+    """What the model's family refuses of a job's setup parameters (``Family.check_params``: clip_skip and
+    timestep_spacing where refused, another family's own parameters, a scheduler of the other kind); for
+    a model whose family is unknown until it loads, only that a scheduler name is known at all.
+
+    Raises:
+        InvalidInput: naming the parameter, the bad value and the allowed values.
+    """
+    try:
+        if fam is not None:
+            fam.check_params(params)
+        elif params.get("scheduler") is not None and FLOW_TABLE.find(params["scheduler"]) is None:
+            resolve_name(params["scheduler"], SD_TABLE)
+    except PipeError as e:
+        raise InvalidInput(e.message, field=e.param or "scheduler") from None
 
 
 def normalize_loras(loras: Any, models: ModelsConfig, model_type: str | None) -> list[dict[str, Any]]:

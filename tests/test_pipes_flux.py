@@ -52,7 +52,7 @@ def test_tiny_flux_builds_offline_and_only_when_missing(tmp_path, monkeypatch):
     # an existing folder is left alone; a missing one is built without touching the others
     (tmp_path / SD_DIR).mkdir()
     (tmp_path / SD_DIR / "keep.txt").write_text("x")
-    assert build_missing_models(tmp_path) == {}
+    assert "flux" not in build_missing_models(tmp_path)  # (the later families' models are built)
     (path / "model_index.json").unlink()
     assert build_missing_models(tmp_path) == {"flux": path}
     assert (path / "model_index.json").is_file() and (tmp_path / SD_DIR / "keep.txt").read_text() == "x"
@@ -66,11 +66,16 @@ def test_family_is_recognised(models_dir, flux_base):
     assert FLUX.pipeline_class(Role.TEXT2IMAGE).__name__ == "FluxPipeline"
     assert FLUX.pipeline_class(Role.IMAGE2IMAGE).__name__ == "FluxImg2ImgPipeline"
     assert FLUX.latent_channels == 16 and FLUX.denoiser == "transformer"
-    assert FLUX.working_roles == {Role.TEXT2IMAGE, Role.IMAGE2IMAGE, Role.INPAINT}
-    # declared, not working yet: refused with the families that do run it
+    assert FLUX.working_roles == {Role.TEXT2IMAGE, Role.IMAGE2IMAGE, Role.INPAINT, Role.CONTROLNET,
+                                  Role.CONTROLNET_IMAGE2IMAGE}
+    # a role it does not run (instruction editing): refused, naming the families that do
+    with pytest.raises(InvalidValueError) as e:
+        FLUX.check_role(Role.EDIT)
+    assert e.value.param == "model_type" and "FLUX" not in e.value.allowed
+    # its ControlNet pipes need explicit ControlNets (tests/test_pipes_flux_extras.py): no default folders
     with pytest.raises(InvalidValueError) as e:
         Cond2ImPipe(pipe=flux_base)
-    assert e.value.param == "model_type" and "SD" in e.value.allowed and "FLUX" not in e.value.allowed
+    assert e.value.param == "controlnets"
 
 
 def test_defaults_follow_the_family(flux_base):
@@ -116,12 +121,12 @@ def test_guidance_and_prompt_change_the_image(flux):
     assert not np.array_equal(base, _pixels(flux.gen({"prompt": "a garden", "seed": 3})))
 
 
-def test_weighting_syntax_is_stripped(flux):
+def test_weighting_syntax_is_applied(flux):
     assert strip_weighting("a (red:1.3) [dull] cat") == "a red dull cat"
     assert strip_weighting(r"x BREAK \(y\)") == "x (y)"
     weighted = _pixels(flux.gen({"prompt": "a (red:1.3) cat", "seed": 2}))
     plain = _pixels(flux.gen({"prompt": "a red cat", "seed": 2}))
-    assert np.array_equal(weighted, plain)
+    assert not np.array_equal(weighted, plain)  # T5 weighting: tests/test_pipes_flux_weighting.py
     flux.setup(width=72, height=64, steps=2, lpw=False)  # lpw off: the text goes to diffusers as it is
     assert not np.array_equal(plain, _pixels(flux.gen({"prompt": "a (red:1.3) cat", "seed": 2})))
 
@@ -163,7 +168,7 @@ def test_parameters_flux_cannot_honour_are_refused(flux, models_dir):
     assert flux.gen({"prompt": "a lab", "seed": 1}).size == (72, 64)
 
 
-def test_single_file_flux_is_still_refused(tmp_path):
+def test_a_transformer_file_that_is_not_flux1_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "flux.safetensors"

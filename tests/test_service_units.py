@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from helpers_service import REC, FakeBase, fake_config, fake_pipe_factory, fake_service, wait_for
-from multigen.service.cache import ModelCache
+from multigen.service.cache import ModelCache, ModelTooLarge
 from multigen.service.errors import Conflict, InvalidInput
 from multigen.service.events import EventBus
 from multigen.service.jobs import JobState, check_transition
@@ -75,8 +75,9 @@ def test_cache_evicts_least_recently_used_within_budget_but_never_a_leased_model
     assert cache.held("cpu") == {"m1", "m3"} and cache.counters["evictions"] == 1
     with cache.lease("m1", "Prompt2ImPipe", "cpu", "float32"):
         with cache.lease("m3", "Prompt2ImPipe", "cpu", "float32"):
-            cache.get("m2", "Prompt2ImPipe", "cpu", "float32")  # over budget: both others are in use
-            assert cache.held("cpu") == {"m1", "m2", "m3"}
+            with pytest.raises(ModelTooLarge, match=r"'m2' needs 0.0977 GiB .* 0.0488 GiB missing"):
+                cache.get("m2", "Prompt2ImPipe", "cpu", "float32")  # over budget: both others are in use
+            assert cache.held("cpu") == {"m1", "m3"}
     cache.get("xl", "Prompt2ImPipe", "cpu", "float32")
     assert len(cache.held("cpu")) == 2 and "xl" in cache.held("cpu")
     assert cache.used_bytes("cpu") <= 250 * 2**20

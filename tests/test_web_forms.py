@@ -257,3 +257,102 @@ def test_form_takes_the_models_size_and_defaults(server: Server, browser: Any):
     assert value("steps") == "2" and value("width") == "64"
     d.find_element(By.CSS_SELECTOR, f'#session-list li[data-session="{single}"] .session-pick').click()
     wait(d, lambda d: value("width") == "512", 10, "back to tiny-sd-single's size")
+
+
+@pytest.fixture(scope="module")
+def family_server(browser_available: None, tmp_path_factory: pytest.TempPathFactory, models_dir: Any):
+    """A server whose models.yaml also has the tiny Flux model, its family detected from its files (no
+    ``type:``), at 64 x 64 for speed."""
+    import yaml
+    from test_web_support import write_config
+
+    folder = tmp_path_factory.mktemp("web-families")
+    config = write_config(folder, models_dir)
+    models = yaml.safe_load((config.parent / "models.yaml").read_text())
+    models["base"]["web-flux"] = {"id": "tiny-flux", "defaults": {"width": 64, "height": 64}}
+    (config.parent / "models.yaml").write_text(yaml.safe_dump(models, sort_keys=False))
+    srv = Server(config, folder / "server.log")
+    yield srv
+    srv.stop()
+
+
+SHOWN_JS = "return [...document.querySelectorAll('#job-form [data-param]')].filter(e => !e.hidden).map(e => e.dataset.param)"
+OPTIONS_JS = "return [...document.getElementById(arguments[0]).options].map(o => o.value)"
+
+
+def test_the_form_shows_the_fields_of_the_models_family(family_server: Server, browser: Any):
+    """A Flux session: no clip_skip/timestep_spacing, its own true_cfg_scale/max_sequence_length, its flow
+    schedulers, its trained sizes and defaults; an SD session the reverse. The pipes a model's family does not
+    run are marked in the pipe list, and a choice the family refuses is the server's 400 next to its field."""
+    srv, d = family_server, browser
+    catalog = srv.api("GET", "models")
+    families = {f["name"]: f for f in catalog["families"]}
+    models = {m["name"]: m for m in catalog["models"]}
+    flux, sd = families["FLUX"], families["SD"]
+    assert models["web-flux"]["family"] == "FLUX"
+    load_page(d, srv)
+
+    # the session form: the chosen model's family, and the pipes it cannot run marked
+    Select(d.find_element(By.ID, "model")).select_by_value("web-flux")
+    assert d.find_element(By.ID, "model-family").text.startswith(flux["title"] + ": runs text2image")
+    marked = d.execute_script("return [...document.getElementById('pipe').options].filter(o => o.dataset.unsupported)"
+                              ".map(o => o.value)")
+    assert marked == [p["name"] for p in catalog["pipes"] if p["name"] not in models["web-flux"]["pipes"]]
+
+    open_session(d, "web-flux", "prompt2image", model="web-flux")
+    shown = d.execute_script(SHOWN_JS)
+    assert not {"clip_skip", "timestep_spacing"} & set(shown), shown
+    assert {"true_cfg_scale", "max_sequence_length", "negative_prompt", "scheduler"} <= set(shown), shown
+    assert d.execute_script(OPTIONS_JS, "scheduler") == [""] + flux["schedulers"]
+    sizes = d.execute_script(OPTIONS_JS, "size")
+    assert sizes == ["64x64"] + ["x".join(map(str, s)) for s in flux["aspect_sizes"]] + ["custom"], sizes
+    value = lambda k: d.find_element(By.ID, k).get_attribute("value")  # noqa: E731
+    assert value("size") == "64x64" and value("width") == "64"
+    assert (value("steps"), value("guidance_scale")) == (str(flux["param_defaults"]["steps"]),
+                                                         str(flux["param_defaults"]["guidance_scale"]))
+    assert "FLUX" in d.find_element(By.ID, "true_cfg_scale").get_attribute("title")  # the parameter's families
+    assert d.execute_script(LABELS_JS) == []
+    shoot(d, "12-family-flux", WIDE, scroll_to="#job-title")
+    shoot(d, "12-family-flux", NARROW, scroll_to="#advanced")
+    viewport(d, WIDE)
+
+    # a Flux job with a flow scheduler and its own parameter reaches the server and runs
+    set_value(d, "prompt", "a flux job")
+    set_value(d, "steps", "2")
+    Select(d.find_element(By.ID, "scheduler")).select_by_value("flow_euler_stochastic")
+    d.execute_script("document.getElementById('advanced').open = true")
+    set_value(d, "true_cfg_scale", "1.5")
+    d.find_element(By.ID, "queue-job").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#job-list li"), 10, "job card")
+    job_id = d.find_element(By.CSS_SELECTOR, "#job-list li").get_attribute("data-job")
+    params = srv.api("GET", f"jobs/{job_id}")["job"]["params"]
+    assert params["scheduler"] == "flow_euler_stochastic" and params["true_cfg_scale"] == 1.5, params
+    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#job-list li").get_attribute("data-state")
+         in ("succeeded", "failed"), 120, "the Flux job to finish")
+    assert srv.api("GET", f"jobs/{job_id}")["job"]["state"] == "succeeded"
+
+    # an SD-style name (a stale page, a hand-made request) is the server's 400, shown at the scheduler
+    d.execute_script("const s = document.getElementById('scheduler'); s.add(new Option('euler_a', 'euler_a'));"
+                     "s.value = 'euler_a'")
+    d.find_element(By.ID, "queue-job").click()
+    wait(d, lambda d: d.find_element(By.ID, "err-scheduler").text, 10, "scheduler error")
+    assert "flow_euler" in d.find_element(By.ID, "err-scheduler").text
+    assert len(d.find_elements(By.CSS_SELECTOR, "#job-list li")) == 1, "the refused job is not queued"
+
+    # an SD session shows SD's fields, schedulers and sizes
+    open_session(d, "web-sd", "prompt2image", model="tiny-sd")
+    shown = d.execute_script(SHOWN_JS)
+    assert {"clip_skip", "timestep_spacing"} <= set(shown) and not {"true_cfg_scale", "max_sequence_length"} & set(shown)
+    schedulers = d.execute_script(OPTIONS_JS, "scheduler")
+    assert schedulers == [""] + sd["schedulers"] and "flow_euler" not in schedulers
+    assert "512x768" in d.execute_script(OPTIONS_JS, "size")
+
+    # a pipe the model's family does not run: the session is refused, the message next to the pipe
+    pairs = [(m, p["name"]) for m in models.values() for p in catalog["pipes"] if m["family"] and p["name"] not in m["pipes"]]
+    if pairs:  # only when the configured families leave some pipe out
+        model, pipe = pairs[0]
+        Select(d.find_element(By.ID, "model")).select_by_value(model["name"])
+        Select(d.find_element(By.ID, "pipe")).select_by_value(pipe)
+        d.find_element(By.ID, "open-session").click()
+        wait(d, lambda d: d.find_element(By.ID, "err-pipe").text, 10, "pipe error")
+        assert pipe in d.find_element(By.ID, "err-pipe").text

@@ -7,7 +7,7 @@ their names. Torch-free: diffusers is imported only when a pipeline class is ask
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -58,12 +58,55 @@ def folder_classes(folder: Path, component: str) -> tuple[str, str]:
     return str(index.get("_class_name", "")), str(comp.get("_class_name", ""))
 
 
+def transformer_folder(pipelines: Iterable[str], transformer: str) -> Callable[[Path, dict[str, Any]], bool]:
+    """``Family.recognises_folder`` of a transformer family: a diffusers folder without a UNet whose
+    model_index.json names one of ``pipelines`` or whose transformer/config.json names ``transformer``."""
+    names = frozenset(pipelines)
+
+    def recognises(folder: Path, unet: dict[str, Any]) -> bool:
+        if unet:
+            return False
+        index, found = folder_classes(folder, "transformer")
+        return index in names or found == transformer
+
+    return recognises
+
+
+def transformer_pipeline(transformer: str) -> Callable[[Any], bool]:
+    """``Family.recognises_pipeline`` of a transformer family: a loaded pipeline (of any class) whose
+    ``transformer`` is a ``transformer`` model."""
+    def recognises(pipe: Any) -> bool:
+        found = getattr(pipe, "transformer", None)
+        return found is not None and type(found).__name__ == transformer
+
+    return recognises
+
+
 def unet_native_size(pipe: Any) -> int:
     return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
 
 
 def unet_folder_native_size(folder: Path) -> int:
     return int(read_json(folder / "unet" / "config.json")["sample_size"]) * vae_factor(folder)
+
+
+def negative_always_used(params: Mapping[str, Any]) -> str | None:
+    """``Family.negative_unused`` of the families whose every setting uses the negative prompt."""
+    return None
+
+
+def no_extra_checks(params: Mapping[str, Any]) -> None:
+    """``Family.extra_checks`` of the families whose parameters need no check of their own."""
+
+
+def same_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``Family.finish_call`` of the families whose diffusers call needs no change."""
+    return kwargs
+
+
+def no_components(base: Any, role: Role) -> dict[str, Any]:
+    """``Family.role_components`` of the families whose base pipeline holds every component."""
+    return {}
 
 
 def same_latents(pipe: Any, latents: Any, height: int, width: int) -> Any:
@@ -82,7 +125,7 @@ def unpack_2x2(pipe: Any, latents: Any, height: int, width: int) -> Any:
     return latents.reshape(batch, channels // 4, h, w)
 
 
-#: Flux-style flow-matching schedulers: no scheduler choice, so none is listed
+#: a family with no scheduler choice (only the model's own): none is listed
 NO_SCHEDULERS: tuple[str, ...] = ()
 
 
@@ -106,6 +149,7 @@ class Family:
         controlnet_scales: default ``cscales`` per condition type (metafusion's).
         controlnet_class: the diffusers class of this family's ControlNet models (loading them).
         multi_controlnet_class: the diffusers class that runs several of them together (None: a list).
+        max_controlnets: most ControlNets one job may use (None: any number).
         denoiser: the pipeline component that denoises (``unet``, ``transformer``); its device and
             dtype are the pipe's.
         native_size: ``pipeline -> side in pixels`` of the images the model was trained on.
@@ -119,6 +163,7 @@ class Family:
             weights, 77-token chunks) when ``weighted_prompts``, else diffusers encodes the plain
             prompt, the weighting syntax stripped and a warning recorded.
         negative_prompts: whether the family's pipelines use a negative prompt.
+        negative_unused: ``setup params -> why they leave the negative prompt unused`` (None: it is used).
         params: the family-only parameters of the spec (``spec.FAMILY_PARAMS``) it takes; they are
             passed to the diffusers call under their own names.
         supports_loras: whether ``set_loras`` may load LoRA files into this family's models.
@@ -132,6 +177,14 @@ class Family:
             ``pipelines``); a role declared but not working yet is refused with a clear error.
         single_file_class: the diffusers class that loads a single-file denoiser of this family
             into a config folder (None: the whole pipeline loads with ``from_single_file``).
+        single_file_layout: ``checkpoint state dict -> diffusers-layout state dict`` of such a denoiser,
+            given to ``from_single_file`` (None: diffusers converts the file itself).
+        extra_checks: ``setup params -> None``, the family's own checks after :meth:`check_params`'
+            (raises ``InvalidValueError``; Qwen-Image: guidance_scale and true_cfg_scale agree).
+        finish_call: ``(pipe object, diffusers call kwargs) -> kwargs``, the family's last changes to
+            the call (Qwen-Image: guidance_scale goes as its true_cfg_scale).
+        role_components: ``(base pipeline, role) -> components`` the role's diffusers class needs that
+            the base lacks, given to ``from_pipe`` (Qwen-Image-Edit: its processor, from the model's folder).
     """
 
     name: str
@@ -149,6 +202,7 @@ class Family:
     controlnet_scales: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     controlnet_class: str = "ControlNetModel"
     multi_controlnet_class: str | None = None
+    max_controlnets: int | None = None
     denoiser: str = "unet"
     native_size: Callable[[Any], int] = unet_native_size
     folder_native_size: Callable[[Path], int] = unet_folder_native_size
@@ -157,6 +211,7 @@ class Family:
     weighted_prompts: bool = True
     encode_prompt: Callable[[Any, str, str | None], dict[str, Any]] | None = None
     negative_prompts: bool = True
+    negative_unused: Callable[[Mapping[str, Any]], str | None] = negative_always_used
     params: frozenset[str] = frozenset()
     supports_loras: bool = True
     lora_components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
@@ -165,6 +220,10 @@ class Family:
     step_latents: Callable[[Any, Any, int, int], Any] = same_latents
     working_roles: frozenset[Role] | None = None
     single_file_class: str | None = None
+    single_file_layout: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    extra_checks: Callable[[Mapping[str, Any]], None] = no_extra_checks
+    finish_call: Callable[[Any, dict[str, Any]], dict[str, Any]] = same_call
+    role_components: Callable[[Any, Role], dict[str, Any]] = no_components
 
     @property
     def model_type(self) -> Any:
@@ -186,6 +245,51 @@ class Family:
     def scheduler_choice(self) -> bool:
         """Whether a ``scheduler`` parameter may replace the model's own."""
         return self.schedulers is None or bool(self.schedulers)
+
+    @property
+    def refused_params(self) -> tuple[str, ...]:
+        """The spec's parameters this family refuses unless left at their default (the web form hides
+        them): ``clip_skip`` where prompts are not CLIP-encoded the A1111 way (``prompting.encode_prompts``),
+        ``timestep_spacing`` where the family lists its own schedulers (flow matching: its pipelines set
+        the sigmas themselves), and the family-only parameters (``spec.FAMILY_PARAMS``) it does not take."""
+        from ..spec import FAMILY_PARAMS
+
+        out = ["clip_skip"] if self.encode_prompt is not None or not self.weighted_prompts else []
+        out += ["timestep_spacing"] if self.schedulers is not None else []
+        return tuple(out + [p.name for p in FAMILY_PARAMS if p.name not in self.params])
+
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        """Refuse the setup parameters this family cannot honour, rather than ignore them silently:
+        those of :attr:`refused_params` set to anything but their default, and a scheduler name it
+        cannot take. The pipes' ``setup`` and the service's queue-time checks both call it, so a job is
+        refused before it is queued for what the pipe would refuse.
+
+        Raises:
+            InvalidValueError: naming the parameter, the bad value and what is allowed.
+            UnknownSchedulerError: a scheduler name of no kind (listing the family's).
+        """
+        from ..schedulers import check_for_family
+        from ..spec import FAMILY_PARAMS
+
+        refused = self.refused_params
+        if "clip_skip" in refused and params.get("clip_skip"):
+            raise InvalidValueError(f"clip_skip {params['clip_skip']} is not supported for {self.name} models; "
+                                    "allowed: 0", "clip_skip", "0")
+        for param in FAMILY_PARAMS:
+            if params.get(param.name) is not None and param.name in refused:
+                from . import FAMILIES
+
+                takes = ", ".join(f.name for f in FAMILIES if param.name in f.params)
+                raise InvalidValueError(f"{param.name} {params[param.name]!r} is not supported for {self.name} "
+                                        f"models; allowed: leave it out (model types that take it: {takes})",
+                                        param.name, "leave it out")
+        if "timestep_spacing" in refused and params.get("timestep_spacing") is not None:
+            raise InvalidValueError(f"timestep_spacing {params['timestep_spacing']!r} is not supported for "
+                                    f"{self.name} models (flow-matching); allowed: leave it out", "timestep_spacing",
+                                    "leave it out")
+        if params.get("scheduler") is not None:
+            check_for_family(params["scheduler"], self.schedulers, self.name)
+        self.extra_checks(params)
 
     def runs(self, role: Role | str) -> bool:
         return Role(role) in self.roles
@@ -221,9 +325,12 @@ class Family:
         return float(self.controlnet_scales.get(ctype, 1.0))
 
     def describe(self) -> dict[str, Any]:
-        """What ``GET /api/v1/models`` says of the family: name, tasks, its own parameters, sizes."""
+        """What ``GET /api/v1/models`` says of the family: name, tasks (and the diffusers class of each),
+        its own parameters and those it refuses, defaults, sizes."""
         return {"name": self.name, "title": self.title, "roles": [r.value for r in self.roles],
-                "params": sorted(self.params), "loras": self.supports_loras,
+                "pipelines": {r.value: self.pipelines[r] for r in self.roles},
+                "params": sorted(self.params), "refused_params": list(self.refused_params),
+                "param_defaults": dict(self.param_defaults), "loras": self.supports_loras,
                 "negative_prompt": self.negative_prompts, "prompt_weighting": self.weighted_prompts,
                 "schedulers": None if self.schedulers is None else list(self.schedulers),
                 "aspect_sizes": [list(s) for s in self.aspect_sizes]}

@@ -11,5 +11,5 @@ import importlib
 from .common import TinyModel
 
 #: the tiny model modules, in build order
-_MODULES = ("flux",)
+_MODULES = ("flux", "flux_single", "z_image", "qwen_image")
 TINY_MODELS: tuple[TinyModel, ...] = tuple(importlib.import_module(f".{m}", __name__).MODEL for m in _MODULES)

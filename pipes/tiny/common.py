@@ -24,11 +24,24 @@ class TinyModel:
         name: its key in the paths ``build_default_models`` returns.
         folder: where it goes, relative to the models folder (a diffusers folder).
         build: ``(models folder, seed) -> path`` writes it (and its ControlNet, LoRA, ... beside it).
+        extras: the files, relative to the models folder, that ``build`` writes beside the folder
+            (a LoRA file, a ControlNet's config and weights): a models folder missing any of them
+            (built before they were added) gets the model built again.
     """
 
     name: str
     folder: str
     build: Callable[[Path, int], Path]
+    extras: tuple[str, ...] = ()
+
+    def written(self) -> tuple[str, ...]:
+        """Every file a complete build leaves, relative to the models folder: the folder's
+        ``model_index.json`` and the extras."""
+        return (f"{self.folder}/model_index.json", *self.extras)
+
+    def missing(self, models_dir: Path) -> bool:
+        """Whether ``models_dir`` lacks any file this model's build writes."""
+        return any(not (Path(models_dir) / rel).is_file() for rel in self.written())
 
 
 def seeded(seed: int, offset: int) -> None:

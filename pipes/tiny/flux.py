@@ -1,13 +1,22 @@
 """The tiny Flux.1-dev-shaped model: a FluxPipeline with a 2-head transformer, CLIP and T5 encoders
-whose tokenizers are made in code, and a 16-channel VAE (1.8 MB)."""
+whose tokenizers are made in code, and a 16-channel VAE (1.8 MB); beside it a kohya-format Flux LoRA
+(BFL tensor names, as Flux LoRAs are shared) and an InstantX-style FluxControlNetModel matching its
+transformer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import DEFAULT_SEED, TinyModel, clip_text_encoder, make_t5_tokenizer, make_tokenizer, replace_path, seeded
+import torch
+from safetensors.torch import save_file
+
+from .common import (DEFAULT_SEED, TinyModel, clip_text_encoder, linears, make_t5_tokenizer, make_tokenizer,
+                     replace_path, seeded)
 
 FLUX_DIR = "tiny-flux"
+#: the tiny Flux LoRA and ControlNet, relative to the models folder (written with the model)
+FLUX_LORA = "loras/tiny-flux-lora.safetensors"
+FLUX_CONTROLNET_DIR = "tiny-controlnet-flux"
 
 
 @dataclass(frozen=True)
@@ -80,13 +89,86 @@ def build_flux(seed: int = DEFAULT_SEED, s: FluxSizes = TINY_FLUX):
                         tokenizer_2=tok2, transformer=transformer)
 
 
+def _lora_pair(name: str, in_features: int, out_features: int, rank: int, gen: torch.Generator,
+               scale: float) -> dict[str, torch.Tensor]:
+    """kohya ``lora_down``/``lora_up``/``alpha`` tensors of one (possibly fused) linear layer."""
+    down = torch.randn(rank, in_features, generator=gen) * scale
+    up = torch.randn(out_features, rank, generator=gen) * scale
+    return {f"{name}.lora_down.weight": down.contiguous(), f"{name}.lora_up.weight": up.contiguous(),
+            f"{name}.alpha": torch.tensor(float(rank))}
+
+
+def build_flux_lora(pipe, seed: int = DEFAULT_SEED, rank: int = 4, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    """A kohya (sd-scripts) Flux LoRA for ``pipe``, in BFL's layout as Flux LoRAs are published.
+
+    BFL's double blocks fuse q, k and v (``img_attn_qkv``: 3 x inner outputs), which diffusers'
+    ``_convert_kohya_flux_lora_to_diffusers`` splits into ``to_q``/``to_k``/``to_v``. Single blocks
+    carry only ``linear2`` (``proj_out``): diffusers splits ``linear1`` with Flux.1's full-size widths
+    hard-coded (3072, 12288), which a tiny transformer cannot have. The CLIP text encoder gets
+    ``lora_te1_`` attention LoRAs (T5 takes none, as in diffusers' Flux loader).
+    """
+    gen = torch.Generator("cpu").manual_seed(seed * 1000 + 51)
+    t = pipe.transformer
+    inner = int(t.config.num_attention_heads) * int(t.config.attention_head_dim)
+    out: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(t.transformer_blocks):
+        ff_hidden = block.ff.net[2].in_features
+        for side in ("img", "txt"):
+            prefix = f"lora_unet_double_blocks_{i}_{side}"
+            out.update(_lora_pair(f"{prefix}_attn_qkv", inner, 3 * inner, rank, gen, scale))
+            out.update(_lora_pair(f"{prefix}_attn_proj", inner, inner, rank, gen, scale))
+            out.update(_lora_pair(f"{prefix}_mlp_0", inner, ff_hidden, rank, gen, scale))
+            out.update(_lora_pair(f"{prefix}_mlp_2", ff_hidden, inner, rank, gen, scale))
+    for i, block in enumerate(t.single_transformer_blocks):
+        out.update(_lora_pair(f"lora_unet_single_blocks_{i}_linear2", block.proj_out.in_features, inner, rank, gen,
+                              scale))
+    for dotted, lin in linears(pipe.text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj")):
+        # kohya names always start text_model_, whether or not transformers nests a text_model
+        name = dotted.replace(".", "_")
+        kohya = name if name.startswith("text_model_") else "text_model_" + name
+        out.update(_lora_pair("lora_te1_" + kohya, lin.in_features, lin.out_features, rank, gen, scale))
+    return out
+
+
+def build_flux_controlnet(transformer, seed: int = DEFAULT_SEED, scale: float = 0.2):
+    """An InstantX-style FluxControlNetModel (the condition image goes through the VAE) matching
+    ``transformer``: one double and one single block, initialised from the transformer as diffusers'
+    ``from_transformer`` does, its zero-initialised output layers randomised so it has an effect."""
+    from diffusers import FluxControlNetModel
+
+    c = transformer.config
+    seeded(seed, 45)
+    net = FluxControlNetModel(patch_size=c.patch_size, in_channels=c.in_channels, num_layers=1, num_single_layers=1,
+                              attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads,
+                              joint_attention_dim=c.joint_attention_dim, pooled_projection_dim=c.pooled_projection_dim,
+                              guidance_embeds=c.guidance_embeds, axes_dims_rope=tuple(c.axes_dims_rope))
+    for name in ("pos_embed", "time_text_embed", "context_embedder", "x_embedder"):
+        getattr(net, name).load_state_dict(getattr(transformer, name).state_dict())
+    net.transformer_blocks.load_state_dict(transformer.transformer_blocks[:1].state_dict())
+    net.single_transformer_blocks.load_state_dict(transformer.single_transformer_blocks[:1].state_dict())
+    gen = torch.Generator("cpu").manual_seed(seed * 1000 + 46)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return net.eval()
+
+
 def build_flux_model(out_dir: str | Path, seed: int = DEFAULT_SEED) -> Path:
-    """Write the tiny Flux model to ``out_dir/FLUX_DIR`` (replacing it) and return its path."""
-    path = Path(out_dir) / FLUX_DIR
+    """Write the tiny Flux model to ``out_dir/FLUX_DIR``, its LoRA to ``FLUX_LORA`` and its ControlNet to
+    ``FLUX_CONTROLNET_DIR`` (replacing them) and return the model's path."""
+    out = Path(out_dir)
+    path = out / FLUX_DIR
+    pipe = build_flux(seed)
     replace_path(path)
-    build_flux(seed).save_pretrained(path, safe_serialization=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    (out / FLUX_LORA).parent.mkdir(parents=True, exist_ok=True)
+    save_file(build_flux_lora(pipe, seed), str(out / FLUX_LORA))
+    replace_path(out / FLUX_CONTROLNET_DIR)
+    build_flux_controlnet(pipe.transformer, seed).save_pretrained(out / FLUX_CONTROLNET_DIR, safe_serialization=True)
     return path
 
 
-
-MODEL = TinyModel("flux", FLUX_DIR, build_flux_model)
+MODEL = TinyModel("flux", FLUX_DIR, build_flux_model,
+                  extras=(FLUX_LORA, f"{FLUX_CONTROLNET_DIR}/config.json",
+                          f"{FLUX_CONTROLNET_DIR}/diffusion_pytorch_model.safetensors"))

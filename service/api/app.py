@@ -12,8 +12,10 @@ from werkzeug.exceptions import HTTPException
 
 from multigen.pipes import list_schedulers
 from multigen.pipes.errors import PipeError
+from multigen.pipes.registry import pipe_role
 
 from .. import __version__
+from ..catalog import ModelCatalog, describe_family, family_support
 from ..config import Config
 from ..errors import MultigenError
 from ..protocol import GenerationService, missing_methods
@@ -45,33 +47,49 @@ def health() -> dict[str, Any]:
 
 @bp.get("/models")
 def models() -> dict[str, Any]:
-    """What a session can be opened with: models, LoRAs, pipes (with their parameters), schedulers.
+    """What a session can be opened with: models (each with its family), LoRAs, pipes (with their
+    parameters), the model families, schedulers.
 
     Each pipe's ``params`` describe its setup parameters (name, type, min, max, default, unit,
-    description, image) from the parameter spec with the config's limits on top; ``images`` says
-    how ``images=[...]`` map onto them; ``job_params`` and ``lora_weight`` describe the job-level
-    fields. The web page's form reads its ranges and help texts from here.
+    description, image) from the parameter spec with the config's limits on top; a parameter only
+    some model families take (or some refuse) says which in ``families``/``refused_by``; ``images``
+    says how ``images=[...]`` map onto them; ``job_params`` and ``lora_weight`` describe the
+    job-level fields. Each model names its ``family`` (declared or detected) and the ``pipes`` it
+    runs; ``families`` lists every model family once (``catalog.describe_family``: the tasks it runs
+    and the pipe classes that run them, its own and refused parameters, its schedulers, sizes,
+    negative prompt, prompt weighting and LoRA support). ``schedulers`` is the SD-style list (each
+    family lists its own). The web page's form reads its ranges, help texts and per-family fields
+    from here.
     """
     from multigen.pipes import spec as specs
+    from multigen.pipes.families import FAMILIES
     from multigen.pipes.registry import pipe_spec
 
     cfg: Config = current_app.extensions["multigen.config"]
+    catalog: ModelCatalog = current_app.extensions["multigen.catalog"]
     pipes = []
     for p in cfg.models.pipes.values():
         spec = specs.apply_limits(pipe_spec(p.classname), cfg.limits)
         pipes.append({"name": p.name, "title": p.title, "classname": p.classname, "need_imgs": p.need_imgs,
                       "needs_cnet": p.needs_cnet, "schema": f"#/components/schemas/JobCreate_{p.name}",
-                      "params": spec.describe(), "images": spec.describe_images()})
+                      "role": pipe_role(p.classname).value, "params": [_with_families(d) for d in spec.describe()],
+                      "images": spec.describe_images()})
     return {
-        "models": [{"name": e.name, "type": e.type, "native_size": e.native_size(), "defaults": e.defaults}
-                   for e in cfg.models.base.values()],
+        "models": [catalog.describe_model(name) for name in cfg.models.base],
         "loras": [{"name": e.name, "type": e.type} for e in cfg.models.lora.values()],
         "pipes": pipes,
         "controlnets": [{"name": e.name, "type": e.type} for e in cfg.models.controlnet.values()],
+        "families": [describe_family(f) for f in FAMILIES[::-1]],
         "schedulers": list_schedulers(),
         "job_params": specs.apply_limits(specs.JOB, cfg.limits).describe(),
         "lora_weight": specs.LORA_WEIGHT.describe(),
     }
+
+
+def _with_families(param: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's description, with the model types that alone take it (``families``) or refuse it
+    (``refused_by``) when not every family takes it (``catalog.family_support``)."""
+    return {**param, **family_support(param["name"])}
 
 
 @bp.get("/openapi.json")
@@ -162,6 +180,8 @@ def create_app(config: Config, service: GenerationService) -> Flask:
                                                                     events.HEARTBEAT_SECONDS))
     app.extensions["multigen.config"] = config
     app.extensions["multigen.service"] = service
+    # the model list's own view of models.yaml: each model's family is detected from its files once
+    app.extensions["multigen.catalog"] = ModelCatalog(config.models, config.model_dir)
     app.extensions["multigen.users"] = users = UserTable(config.file, config.users)
     app.extensions["multigen.schemas"] = schemas = Schemas(config)
     app.extensions["multigen.uploads"] = store = uploads.UploadStore.from_limits(config.data_dir / "uploads",

@@ -139,7 +139,9 @@ ERRORS = {"400": "malformed or invalid", "401": "no or bad token",
 #:  query parameters, error statuses)
 ROUTES: list[tuple[str, str, str, str | None, str, str, list[str], list[str]]] = [
     ("get", "/api/v1/health", "Service status, version, devices and queue", None, "200", "object", [], []),
-    ("get", "/api/v1/models", "Models, LoRAs, pipes and schedulers", None, "200", "object", [], ["401"]),
+    ("get", "/api/v1/models", "Models (each with its family and the pipes it runs), LoRAs, pipes, model families "
+     "(what each runs, takes and refuses; its schedulers) and the SD-style schedulers", None, "200", "object", [],
+     ["401"]),
     ("post", "/api/v1/sessions", "Open a session", "SessionCreate", "201", "SessionResponse", [],
      ["400", "401", "403", "413", "415", "429"]),
     ("get", "/api/v1/sessions", "The user's sessions", None, "200", "SessionList", ["project", "state", "user"],

@@ -27,6 +27,7 @@ from multigen.pipes.cfgen import validate_grammar
 from multigen.pipes.errors import PipeError
 from multigen.pipes.registry import pipe_spec
 
+from ..catalog import family_param_note, scheduler_note
 from ..config import Config, Limits
 from ..errors import InvalidInput
 
@@ -93,10 +94,16 @@ def value_list(param: specs.Param) -> Any:
 
 
 def field_doc(param: specs.Param) -> str:
-    """The help text of a field: the spec's description, with its default."""
+    """The help text of a field: the spec's description, with its default, and which model types take it
+    where not all do (or, for ``scheduler``, which names each takes), from the families' declarations."""
     doc = param.description
     if param.default is not None and param.default != "":
         doc += f" (default {param.default})"
+    note = family_param_note(param.name)
+    if note:
+        doc += f"; {note}"
+    if param.name == specs.SCHEDULER.name:
+        doc += f"; {scheduler_note()}"
     return doc
 
 

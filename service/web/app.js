@@ -10,7 +10,8 @@ const SESSION_KEY = "multigen.session";
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  models: [], loras: [], pipes: [], schedulers: [], openapi: null, maxCount: null, jobParams: [], loraWeight: null,
+  models: [], loras: [], pipes: [], schedulers: [], families: {}, openapi: null, maxCount: null, jobParams: [],
+  loraWeight: null,
   sessions: [], session: null, events: null, streaming: false, timer: null,
 };
 
@@ -70,6 +71,8 @@ async function loadCatalog() {
   state.loras = (m.loras || []).map(item);
   state.pipes = (m.pipes || []).map(item);
   state.schedulers = (m.schedulers || []).map((s) => (typeof s === "string" ? s : item(s).id));
+  // each model family once (what it runs, takes and refuses); each model names its own
+  state.families = Object.fromEntries((m.families || []).map((f) => [f.name, f]));
   state.jobParams = Array.isArray(m.job_params) ? m.job_params : [];
   state.loraWeight = m.lora_weight || null;  // its range and help, from the server's parameter spec
   const count = state.jobParams.find((p) => p.name === "count");
@@ -78,6 +81,32 @@ async function loadCatalog() {
   fillSelect($("pipe"), state.pipes);
   fillSelect($("model"), state.models);
   renderLoras();
+  renderFamily();
+}
+
+/** A model's family from GET /api/v1/models (detected or declared), or null for an unknown one. */
+function familyOf(model) {
+  return (model && state.families[model.family || model.type]) || null;
+}
+
+/**
+ * The chosen model's family under the model list (its tasks, own parameters, LoRA support), and which
+ * pipes it cannot run marked in the pipe list (the server refuses such a session, naming the pipe).
+ */
+function renderFamily() {
+  const model = state.models.find((m) => m.id === $("model").value);
+  const family = familyOf(model);
+  const runs = model && Array.isArray(model.pipes) ? new Set(model.pipes) : null;
+  for (const opt of $("pipe").options) {
+    const pipe = state.pipes.find((p) => p.id === opt.value);
+    const unsupported = runs !== null && !runs.has(opt.value);
+    opt.textContent = (pipe ? pipe.label : opt.value) + (unsupported ? ` (not for ${family ? family.title : "this model"})` : "");
+    if (unsupported) opt.dataset.unsupported = "true"; else delete opt.dataset.unsupported;
+  }
+  const text = family ? [`${family.title}: runs ${(family.roles || []).join(", ")}`,
+    family.params && family.params.length ? `its own: ${family.params.join(", ")}` : "",
+    family.loras === false ? "no LoRAs" : ""].filter(Boolean).join(" · ") : "";
+  $("model-family").textContent = text;
 }
 
 function fillSelect(sel, items) {
@@ -88,7 +117,8 @@ function fillSelect(sel, items) {
 
 function renderLoras() {
   const model = state.models.find((m) => m.id === $("model").value);
-  const fit = state.loras.filter((l) => !model || !model.type || !l.type || l.type === model.type);
+  const type = model && (model.family || model.type);
+  const fit = state.loras.filter((l) => !type || !l.type || l.type === type);
   const box = $("lora-list");
   box.replaceChildren(...fit.map((l, i) => {
     const row = document.createElement("div");
@@ -110,7 +140,7 @@ function renderLoras() {
   }));
   $("loras-field").hidden = fit.length === 0;
 }
-$("model").addEventListener("change", renderLoras);
+$("model").addEventListener("change", () => { renderLoras(); renderFamily(); });
 
 function sessionLabel(s) {
   return `${s.project} · ${pipeLabel(s.pipe)} · ${s.model}`;
@@ -215,8 +245,10 @@ async function switchSession(id) {
   const s = state.session;
   $("current-session").textContent = "in " + sessionLabel(s);
   const pipe = state.pipes.find((p) => p.id === s.pipe) || { id: s.pipe };
-  form.configure(pipe, state.openapi, state.schedulers, state.maxCount, state.jobParams);
-  form.applyModel(state.models.find((m) => m.id === s.model) || { id: s.model });
+  const model = state.models.find((m) => m.id === s.model) || { id: s.model };
+  const family = familyOf(model);  // its fields, schedulers, sizes and defaults
+  form.configure(pipe, state.openapi, state.schedulers, state.maxCount, state.jobParams, family);
+  form.applyModel(model, family);
   await Promise.all([jobs.switchTo(s.id), gallery.switchTo(s.id)]);
 }
 

@@ -11,7 +11,7 @@ const JOB_FIELDS = ["prompt", "negative_prompt", "count", "seeds"];
 const NUMBER_FIELDS = ["width", "height", "steps", "guidance_scale", "strength"];
 // the "Advanced" section: shown only for the parameters the pipe takes; empty = pipe default
 const ADVANCED_NUMBERS = ["clip_skip", "scale", "blur", "blur_compose", "control_guidance_start",
-  "control_guidance_end"];
+  "control_guidance_end", "true_cfg_scale", "max_sequence_length"];
 const ADVANCED_CHOICES = ["timestep_spacing"];
 const ADVANCED_FLAGS = ["guess_mode"];
 const ADVANCED = [...ADVANCED_NUMBERS, ...ADVANCED_CHOICES, ...ADVANCED_FLAGS];
@@ -48,13 +48,32 @@ export function pipeParams(pipe, openapi) {
   return { names: new Set(JOB_FIELDS), info: {}, schema: null, source: "none" };
 }
 
+/**
+ * The form fields a model family leaves out (its entry in GET /api/v1/models `families`): the parameters
+ * it refuses (clip_skip and timestep_spacing on flow-matching families, other families' own parameters),
+ * the negative prompt where its pipelines use none, the scheduler where it offers no choice.
+ */
+export function familyHides(family) {
+  if (!family) return [];
+  const out = [...(family.refused_params || [])];
+  if (family.negative_prompt === false) out.push("negative_prompt");
+  if (Array.isArray(family.schedulers) && family.schedulers.length === 0) out.push("scheduler");
+  return out;
+}
+
+/** A size as the size list shows it: "832 × 1216 portrait". */
+function sizeLabel([w, h]) { return `${w} × ${h}${w > h ? " landscape" : w < h ? " portrait" : ""}`; }
+
 /** A parameter's help text: the server's description, range, unit and default. */
 export function helpText(p) {
   const bound = (v, open) => `${v}${open ? " (exclusive)" : ""}`;
   const range = p.min != null && p.max != null ? `${bound(p.min, p.exclusive_min)} to ${bound(p.max, p.exclusive_max)}`
     : p.min != null ? `${bound(p.min, p.exclusive_min)} or more` : p.max != null ? `at most ${p.max}` : "";
+  // which model families alone take it, or refuse it (the server's, from the families' declarations)
+  const families = Array.isArray(p.families) && `only for model types ${p.families.join(", ")}`;
+  const refused = Array.isArray(p.refused_by) && p.refused_by.length && `not for model types ${p.refused_by.join(", ")}`;
   return [p.description, range && `range ${range}${p.unit ? " " + p.unit : ""}`,
-    p.default != null && p.default !== "" && `default ${p.default}`].filter(Boolean).join("; ");
+    p.default != null && p.default !== "" && `default ${p.default}`, families, refused].filter(Boolean).join("; ");
 }
 
 /** Set a number input's min/max/step and help from the server's description of its parameter. */
@@ -125,10 +144,14 @@ export class JobForm {
 
   /**
    * Show the fields of this pipe with the server's ranges and help texts; enable the form.
-   * `jobParams`: the job-level fields of GET /api/v1/models (count, seeds, priority).
+   * `jobParams`: the job-level fields of GET /api/v1/models (count, seeds, priority). `family`: the
+   * session model's family from GET /api/v1/models: the fields it refuses are hidden and the scheduler
+   * list is its own (`schedulers`: the server's general list, for a server that names no family).
    */
-  configure(pipe, openapi, schedulers, maxCount, jobParams = []) {
+  configure(pipe, openapi, schedulers, maxCount, jobParams = [], family = null) {
     const { names, info, schema } = pipeParams(pipe, openapi);
+    for (const k of familyHides(family)) names.delete(k);
+    if (family && Array.isArray(family.schedulers)) schedulers = family.schedulers;
     this.params = names;
     this.clearErrors();  // another session's errors do not belong to this one
     // a mask is required where the pipe cannot run without one (its required images name it)
@@ -185,21 +208,41 @@ export class JobForm {
   disable() { $("job-fields").disabled = true; }
 
   /**
-   * A session on another model: its native size and its defaults (models.yaml) fill the form; what the
-   * user typed stays while the model stays the same.
+   * A session on another model: its native size and its defaults (models.yaml, else its family's) fill
+   * the form, and the size list offers its family's trained sizes; what the user typed stays while the
+   * model stays the same.
    */
-  applyModel(model) {
+  applyModel(model, family = null) {
     if (this.model === model.id) return;
     this.model = model.id;
-    const defaults = model.defaults || {};
+    this.sizePresets(model, family);
+    const defaults = { ...((family && family.param_defaults) || {}), ...(model.defaults || {}) };
     if (model.native_size) {  // the server's: defaults width/height, else read from the model's configs
       [$("width").value, $("height").value] = model.native_size.map(String);
-      this.syncSize();
     }
+    this.syncSize();
     for (const k of ["steps", "guidance_scale"]) {
       const el = $(k);
       el.value = defaults[k] !== undefined ? String(defaults[k]) : el.defaultValue;
     }
+  }
+
+  /**
+   * The size list: the model's own size, then the sizes its family was trained at (`aspect_sizes`), then
+   * "Custom…"; the page's own list for a model of no known family.
+   */
+  sizePresets(model, family) {
+    const sel = $("size");
+    if (!this.pageSizes) this.pageSizes = [...sel.options].map((o) => [o.value, o.textContent]);
+    const sizes = (family && family.aspect_sizes) || [];
+    let options = this.pageSizes;
+    if (sizes.length) {
+      options = sizes.map((s) => [s.join("x"), sizeLabel(s)]);
+      const own = model.native_size;
+      if (own && !options.some(([v]) => v === own.join("x"))) options.unshift([own.join("x"), sizeLabel(own) + " (model)"]);
+      options.push(["custom", "Custom…"]);
+    }
+    sel.replaceChildren(...options.map(([v, t]) => new Option(t, v)));
   }
 
   applySize() {
