@@ -95,6 +95,31 @@ def test_bad_model_defaults(config_file: Path, defaults, key, fix):
     assert str(models) in msg and key in msg and fix in msg
 
 
+@pytest.mark.parametrize("defaults,key,fix", [
+    ("{scheduler: euler_a}", "base.tiny-flux.defaults.scheduler", "flow_euler"),  # an SD sampler on Flux
+    ("{clip_skip: 2}", "base.tiny-flux.defaults.clip_skip", "give clip_skip 0"),
+    ("{timestep_spacing: trailing}", "base.tiny-flux.defaults.timestep_spacing", "leave it out"),
+    ("{max_sequence_length: 9999}", "base.tiny-flux.defaults.max_sequence_length", "1 to 1024"),
+])
+def test_model_defaults_the_family_refuses(config_file: Path, defaults, key, fix):
+    """models.yaml ``defaults:`` are checked by the model's family at start-up, as a job's would be."""
+    models = config_file.parent / "models.yaml"
+    _edit(models, "    id: tiny-flux                         # Flux.1-dev shapes (type detected from the folder)\n",
+          f"    id: tiny-flux\n    defaults: {defaults}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(config_file)
+    msg = str(e.value)
+    assert str(models) in msg and key in msg and fix in msg, msg
+
+
+def test_model_defaults_a_family_takes(config_file: Path):
+    models = config_file.parent / "models.yaml"
+    _edit(models, "    id: tiny-flux                         # Flux.1-dev shapes (type detected from the folder)\n",
+          "    id: tiny-flux\n    defaults: {scheduler: flow_euler, true_cfg_scale: 2.0, max_sequence_length: 128}\n")
+    entry = load_config(config_file).models.base["tiny-flux"]
+    assert entry.defaults == {"scheduler": "flow_euler", "true_cfg_scale": 2.0, "max_sequence_length": 128}
+
+
 def test_model_defaults_and_native_size(config_file: Path):
     models = config_file.parent / "models.yaml"
     _edit(models, "    id: tiny-sd                           # a diffusers folder\n",

@@ -159,9 +159,10 @@ def test_session_jobs_events_cancel_download_restart(start, config_file):
     assert 'multigen_jobs_finished_total{state="succeeded"} 2.0' in metrics
     assert mg.close_session(sid)["state"] == "closed"
     # a job running at SIGTERM is kept and finishes after the restart, with its seeds: stopped once
-    # its first image is written, with two images of 40 steps still to go
+    # its first image is written, with two images of 150 steps still to go (seconds: more than a stop takes
+    # on a loaded machine, so the stop finds it part-way)
     other = mg.create_session(project="e2e", pipe="prompt2image", model="tiny-sd")
-    running = mg.create_job(other["id"], prompt="interrupted", seeds=[21, 22, 23], steps=40, width=64, height=64)
+    running = mg.create_job(other["id"], prompt="interrupted", seeds=[21, 22, 23], steps=150, width=64, height=64)
     deadline = time.time() + 120
     while not (at_stop := mg.get_job(running["id"]))["images"]:
         assert time.time() < deadline and at_stop["state"] in ("queued", "running"), at_stop
