@@ -79,14 +79,17 @@ def _cases(fam: Any, base: Any, controlnet: Any, size: int, steps: int, lpw: boo
         p.set_progress_bar_config(disable=True)
         return p
 
-    def call(p: Any, ours: Any, sized: bool = True, **kw: Any) -> Callable[[], Any]:
+    def call(p: Any, ours: Any, **kw: Any) -> Callable[[], Any]:
         settings = {name: ours.params[name] for name in fam.params if ours.params.get(name) is not None}
-        if sized and _takes(type(p), "width"):
+        if _takes(type(p), "width"):
             settings.update(width=ours.padded(size), height=ours.padded(size))
+
+        if _takes(type(p), "negative_prompt"):  # Flux's ControlNet img2img class takes none (ours drops it)
+            settings["negative_prompt"] = negative
 
         def run() -> Any:
             with torch.inference_mode():
-                return p(prompt=prompt, negative_prompt=negative, num_inference_steps=steps,
+                return p(prompt=prompt, num_inference_steps=steps,
                          guidance_scale=ours.params["guidance_scale"], generator=torch.Generator("cpu").manual_seed(1),
                          **settings, **kw).images
         return run
@@ -120,7 +123,7 @@ def _cases(fam: Any, base: Any, controlnet: Any, size: int, steps: int, lpw: boo
         ci2i = ours(CIm2ImPipe, controlnets=[controlnet], ctypes=["canny"], image=img, strength=0.75, cscales=0.75)
         cimg_plain = plain(Role.CONTROLNET_IMAGE2IMAGE, controlnet=controlnet)
         # both sides compute the condition once, outside the timed runs (ours does it in setup)
-        cases.append(("CIm2ImPipe", ci2i, call(cimg_plain, ci2i, sized=False, image=img,
+        cases.append(("CIm2ImPipe", ci2i, call(cimg_plain, ci2i, image=img,
                                                control_image=make_condition("canny", img), strength=0.75,
                                                controlnet_conditioning_scale=0.75)))
     return cases
