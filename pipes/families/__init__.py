@@ -32,7 +32,7 @@ __all__ = ["Family", "Role", "ModelType", "FAMILIES", "family", "family_of_folde
 #: the family modules, most specific first: detection takes the first that recognises a model (an
 #: SDXL checkpoint also holds SD's tensor names, so SDXL is asked before SD; a Flux folder has a
 #: text_encoder_2 as SDXL does, so Flux is asked before SDXL)
-_MODULES = ("flux", "z_image", "qwen_image", "sdxl", "sd")
+_MODULES = ("z_image", "qwen_image", "flux", "sdxl", "sd")
 #: every supported family, in detection order
 FAMILIES: tuple[Family, ...] = tuple(importlib.import_module(f".{m}", __name__).FAMILY for m in _MODULES)
 
