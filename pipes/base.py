@@ -142,7 +142,7 @@ class BasePipe:
         return family(self.model_type)
 
     def _pipeline_class(self, role: Role | None = None) -> type:
-        return self.family.pipeline_class(role or self.ROLE)
+        return self.family.pipeline_class(role or self.ROLE, self.base)  # the model's variant may have its own
 
     def _build_pipeline(self, base: Any, scheduler: Any, role: Role | None = None, **extra: Any) -> Any:
         cls = self._pipeline_class(role)
@@ -153,9 +153,10 @@ class BasePipe:
 
     # ---- setup ------------------------------------------------------------------------------
     def default_params(self) -> dict[str, Any]:
-        """Defaults of every parameter: the spec's, the family's own, and the native size of the model."""
+        """Defaults of every parameter: the spec's, the family's own (its model variant's: Flux.1 Fill's), and
+        the native size of the model."""
         native = self.family.native_size(self.base)
-        own = {k: v for k, v in self.family.param_defaults.items() if k in self.PARAMS}
+        own = {k: v for k, v in self.family.model_defaults(self.base).items() if k in self.PARAMS}
         return {**self.SPEC.defaults(), **own, "width": native, "height": native}
 
     def padded(self, side: int) -> int:
@@ -218,7 +219,7 @@ class BasePipe:
     def _check_family_params(self, p: dict[str, Any]) -> None:
         """Refuse parameters the model's family cannot honour (rather than ignore them silently); the
         service's queue-time checks ask the family the same (``Family.check_params``)."""
-        self.family.check_params(p)
+        self.family.check_params(p, self.base)
 
     def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
         """Subclass hook: validate and preprocess pipe-specific parameters and images."""

@@ -4,8 +4,9 @@ The models have the real architectures (SD 1.x and SDXL shapes, a VAE that
 downsamples by 8, a ControlNet, kohya-style LoRA files, an LDM single-file
 checkpoint, a Flux.1-shaped transformer model with 16 latent channels) with small,
 deterministic random weights, so the server and the tests run on a fresh machine with
-no GPU and no network. ``full_size=True`` writes SD 1.5- and SDXL-shaped random weights
-for benchmarks on a GPU (Flux stays tiny: a random 12B-parameter Flux is no use).
+no GPU and no network. ``full_size=True`` writes SD 1.5-, SDXL-, FLUX.1-dev- and Qwen-Image-shaped
+random weights for benchmarks on a GPU (the models with a ``TinyModel.full_build``, built on the meta
+device and written a shard at a time; the other tiny models are not written).
 
 Models added after a checkout first built its folder are built by ``build_missing_models``
 (only what is missing), so adding one never rebuilds the others.
@@ -248,8 +249,10 @@ def build_default_models(out_dir: str | Path, seed: int = DEFAULT_SEED, full_siz
     Args:
         out_dir: destination folder; existing entries are replaced.
         seed: the same seed gives byte-identical files.
-        full_size: SD 1.5- and SDXL-shaped weights (fp16 files) instead of tiny ones.
-        progress: called with a label before each part is built.
+        full_size: SD 1.5- and SDXL-shaped weights (fp16 files) instead of tiny ones, then the tiny
+            models that have a full-size form (``TinyModel.full_build``: FLUX.1-dev, Qwen-Image; bf16).
+        progress: called with a label before each part is built (and, for a full-size model, with
+            ``"<name> model (full size): <component> <shard>/<shards>"`` as its weights are written).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,14 +288,19 @@ def build_default_models(out_dir: str | Path, seed: int = DEFAULT_SEED, full_siz
     save_file(_cast(diffusers_to_ldm(sd), dtype), str(out / SD_SINGLE_FILE))
     replace_path(out / SD_SINGLE_CONFIG)
     write_config_folder(sd, out / SD_SINGLE_CONFIG)
+    del sd  # (GBs at full size) before the full-size Flux and Qwen-Image are written
 
     paths = {"sd": out / SD_DIR, "sdxl": out / SDXL_DIR, "controlnet": out / CONTROLNET_DIR,
              "sd_lora": out / SD_LORA, "sdxl_lora": out / SDXL_LORA,
              "sd_single_file": out / SD_SINGLE_FILE, "sd_single_config": out / SD_SINGLE_CONFIG}
-    if not full_size:
-        for model in TINY_MODELS:
+    for model in TINY_MODELS:
+        if not full_size:
             tick(f"{model.name} model")
             paths[model.name] = model.build(out, seed)
+        elif model.full_build is not None:
+            label = f"{model.name} model (full size)"
+            tick(label)
+            paths[model.name] = model.full_build(out, seed, lambda detail, label=label: tick(f"{label}: {detail}"))
     return paths
 
 

@@ -46,11 +46,14 @@ def _models_init(args: argparse.Namespace) -> int:
     from multigen.pipes.tiny import TINY_MODELS
 
     steps = ["SD pipeline", "SDXL pipeline", "ControlNet", "LoRA files", "single-file checkpoint"]
-    if not args.full_size:
+    if args.full_size:
+        steps += [f"{m.name} model (full size)" for m in TINY_MODELS if m.full_build is not None]
+    else:
         steps += [f"{m.name} model" for m in TINY_MODELS]
     with tqdm(total=len(steps), desc="models init", unit="part", file=sys.stderr) as bar:
         def tick(label: str) -> None:
-            if bar.n or label != steps[0]:
+            # a step's label moves the bar on; the details within a step (a full-size model's shards) only show
+            if label in steps and (bar.n or label != steps[0]):
                 bar.update(1)
             bar.set_postfix_str(label)
 
@@ -121,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--dir", help="destination (default: model_dir of the config)")
     mi.add_argument("--config", help="config.yaml whose model_dir to use")
     mi.add_argument("--full-size", action="store_true",
-                    help="SD 1.5- and SDXL-shaped random weights (GBs; for GPU benchmarks)")
+                    help="SD 1.5-, SDXL-, FLUX.1-dev- and Qwen-Image-shaped random weights (about 105 GB; "
+                         "for GPU benchmarks)")
     mi.add_argument("--seed", type=int, default=1234, help="same seed, byte-identical files")
     mi.add_argument("--rebuild", action="store_true",
                     help="write every model again, even into a folder built before")

@@ -67,11 +67,11 @@ def test_family_is_recognised(models_dir, flux_base):
     assert FLUX.pipeline_class(Role.IMAGE2IMAGE).__name__ == "FluxImg2ImgPipeline"
     assert FLUX.latent_channels == 16 and FLUX.denoiser == "transformer"
     assert FLUX.working_roles == {Role.TEXT2IMAGE, Role.IMAGE2IMAGE, Role.INPAINT, Role.CONTROLNET,
-                                  Role.CONTROLNET_IMAGE2IMAGE}
-    # a role it does not run (instruction editing): refused, naming the families that do
+                                  Role.CONTROLNET_IMAGE2IMAGE, Role.EDIT}
+    # instruction editing is a Kontext model's only (tests/test_pipes_flux_variants.py): this one is refused
     with pytest.raises(InvalidValueError) as e:
-        FLUX.check_role(Role.EDIT)
-    assert e.value.param == "model_type" and "FLUX" not in e.value.allowed
+        FLUX.pipeline_class(Role.EDIT, flux_base)
+    assert e.value.param == "model_id" and "Kontext" in str(e.value)
     # its ControlNet pipes need explicit ControlNets (tests/test_pipes_flux_extras.py): no default folders
     with pytest.raises(InvalidValueError) as e:
         Cond2ImPipe(pipe=flux_base)

@@ -191,11 +191,11 @@ def test_family_parameters_are_refused_on_sd(models_dir):
     assert e.value.param == "model_type" and "QWEN_IMAGE" in e.value.allowed
 
 
-def test_weighting_syntax_is_stripped_with_a_warning(qwen):
+def test_weighting_is_applied_without_a_warning(qwen):
+    # (tests/test_pipes_llm_weighting.py checks the embeddings themselves)
     weighted = _pixels(qwen.gen({"prompt": "a (red:1.3) cat", "seed": 2}))
-    assert any("prompt weighting is not applied" in w for w in qwen.get_config()["warnings"])
-    assert np.array_equal(weighted, _pixels(qwen.gen({"prompt": "a red cat", "seed": 2})))
     assert "warnings" not in qwen.get_config()
+    assert not np.array_equal(weighted, _pixels(qwen.gen({"prompt": "a red cat", "seed": 2})))
 
 
 def test_step_callback_previews_and_cancel(qwen, qwen_base):

@@ -94,7 +94,7 @@ def test_family_is_recognised(models_dir, z_base, tmp_path):
     assert Z_IMAGE.latent_channels == 16 and Z_IMAGE.latent_rgb_factors == FLUX.latent_rgb_factors
     described = Z_IMAGE.describe()
     assert described["roles"] == ["text2image", "image2image", "inpaint", "controlnet"] and described["loras"] is True
-    assert described["params"] == ["max_sequence_length"] and described["prompt_weighting"] is False
+    assert described["params"] == ["max_sequence_length"] and described["prompt_weighting"] is True
     assert [1024, 1024] in described["aspect_sizes"]
     assert all(w % 16 == 0 and h % 16 == 0 for w, h in Z_IMAGE.aspect_sizes)
     # its ControlNet is recognised; CIm2ImPipe has no diffusers class to run it (refused, naming who does)
@@ -164,11 +164,11 @@ def test_max_sequence_length_truncates_the_prompt(z_pipe):
     assert not np.array_equal(full, _pixels(z_pipe.gen(prompt)))
 
 
-def test_weighting_syntax_is_stripped_with_a_warning(z_pipe):
+def test_weighting_is_applied_without_a_warning(z_pipe):
+    # (tests/test_pipes_llm_weighting.py checks the embeddings themselves)
     weighted = _pixels(z_pipe.gen({"prompt": "a (red:1.3) cat", "seed": 2}))
-    assert any("prompt weighting" in w for w in z_pipe.get_config()["warnings"])
-    assert np.array_equal(weighted, _pixels(z_pipe.gen({"prompt": "a red cat", "seed": 2})))
     assert "warnings" not in z_pipe.get_config()
+    assert not np.array_equal(weighted, _pixels(z_pipe.gen({"prompt": "a red cat", "seed": 2})))
 
 
 def test_parameters_z_image_cannot_honour_are_refused(z_pipe):

@@ -129,6 +129,43 @@ def unpack_2x2(pipe: Any, latents: Any, height: int, width: int) -> Any:
 NO_SCHEDULERS: tuple[str, ...] = ()
 
 
+def model_name(base: Any) -> str:
+    """What errors call a loaded base pipeline: the folder it was loaded from, else its class."""
+    return str(base.config.get("_name_or_path") or type(base).__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A kind of model of a family that runs other diffusers classes than its plain models: Flux.1 Fill
+    (inpainting only, ``FluxFillPipeline``), Flux.1 Kontext (instruction editing). Declared in the
+    family's module (``Family.variants``) and told from the loaded base pipeline, so that the pipe
+    classes stay the same and nothing outside the family's module asks which variant a model is.
+
+    Attributes:
+        name: how people write it (``"Flux.1 Fill"``).
+        recognises: ``base pipeline -> bool``: the model is one of these.
+        pipelines: the diffusers class of every role such a model runs; any other role is refused for it.
+        looks_like: how a model of this variant is recognised, for the errors that ask for one.
+        note: why it runs only those roles (and which pipe classes do), for the errors that refuse one.
+        param_defaults: its setup defaults that differ from the family's (its own recommended settings).
+        refused_params: family parameters (``Family.params``) its diffusers classes do not take, with why.
+    """
+
+    name: str
+    recognises: Callable[[Any], bool]
+    pipelines: Mapping[Role, str]
+    looks_like: str
+    note: str = ""
+    param_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    refused_params: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /api/v1/models`` says of the variant (within its family's ``describe()``)."""
+        return {"name": self.name, "roles": [r.value for r in self.pipelines],
+                "pipelines": {r.value: c for r, c in self.pipelines.items()}, "recognised_by": self.looks_like,
+                "param_defaults": dict(self.param_defaults), "refused_params": sorted(self.refused_params)}
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family.
@@ -185,6 +222,10 @@ class Family:
             the call (Qwen-Image: guidance_scale goes as its true_cfg_scale).
         role_components: ``(base pipeline, role) -> components`` the role's diffusers class needs that
             the base lacks, given to ``from_pipe`` (Qwen-Image-Edit: its processor, from the model's folder).
+        variants: the kinds of model of this family that run other diffusers classes (:class:`Variant`),
+            most specific first; a model none recognises is a plain one and runs ``pipelines``.
+        variant_roles: roles of ``pipelines`` that only a variant runs (Flux's edit: a Kontext model);
+            a plain model asked for one is refused, naming ``model_id``.
     """
 
     name: str
@@ -224,6 +265,8 @@ class Family:
     extra_checks: Callable[[Mapping[str, Any]], None] = no_extra_checks
     finish_call: Callable[[Any, dict[str, Any]], dict[str, Any]] = same_call
     role_components: Callable[[Any, Role], dict[str, Any]] = no_components
+    variants: tuple[Variant, ...] = ()
+    variant_roles: frozenset[Role] = frozenset()
 
     @property
     def model_type(self) -> Any:
@@ -258,11 +301,12 @@ class Family:
         out += ["timestep_spacing"] if self.schedulers is not None else []
         return tuple(out + [p.name for p in FAMILY_PARAMS if p.name not in self.params])
 
-    def check_params(self, params: Mapping[str, Any]) -> None:
+    def check_params(self, params: Mapping[str, Any], base: Any = None) -> None:
         """Refuse the setup parameters this family cannot honour, rather than ignore them silently:
         those of :attr:`refused_params` set to anything but their default, and a scheduler name it
-        cannot take. The pipes' ``setup`` and the service's queue-time checks both call it, so a job is
-        refused before it is queued for what the pipe would refuse.
+        cannot take; with the loaded ``base`` pipeline (the pipes' ``setup``), also those its
+        :class:`Variant` refuses. The pipes' ``setup`` and the service's queue-time checks both call it,
+        so a job is refused before it is queued for what the pipe would refuse.
 
         Raises:
             InvalidValueError: naming the parameter, the bad value and what is allowed.
@@ -289,6 +333,11 @@ class Family:
                                     "leave it out")
         if params.get("scheduler") is not None:
             check_for_family(params["scheduler"], self.schedulers, self.name)
+        variant = self.variant(base) if base is not None else None
+        for name, why in (variant.refused_params if variant is not None else {}).items():
+            if params.get(name) is not None:
+                raise InvalidValueError(f"{name} {params[name]!r} is not supported for {variant.name} models "
+                                        f"({why}); allowed: leave it out", name, "leave it out")
         self.extra_checks(params)
 
     def runs(self, role: Role | str) -> bool:
@@ -308,17 +357,54 @@ class Family:
         raise InvalidValueError(f"{self.name} models do not run {Role(role).value}; allowed model types: {allowed}",
                                 "model_type", allowed)
 
-    def pipeline_class(self, role: Role | str) -> type:
-        """The diffusers class that runs ``role`` for this family (also for a role declared but not run yet).
+    def variant(self, base: Any) -> Variant | None:
+        """The :class:`Variant` a loaded base pipeline of this family is; None for a plain model."""
+        return next((v for v in self.variants if v.recognises(base)), None)
+
+    def model_defaults(self, base: Any) -> dict[str, Any]:
+        """The setup defaults of this family for the model ``base``: its variant's over the family's."""
+        variant = self.variant(base)
+        return {**self.param_defaults, **(variant.param_defaults if variant is not None else {})}
+
+    def model_pipeline(self, base: Any, role: Role | str) -> str:
+        """The diffusers class name that runs ``role`` on the model ``base`` (its variant's, else the family's).
 
         Raises:
-            InvalidValueError: the family has no pipeline for this role.
+            InvalidValueError: naming ``model_id``: a variant asked for a role it does not run, or a plain
+                model for a role only a variant runs.
+        """
+        role = Role(role)
+        if role not in self.pipelines:
+            self.check_role(role)
+        variant = self.variant(base)
+        if variant is not None and role in variant.pipelines:
+            return variant.pipelines[role]
+        if variant is not None:
+            runs = ", ".join(r.value for r in variant.pipelines)
+            raise InvalidValueError(f"model {model_name(base)} is a {variant.name} model, which runs {runs} only, not "
+                                    f"{role.value} ({variant.note}); allowed: {runs} on this model, or another "
+                                    f"{self.title} model", "model_id", f"{runs} (or another {self.title} model)")
+        if role in self.variant_roles:
+            those = [v for v in self.variants if role in v.pipelines]
+            names = " or ".join(v.name for v in those)
+            raise InvalidValueError(f"{role.value} on {self.title} needs a {names} model: model {model_name(base)} "
+                                    f"is not one; allowed: {'; '.join(v.looks_like for v in those)}", "model_id",
+                                    f"a {names} model")
+        return self.pipelines[role]
+
+    def pipeline_class(self, role: Role | str, base: Any = None) -> type:
+        """The diffusers class that runs ``role`` for this family (also for a role declared but not run yet);
+        with the loaded ``base`` pipeline, the one for that model (:meth:`model_pipeline`).
+
+        Raises:
+            InvalidValueError: the family has no pipeline for this role, or the model does not run it.
         """
         if Role(role) not in self.pipelines:
             self.check_role(role)
         import diffusers
 
-        return getattr(diffusers, self.pipelines[Role(role)])
+        name = self.pipelines[Role(role)] if base is None else self.model_pipeline(base, role)
+        return getattr(diffusers, name)
 
     def default_cscale(self, ctype: str) -> float:
         """The default conditioning scale of ``ctype`` (1.0 for types metafusion has none for)."""
@@ -326,11 +412,12 @@ class Family:
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /api/v1/models`` says of the family: name, tasks (and the diffusers class of each),
-        its own parameters and those it refuses, defaults, sizes."""
+        its own parameters and those it refuses, defaults, sizes, and its variants (Flux.1 Fill, Kontext)."""
         return {"name": self.name, "title": self.title, "roles": [r.value for r in self.roles],
                 "pipelines": {r.value: self.pipelines[r] for r in self.roles},
                 "params": sorted(self.params), "refused_params": list(self.refused_params),
                 "param_defaults": dict(self.param_defaults), "loras": self.supports_loras,
                 "negative_prompt": self.negative_prompts, "prompt_weighting": self.weighted_prompts,
                 "schedulers": None if self.schedulers is None else list(self.schedulers),
-                "aspect_sizes": [list(s) for s in self.aspect_sizes]}
+                "aspect_sizes": [list(s) for s in self.aspect_sizes],
+                "variants": [v.describe() for v in self.variants]}

@@ -1,5 +1,10 @@
 """Flux.1 (dev and schnell shapes): a transformer over 2x2-packed latents, CLIP-L and T5 text encoders,
-a 16-channel VAE.
+a 16-channel VAE; and two variants of it (:class:`~.base.Variant`) that run other diffusers classes:
+
+- Flux.1 Fill (FLUX.1-Fill-dev): inpainting only, with ``FluxFillPipeline``; its transformer reads the
+  packed latents, the packed latents of the masked image and the packed 8x8 mask (384 channels);
+- Flux.1 Kontext (FLUX.1-Kontext-dev): instruction editing (``Role.EDIT``) with ``FluxKontextPipeline``,
+  which no plain Flux.1 model runs; it runs every plain Flux.1 role too (same transformer shape).
 
 Prompts are weighted on T5 (``(word:1.3)`` scales that word's T5 embeddings, ``weighting.py``);
 single-file checkpoints are the transformer alone in BFL's layout (``flux_layout.py``), loaded into
@@ -14,7 +19,8 @@ from typing import Any
 from ..errors import InvalidValueError
 from ..flux_layout import COMFY_PREFIX, to_diffusers
 from ..schedulers import FLOW_SCHEDULERS
-from .base import Family, Role, frozen, transformer_folder, transformer_pipeline, unpack_2x2, vae_factor
+from .base import (Family, Role, Variant, frozen, read_json, transformer_folder, transformer_pipeline, unpack_2x2,
+                   vae_factor)
 
 #: the diffusers class of Flux.1's denoiser, as a folder's transformer/config.json names it
 TRANSFORMER = "FluxTransformer2DModel"
@@ -25,6 +31,15 @@ PIPELINES = {
     Role.CONTROLNET: "FluxControlNetPipeline",
     Role.CONTROLNET_IMAGE2IMAGE: "FluxControlNetImg2ImgPipeline",
 }
+#: the diffusers classes of the variants, as their folders' model_index.json names them
+FILL_PIPELINE = "FluxFillPipeline"
+KONTEXT_PIPELINE = "FluxKontextPipeline"
+#: every Flux.1 pipeline a folder's model_index.json may name (all recognised as Flux.1)
+FOLDER_PIPELINES = frozenset(PIPELINES.values()) | {FILL_PIPELINE, KONTEXT_PIPELINE}
+#: FLUX.1-Fill-dev's settings (diffusers' FluxFillPipeline example and call defaults)
+FILL_DEFAULTS = {"guidance_scale": 30.0, "steps": 50}
+#: FLUX.1-Kontext-dev's settings (diffusers' FluxKontextPipeline example: guidance 2.5; its 28 steps)
+KONTEXT_DEFAULTS = {"guidance_scale": 2.5, "steps": 28}
 
 
 def native_size(pipe: Any) -> int:
@@ -100,6 +115,69 @@ def encode_prompt(pipe_object: Any, prompt: str, negative: str | None) -> dict[s
     return out
 
 
+def folder_pipeline(base: Any) -> str:
+    """The pipeline class the model folder of a loaded base names in its model_index.json (``""`` when
+    it was not loaded from a folder): the base itself is always loaded as a FluxPipeline."""
+    folder = str(base.config.get("_name_or_path") or "")
+    return str(read_json(Path(folder) / "model_index.json").get("_class_name", "")) if folder else ""
+
+
+def fill_channels(base: Any) -> int:
+    """The input channels of a Fill transformer for ``base``'s VAE (FluxFillPipeline concatenates them):
+    the packed latents and the packed latents of the masked image (4x the VAE's channels each) and the
+    mask, one channel per pixel of a VAE-factor square, packed 2x2 (4 x 8 x 8 = 256): 384 for Flux.1."""
+    latent, factor = int(base.vae.config.latent_channels), int(base.vae_scale_factor)
+    return 4 * latent + 4 * latent + 4 * factor * factor
+
+
+def is_fill(base: Any) -> bool:
+    """A Flux.1 Fill model: its folder (or the pipeline) is a FluxFillPipeline, or its transformer takes
+    the Fill layout's channels (a FluxPipeline cannot run such a transformer)."""
+    if FILL_PIPELINE in (type(base).__name__, folder_pipeline(base)):
+        return True
+    return int(base.transformer.config.in_channels) == fill_channels(base)
+
+
+def is_kontext(base: Any) -> bool:
+    """A Flux.1 Kontext model: its folder (or the pipeline) is a FluxKontextPipeline. Its transformer has
+    the plain shape, so nothing else tells it from Flux.1-dev."""
+    return KONTEXT_PIPELINE in (type(base).__name__, folder_pipeline(base))
+
+
+FILL = Variant(
+    name="Flux.1 Fill",
+    recognises=is_fill,
+    pipelines=frozen({Role.INPAINT: FILL_PIPELINE}),
+    looks_like="a Flux.1 Fill diffusers folder (model_index.json naming FluxFillPipeline, or a transformer "
+               "with the Fill layout's in_channels: 384 for Flux.1)",
+    note="FluxFillPipeline fills the masked part of an image, so it needs an image and a mask: InpaintingPipe "
+         "or MaskedIm2ImPipe",
+    param_defaults=frozen(FILL_DEFAULTS),
+    refused_params=frozen({"true_cfg_scale": "FluxFillPipeline has no real classifier-free guidance and takes no "
+                                             "negative prompt"}),
+)
+KONTEXT = Variant(
+    name="Flux.1 Kontext",
+    recognises=is_kontext,
+    pipelines=frozen({**PIPELINES, Role.EDIT: KONTEXT_PIPELINE}),
+    looks_like="a Flux.1 Kontext diffusers folder (model_index.json naming FluxKontextPipeline)",
+    note="FluxKontextPipeline edits an image as the prompt says (Edit2ImPipe)",
+    param_defaults=frozen(KONTEXT_DEFAULTS),
+)
+
+
+def finish_call(pipe_obj: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The diffusers call of a Kontext edit at the requested size. FluxKontextPipeline otherwise scales
+    the output to ``max_area`` (a megapixel) and resizes the input to the nearest of its preferred
+    resolutions; Edit2ImPipe promises the (padded) input's size, so the input is read as it is
+    (``_auto_resize`` off) and the area is the requested one (its sides are already multiples of 16,
+    which is what the pipeline rounds them to). Every other call is unchanged."""
+    if type(pipe_obj.pipe).__name__ == KONTEXT_PIPELINE and kwargs.get("image") is not None:
+        kwargs["max_area"] = int(kwargs["width"]) * int(kwargs["height"])
+        kwargs["_auto_resize"] = False
+    return kwargs
+
+
 #: the resolutions Flux.1 is commonly run at (about one megapixel, sides multiples of 64), width x height
 FLUX_SIZES = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
               (1536, 640), (640, 1536))
@@ -107,9 +185,9 @@ FLUX_SIZES = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), 
 FAMILY = Family(
     name="FLUX",
     title="Flux.1",
-    pipelines=frozen(PIPELINES),
+    pipelines=frozen({**PIPELINES, Role.EDIT: KONTEXT_PIPELINE}),
     folder_load_kwargs=frozen({}),
-    recognises_folder=transformer_folder(PIPELINES.values(), TRANSFORMER),
+    recognises_folder=transformer_folder(FOLDER_PIPELINES, TRANSFORMER),
     # BFL's single-file transformer, by the tensor diffusers checks for it, bare or under ComfyUI's prefix
     # (Flux is asked before SD, whose "model.diffusion_model." would take ComfyUI's files otherwise)
     checkpoint_prefixes=(BFL_MARKER, COMFY_PREFIX + BFL_MARKER),
@@ -160,5 +238,9 @@ FAMILY = Family(
     single_file_class=TRANSFORMER,
     single_file_layout=to_diffusers,
     working_roles=frozenset({Role.TEXT2IMAGE, Role.IMAGE2IMAGE, Role.INPAINT, Role.CONTROLNET,
-                             Role.CONTROLNET_IMAGE2IMAGE}),
+                             Role.CONTROLNET_IMAGE2IMAGE, Role.EDIT}),
+    finish_call=finish_call,
+    # Fill runs inpainting only (FluxFillPipeline); edit needs a Kontext model
+    variants=(FILL, KONTEXT),
+    variant_roles=frozenset({Role.EDIT}),
 )

@@ -92,9 +92,73 @@ def finish_call(pipe_obj: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     (unless that was given), and a missing negative prompt as ``" "`` so that the guidance runs."""
     scale = kwargs.pop("guidance_scale")
     kwargs.setdefault("true_cfg_scale", scale)
-    if kwargs["true_cfg_scale"] > 1 and not kwargs.get("negative_prompt"):
+    # with embeddings (encode_prompt) a given negative prompt comes as negative_prompt_embeds; none given,
+    # diffusers encodes " " itself, next to the prompt's embeddings
+    if (kwargs["true_cfg_scale"] > 1 and not kwargs.get("negative_prompt")
+            and kwargs.get("negative_prompt_embeds") is None):
         kwargs["negative_prompt"] = EMPTY_NEGATIVE
     return kwargs
+
+
+#: diffusers' Qwen pipelines' default ``max_sequence_length`` (their check_inputs allows up to 1024)
+DEFAULT_SEQUENCE_LENGTH = 512
+
+
+def encode_prompt(pipe_obj: Any, prompt: str, negative: str | None) -> dict[str, Any]:
+    """Qwen-Image's prompt encoding with A1111 weights: the Qwen2.5-VL hidden states of diffusers'
+    ``_get_qwen_prompt_embeds``, each weighted token's scaled by its weight around the prompt's mean
+    (``weighting.encode_in_template``: the transformer RMS-normalises each text token, which would undo
+    a plain scaling).
+
+    The prompt goes into the pipeline's ``prompt_template_encode`` and is tokenized as diffusers does;
+    the template's first ``prompt_template_encode_start_idx`` tokens (its system prompt) are dropped
+    and the rest cut at ``max_sequence_length`` (512 by default), a longer prompt with a warning. An
+    unweighted prompt, or any prompt with ``lpw`` off (read literally), gives diffusers' own
+    embeddings. A negative prompt is encoded the same way; none given, ``finish_call`` passes ``" "``
+    for diffusers to encode. Qwen-Image-Edit's prompt holds the input image's vision tokens, which
+    diffusers' edit pipeline makes itself from the image it resizes: there the prompt goes as text,
+    the weighting syntax removed with a warning.
+
+    Returns:
+        ``prompt_embeds`` and ``prompt_embeds_mask`` (``[1, n, dim]``, ``[1, n]``) and their ``negative_``
+        twins when there is a negative prompt; the edit role: ``prompt`` and ``negative_prompt``.
+    """
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    from ..prompting import strip_weighting
+    from ..weighting import encode_in_template
+
+    params, pipe = pipe_obj.params, pipe_obj.pipe
+    parse = bool(params.get("lpw", True))
+    texts = (("", prompt), ("negative_", negative))
+    if getattr(pipe_obj, "ROLE", None) is Role.EDIT:
+        out = {f"{key}prompt": strip_weighting(text) if parse else text for key, text in texts if text is not None}
+        if any(out[f"{key}prompt"] != text for key, text in texts if text is not None):
+            pipe_obj.warn("prompt weighting is not applied by Qwen-Image-Edit (its prompt holds the image): the "
+                          "syntax was removed")
+        return out
+    import torch
+
+    length = int(params.get("max_sequence_length") or DEFAULT_SEQUENCE_LENGTH)
+    encoder, drop = pipe.text_encoder, int(pipe.prompt_template_encode_start_idx)
+    device = get_module_execution_device(encoder)
+
+    def run(ids: Any, mask: Any) -> Any:  # as _get_qwen_prompt_embeds: the last layer's hidden states
+        return encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+
+    out: dict[str, Any] = {}
+    for key, text in texts:
+        if text is None:
+            continue
+        embeds, tokens = encode_in_template(text, pipe.tokenizer, pipe.prompt_template_encode.format, run, device,
+                                            max_length=int(pipe.tokenizer_max_length) + drop,
+                                            rows=slice(drop, drop + length), parse_weights=parse)
+        if tokens.dropped:
+            pipe_obj.warn(f"the {key.replace('_', ' ')}prompt does not fit in max_sequence_length {length} tokens: "
+                          f"its last {tokens.dropped} tokens were cut")
+        out[f"{key}prompt_embeds"] = embeds.to(dtype=encoder.dtype, device=pipe_obj.device)
+        out[f"{key}prompt_embeds_mask"] = torch.ones(embeds.shape[:2], dtype=torch.long, device=pipe_obj.device)
+    return out
 
 
 def role_components(base: Any, role: Role) -> dict[str, Any]:
@@ -172,8 +236,9 @@ FAMILY = Family(
     aspect_sizes=QWEN_IMAGE_SIZES,
     # the VAE's 8 times the 2x2 patches the transformer packs
     size_multiple=16,
-    # no per-token weighting yet: diffusers encodes the plain prompt (the syntax stripped, with a warning)
-    weighted_prompts=False,
+    # (word:1.3) scales that word's Qwen2.5-VL hidden states (not for Qwen-Image-Edit: syntax removed there)
+    weighted_prompts=True,
+    encode_prompt=encode_prompt,
     negative_prompts=True,
     negative_unused=negative_unused,
     params=frozenset({"true_cfg_scale", "max_sequence_length"}),

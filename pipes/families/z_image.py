@@ -9,7 +9,8 @@ What diffusers 0.42's Z-Image pipelines do, as this family relies on it:
   ``pos + g * (pos - neg)``: any ``g > 0`` runs two passes a step and uses the negative prompt,
   ``0`` (Z-Image-Turbo's setting) runs one pass and uses no negative prompt;
 * the prompt is encoded as diffusers does (the Qwen3 chat template, up to ``max_sequence_length``
-  tokens); there is no ``true_cfg_scale`` and no per-token weighting;
+  tokens), ``(word:1.3)`` scaling that word's hidden states (``encode_prompt``); there is no
+  ``true_cfg_scale``;
 * ``ZImageLoraLoaderMixin`` loads LoRAs into the transformer only (diffusers, kohya and ai-toolkit
   layouts).
 
@@ -63,6 +64,58 @@ def negative_unused(params: Mapping[str, Any]) -> str | None:
     return "with guidance_scale 0 (allowed: guidance_scale above 0 for it to take effect)"
 
 
+#: ZImagePipeline's default ``max_sequence_length``
+DEFAULT_SEQUENCE_LENGTH = 512
+
+
+def encode_prompt(pipe_obj: Any, prompt: str, negative: str | None) -> dict[str, Any]:
+    """Z-Image's prompt encoding with A1111 weights: the Qwen3 hidden states of diffusers' ``_encode_prompt``
+    (its last-but-one layer), each weighted token's scaled by its weight around the prompt's mean
+    (``weighting.encode_in_template``: the transformer RMS-normalises each text token, which would undo a
+    plain scaling).
+
+    The prompt goes into the tokenizer's chat template (a user message, the generation prompt, thinking
+    on) and is tokenized as diffusers does: padded to ``max_sequence_length`` (512 by default) and cut
+    there, a prompt that does not fit with a warning; the padding's rows are left out. An unweighted
+    prompt, or any prompt with ``lpw`` off (read literally), gives diffusers' own embeddings. With
+    guidance on (``guidance_scale`` above 0) the negative prompt is encoded the same way, ``""`` when
+    none is given (diffusers' own default), since the pipelines need it as embeddings too.
+
+    Returns:
+        ``prompt_embeds`` (a list of one ``[tokens, dim]`` tensor, as the pipelines take it) and, with
+        guidance, ``negative_prompt_embeds``.
+    """
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    from ..weighting import encode_in_template
+
+    params, pipe = pipe_obj.params, pipe_obj.pipe
+    parse = bool(params.get("lpw", True))
+    length = int(params.get("max_sequence_length") or DEFAULT_SEQUENCE_LENGTH)
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    device = get_module_execution_device(encoder)
+
+    def render(text: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=True)
+
+    def run(ids: Any, mask: Any) -> Any:  # as _encode_prompt: a boolean mask, the last-but-one layer
+        return encoder(input_ids=ids, attention_mask=mask.bool(), output_hidden_states=True).hidden_states[-2]
+
+    texts = [("", prompt)]
+    if float(params.get("guidance_scale") or 0.0) > 0.0:
+        texts.append(("negative_", negative or ""))
+    out: dict[str, Any] = {}
+    for key, text in texts:
+        embeds, tokens = encode_in_template(text, tokenizer, render, run, device, max_length=length, pad=True,
+                                            parse_weights=parse)
+        if tokens.dropped:
+            pipe_obj.warn(f"the {key.replace('_', ' ')}prompt does not fit in max_sequence_length {length} tokens "
+                          f"with the chat template: its last {tokens.dropped} tokens were cut")
+        out[f"{key}prompt_embeds"] = [embeds[0].to(device=pipe_obj.device)]
+    return out
+
+
 FAMILY = Family(
     name="Z_IMAGE",
     title="Z-Image",
@@ -88,7 +141,9 @@ FAMILY = Family(
     aspect_sizes=Z_IMAGE_SIZES,
     # the VAE's 8 times the transformer's 2x2 patches (all_patch_size 2): the pipelines refuse other sizes
     size_multiple=16,
-    weighted_prompts=False,
+    # (word:1.3) scales that word's Qwen3 hidden states
+    weighted_prompts=True,
+    encode_prompt=encode_prompt,
     negative_prompts=True,
     negative_unused=negative_unused,
     params=frozenset({"max_sequence_length"}),

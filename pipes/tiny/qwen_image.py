@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .common import DEFAULT_SEED, TinyModel, linears, replace_path, seeded
+from .common import (DEFAULT_SEED, FULL_SHARD_SIZE, Progress, TinyModel, filler_tokens, linears, replace_path, seeded,
+                     write_meta_pipeline)
 
 QWEN_IMAGE_DIR = "tiny-qwen-image"
 QWEN_IMAGE_EDIT_DIR = "tiny-qwen-image-edit"
@@ -70,9 +71,33 @@ class QwenImageSizes:
     #: the processor's image size bounds in pixels (28x28 per merged vision token): 4 to 16 tokens
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 28 * 28 * 16
+    vae_res_blocks: int = 1
+    text_kv_heads: int | None = None  # None: as many as text_heads
+    text_max_positions: int = 4096
+    text_rms_eps: float = 1e-5
+    vision_fullatt: tuple[int, ...] = ()  # the vision blocks with full attention; (): the last one
+    vision_tokens_per_second: int = 4
+    #: the text encoder's vocabulary size: None is the tokenizer made in code's own length, a number pads
+    #: the tokenizer to it (``common.filler_tokens``) so that the embedding has the real model's size
+    text_vocab: int | None = None
 
 
 TINY_QWEN_IMAGE = QwenImageSizes()
+#: Qwen-Image's real sizes (``models init --full-size``): transformer/config.json of Qwen/Qwen-Image (60
+#: layers, 24 heads of 128, joint_attention_dim 3584, in_channels 64, out_channels 16, patch_size 2,
+#: axes_dims_rope (16, 56, 56)); its vae/config.json (base_dim 96, z_dim 16, dim_mult (1, 2, 4, 4),
+#: num_res_blocks 2); its text_encoder/config.json, Qwen2.5-VL-7B-Instruct's (text: hidden 3584,
+#: intermediate 18944, 28 layers, 28 heads, 4 KV heads, vocab 152064, max_position_embeddings 128000,
+#: rms_norm_eps 1e-6, mrope_section (16, 24, 24); vision: depth 32, hidden 1280, intermediate 3420,
+#: 16 heads, fullatt_block_indexes (7, 15, 23, 31), tokens_per_second 2, out_hidden_size 3584)
+FULL_QWEN_IMAGE = QwenImageSizes(heads=24, head_dim=128, rope_axes=(16, 56, 56), layers=60, latent_channels=16,
+                                 vae_base=96, vae_mult=(1, 2, 4, 4), vae_res_blocks=2, text_hidden=3584,
+                                 text_layers=28, text_heads=28, text_kv_heads=4, text_inter=18944, text_vocab=152064,
+                                 text_max_positions=128000, text_rms_eps=1e-6, mrope=(16, 24, 24), vision_hidden=1280,
+                                 vision_depth=32, vision_heads=16, vision_inter=3420, vision_fullatt=(7, 15, 23, 31),
+                                 vision_tokens_per_second=2)
+#: the seed offsets of the Qwen-Image pipeline's models (the full-size writer draws each from its own)
+QWEN_OFFSETS = {"text_encoder": 61, "transformer": 62, "vae": 63}
 
 
 def template_words() -> list[str]:
@@ -96,9 +121,10 @@ def template_words() -> list[str]:
     return sorted(words, key=lambda w: not w.startswith(symbols[ord(" ")]))
 
 
-def make_qwen_tokenizer():
+def make_qwen_tokenizer(vocab_size: int | None = None):
     """A Qwen2 byte-level BPE tokenizer made in code: the 256 byte symbols, Qwen's special tokens, and
-    merges that make each word of the prompt templates one token (other text is read byte by byte)."""
+    merges that make each word of the prompt templates one token (other text is read byte by byte);
+    ``vocab_size`` pads it with unused tokens at the end (``common.filler_tokens``)."""
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -111,6 +137,8 @@ def make_qwen_tokenizer():
             if (word[:k], word[k]) not in merges:
                 merges.append((word[:k], word[k]))
             vocab.setdefault(word[:k + 1], len(vocab))
+    for filler in filler_tokens(len(vocab), vocab_size, "Qwen2"):
+        vocab[filler] = len(vocab)
     return Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=list(SPECIAL_TOKENS[1:]),
                           model_max_length=32768)
 
@@ -132,13 +160,15 @@ def qwen_text_encoder(tok: Any, s: QwenImageSizes = TINY_QWEN_IMAGE):
     cfg = Qwen2_5_VLConfig(
         text_config={"vocab_size": len(tok), "hidden_size": s.text_hidden, "intermediate_size": s.text_inter,
                      "num_hidden_layers": s.text_layers, "num_attention_heads": s.text_heads,
-                     "num_key_value_heads": s.text_heads, "max_position_embeddings": 4096,
+                     "num_key_value_heads": s.text_kv_heads or s.text_heads,
+                     "max_position_embeddings": s.text_max_positions, "rms_norm_eps": s.text_rms_eps,
                      "rope_scaling": {"mrope_section": list(s.mrope), "rope_type": "default", "type": "default"},
                      "rope_theta": 1000000.0, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
                      "pad_token_id": ids["bos"]},
         vision_config={"depth": s.vision_depth, "hidden_size": s.vision_hidden, "intermediate_size": s.vision_inter,
                        "num_heads": s.vision_heads, "out_hidden_size": s.text_hidden,
-                       "fullatt_block_indexes": [s.vision_depth - 1]},
+                       "fullatt_block_indexes": list(s.vision_fullatt or (s.vision_depth - 1,)),
+                       "tokens_per_second": s.vision_tokens_per_second},
         image_token_id=ids["image"], video_token_id=ids["video"], vision_start_token_id=ids["start"],
         vision_end_token_id=ids["end"])
     return Qwen2_5_VLForConditionalGeneration(cfg).eval()
@@ -160,23 +190,49 @@ def qwen_vae(s: QwenImageSizes = TINY_QWEN_IMAGE):
 
     # Qwen-Image's latents_mean/latents_std (the class defaults) normalise the latents as the real model's
     return AutoencoderKLQwenImage(base_dim=s.vae_base, z_dim=s.latent_channels, dim_mult=list(s.vae_mult),
-                                  num_res_blocks=1, temperal_downsample=[False, True, True])
+                                  num_res_blocks=s.vae_res_blocks, temperal_downsample=[False, True, True])
+
+
+def qwen_models(seed: int, s: QwenImageSizes, tok: Any) -> dict[str, torch.nn.Module]:
+    """The Qwen-Image pipeline's models (text encoder, transformer, VAE), each seeded with its
+    ``QWEN_OFFSETS`` entry, built where torch builds by default (the meta device for the full-size writer)."""
+    seeded(seed, QWEN_OFFSETS["text_encoder"])
+    text_encoder = qwen_text_encoder(tok, s)
+    seeded(seed, QWEN_OFFSETS["transformer"])
+    transformer = qwen_transformer(s)
+    seeded(seed, QWEN_OFFSETS["vae"])
+    return {"text_encoder": text_encoder, "transformer": transformer, "vae": qwen_vae(s)}
 
 
 def build_qwen_image(seed: int = DEFAULT_SEED, s: QwenImageSizes = TINY_QWEN_IMAGE):
     """A Qwen-Image-shaped QwenImagePipeline, tiny and random."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-    tok = make_qwen_tokenizer()
-    seeded(seed, 61)
-    text_encoder = qwen_text_encoder(tok, s)
-    seeded(seed, 62)
-    transformer = qwen_transformer(s)
-    seeded(seed, 63)
-    vae = qwen_vae(s)
-    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER)
-    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
-                             transformer=transformer)
+    tok = make_qwen_tokenizer(s.text_vocab)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), tokenizer=tok,
+                             **qwen_models(seed, s, tok))
+
+
+def build_qwen_image_full(out_dir: str | Path, seed: int = DEFAULT_SEED, progress: Progress | None = None,
+                          s: QwenImageSizes = FULL_QWEN_IMAGE, max_shard_size: int | str = FULL_SHARD_SIZE) -> Path:
+    """Write a Qwen-Image-shaped QwenImagePipeline with random bf16 weights to ``out_dir/QWEN_IMAGE_DIR``
+    (about 58 GB with ``FULL_QWEN_IMAGE``: transformer 40.9 GB, text encoder 16.6 GB) and return its path.
+
+    The models are built on the meta device and written a shard at a time (``write_meta_pipeline``), so
+    memory holds one shard, not the model. The tiny model's LoRA, ControlNet and edit model beside it
+    (which no longer fit) are removed.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    tok = make_qwen_tokenizer(s.text_vocab)
+    with torch.device("meta"):
+        models = qwen_models(seed, s, tok)
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), tokenizer=tok, **models)
+    out = Path(out_dir)
+    for stale in (QWEN_IMAGE_LORA, QWEN_IMAGE_CONTROLNET_DIR, QWEN_IMAGE_EDIT_DIR):
+        replace_path(out / stale)
+    return write_meta_pipeline(pipe, out / QWEN_IMAGE_DIR, seed, QWEN_OFFSETS, max_shard_size=max_shard_size,
+                               progress=progress)
 
 
 def build_qwen_controlnet(transformer: Any, seed: int = DEFAULT_SEED, s: QwenImageSizes = TINY_QWEN_IMAGE):
@@ -258,4 +314,5 @@ MODEL = TinyModel("qwen_image", QWEN_IMAGE_DIR, build_qwen_image_model,
                   extras=(QWEN_IMAGE_LORA, f"{QWEN_IMAGE_CONTROLNET_DIR}/config.json",
                           f"{QWEN_IMAGE_CONTROLNET_DIR}/diffusion_pytorch_model.safetensors",
                           f"{QWEN_IMAGE_EDIT_DIR}/model_index.json",
-                          f"{QWEN_IMAGE_EDIT_DIR}/processor/preprocessor_config.json"))
+                          f"{QWEN_IMAGE_EDIT_DIR}/processor/preprocessor_config.json"),
+                  full_build=build_qwen_image_full)
