@@ -43,6 +43,9 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)
     #: the bearer token ``/metrics`` asks for (a Prometheus ``authorization:``); "" = docs/security.md's default
     metrics_token: str = ""
+    #: seconds a call of the waiting dialects (AUTOMATIC1111's /sdapi/v1, OpenAI's images) waits for its job;
+    #: past it the job is cancelled and the call answers 504
+    sync_call_timeout: float = 600.0
 
 
 @dataclass
@@ -96,8 +99,10 @@ def _dataclass_section(cls, data: dict, key: str, file: Path):
             known = ", ".join(obj.__dataclass_fields__)
             raise ConfigError(str(file), f"{key}.{k}", "unknown key", f"use one of: {known}")
         default = getattr(obj, k)
-        setattr(obj, k, typed(section, k, type(default), file, default,
-                               f"set {key}.{k} to a {type(default).__name__}", where=f"{key}.{k}"))
+        kind = (int, float) if isinstance(default, float) else type(default)  # `600` for a number of seconds
+        value = typed(section, k, kind, file, default, f"set {key}.{k} to a {type(default).__name__}",
+                      where=f"{key}.{k}")
+        setattr(obj, k, float(value) if isinstance(default, float) else value)
     return obj
 
 
@@ -133,6 +138,9 @@ def read_server(data: dict[str, Any], file: Path) -> ServerConfig:
         raise ConfigError(str(file), "server.metrics_token",
                           f"shorter than {METRICS_TOKEN_MIN_CHARS} characters or holds spaces",
                           "use a random one: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    if not server.sync_call_timeout > 0:
+        raise ConfigError(str(file), "server.sync_call_timeout", f"{server.sync_call_timeout} is not above 0",
+                          "set server.sync_call_timeout to the seconds an A1111/OpenAI call may wait, e.g. 600")
     for key in ("max_event_streams", "max_event_streams_per_user", "threads"):
         if getattr(server, key) < 1:
             raise ConfigError(str(file), f"server.{key}", f"{getattr(server, key)} is below 1",

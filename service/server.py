@@ -123,7 +123,10 @@ def make_server(app: Any, config: Config) -> Any:
 
     guard = app.extensions["multigen.guard"]
     server = create_server(app, host=config.server.host, port=config.server.port, threads=config.server.threads,
-                           ident="multigen", max_request_body_size=guard.large_body + 1)
+                           ident="multigen", max_request_body_size=guard.large_body + 1,
+                           # reading ahead lets a request tell that its client disconnected
+                           # (environ["waitress.client_disconnected"]): a waiting A1111/OpenAI call cancels its job
+                           channel_request_lookahead=1)
     channel = type("GuardedChannel", (HTTPChannel,), {"parser_class": guarded_parser_class(guard.check_head)})
     for dispatcher in list(server._map.values()):  # one listening server per address the host resolves to
         if isinstance(dispatcher, BaseWSGIServer):

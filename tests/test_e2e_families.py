@@ -66,6 +66,10 @@ def test_flux_job_with_a_lora_and_a_qwen_image_edit_job(server):
     with pytest.raises(MultigenAPIError) as e:
         mg.create_job(sd["id"], prompt="x", true_cfg_scale=4.0, **JOB)
     assert e.value.status == 400 and e.value.field == "true_cfg_scale"
+    with pytest.raises(MultigenAPIError) as e:  # a LoRA of another family, refused when the session opens
+        mg.create_session(project="families", pipe="prompt2image", model="tiny-sd",
+                          loras=[{"name": "tiny-flux-lora", "weight": 1.0}])
+    assert e.value.status == 400 and e.value.field == "loras.0.name"
 
     # instruction editing on Qwen-Image-Edit: the uploaded image is what gets edited
     edit = mg.create_session(project="families", pipe="edit", model="tiny-qwen-image-edit")

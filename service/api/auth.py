@@ -1,7 +1,8 @@
 """Bearer-token auth and ownership checks.
 
-With users in config, every ``/api/v1`` route but health, the OpenAPI document and its page
-needs ``Authorization: Bearer <token>``; a user only ever sees their own sessions, jobs and
+With users in config, every ``/api/v1`` route but health, the OpenAPI document and its page (and
+every route of the dialects, ``/sdapi/v1`` and ``/v1``) needs ``Authorization: Bearer <token>``, or
+HTTP Basic with the token as the password (what AUTOMATIC1111 clients send); a user only ever sees their own sessions, jobs and
 images, and anything else answers 404 so its existence is not revealed. With no users (the
 server refuses that unless bound to loopback or told ``allow_anonymous``) the user is the
 request's ``user`` field, or ``"local"``.
@@ -32,9 +33,33 @@ def auth_enabled() -> bool:
     return bool(current_app.extensions["multigen.config"].users)
 
 
+#: the URL prefixes whose routes need a token with auth on: multigen's API and the dialects it speaks
+#: (AUTOMATIC1111's ``/sdapi/v1``, OpenAI's ``/v1``)
+API_PREFIXES = ("/api/", "/sdapi/", "/v1/")
+
+
 def needs_token(path: str, endpoint: str | None) -> bool:
-    """With auth on: every ``/api/`` route but the public ones (unknown routes too: a 404 tells nothing)."""
-    return path.startswith("/api/") and endpoint not in PUBLIC_ENDPOINTS
+    """With auth on: every API route but the public ones (unknown routes too: a 404 tells nothing)."""
+    return path.startswith(API_PREFIXES) and endpoint not in PUBLIC_ENDPOINTS
+
+
+def _basic_token(value: str) -> tuple[str, str]:
+    """``(user, token)`` of HTTP Basic credentials (A1111 clients send ``--api-auth user:password``;
+    the password is the user's token).
+
+    Raises:
+        Unauthorized: not base64 of ``user:password``.
+    """
+    import base64
+    import binascii
+
+    try:
+        user, sep, token = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        sep = ""
+    if not sep:
+        raise Unauthorized("the Basic credentials are not base64 of `user:token`", field="Authorization")
+    return user, token
 
 
 def user_for_credentials(users: UserTable, method: str, endpoint: str | None, authorization: str,
@@ -45,12 +70,16 @@ def user_for_credentials(users: UserTable, method: str, endpoint: str | None, au
     Raises:
         Unauthorized: no token, a malformed header, or an unknown token.
     """
-    token = None
+    token, named = None, None
     if authorization:
         scheme, _, value = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise Unauthorized("the Authorization header must be `Bearer <token>`", field="Authorization")
-        token = value.strip()
+        if scheme.lower() == "basic" and value.strip():
+            named, token = _basic_token(value)
+        elif scheme.lower() != "bearer" or not value.strip():
+            raise Unauthorized("the Authorization header must be `Bearer <token>` (or Basic `user:token`)",
+                               field="Authorization")
+        else:
+            token = value.strip()
     elif method == "GET" and endpoint in QUERY_TOKEN_ENDPOINTS:
         token = query_token
     if not token:
@@ -60,6 +89,8 @@ def user_for_credentials(users: UserTable, method: str, endpoint: str | None, au
     user = users.user_for_digest(digest)
     if user is None:
         raise Unauthorized("unknown token", field="Authorization")
+    if named and named != user:  # Basic's user name must be the token's owner
+        raise Unauthorized(f"the token does not belong to {named!r}", field="Authorization")
     return user, digest
 
 
