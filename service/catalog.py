@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from multigen.pipes import spec as specs
-from multigen.pipes.families import FAMILIES, Family
+from multigen.pipes.families import FAMILIES, Family, Role
 from multigen.pipes.registry import pipe_names, pipe_role
 from multigen.pipes.schedulers import family_schedulers
 
@@ -22,7 +22,7 @@ from .config import ModelsConfig, PipeEntry
 from .errors import InvalidInput
 from .records import SessionRecord
 from .validation import (check_choice, check_family_params, check_family_runs_pipe, check_name, controlnet_paths,
-                         family_of_type, model_type_of, normalize_loras, runs_pipe)
+                         family_of_type, model_roles, model_type_of, normalize_loras, runs_pipe)
 
 PipeFactory = Callable[[str], Any]
 
@@ -95,6 +95,7 @@ class ModelCatalog:
         self.pipe_factory: PipeFactory = pipe_factory or registry_pipe_class
         self._types: dict[str, str | None] = {}
         self._sizes: dict[str, tuple[int, int] | None] = {}
+        self._roles: dict[str, tuple[Role, ...] | None] = {}
         self._lock = threading.Lock()
 
     def check_session(self, user: Any, project: Any, pipe: Any, model: Any, loras: Any) -> list[dict[str, Any]]:
@@ -109,7 +110,8 @@ class ModelCatalog:
         check_name(project, "project")
         check_choice(pipe, models.pipes, "pipe", "pipe")
         check_choice(model, models.base, "model", "model")
-        check_family_runs_pipe(self.family(model), models.pipes[pipe].classname, pipe, model, self.usable_pipes(model))
+        check_family_runs_pipe(self.family(model), self.model_roles(model), models.pipes[pipe].classname, pipe, model,
+                               self.usable_pipes(model))
         mtype = self.model_type(model)
         norm = normalize_loras(loras, models, mtype)
         if models.pipes[pipe].needs_cnet and not controlnet_paths(models, pipe, mtype):
@@ -135,8 +137,19 @@ class ModelCatalog:
 
     def usable_pipes(self, model: str) -> list[str]:
         """The models.yaml pipes whose class runs a task the model's family runs (all, for an unknown family)."""
-        fam = self.family(model)
-        return [name for name, entry in self.models.pipes.items() if runs_pipe(fam, entry.classname)]
+        roles = self.model_roles(model)
+        return [name for name, entry in self.models.pipes.items() if runs_pipe(roles, entry.classname)]
+
+    def model_roles(self, model: str) -> tuple[Role, ...] | None:
+        """The tasks the base model runs (``validation.model_roles``), read from its files once."""
+        with self._lock:
+            known = self._roles.get(model, False)
+        if known is not False:
+            return known
+        roles = model_roles(self.models.base[model], self.family(model))  # reads files: outside the lock
+        with self._lock:
+            self._roles[model] = roles
+        return roles
 
     def check_job_params(self, model: str, params: dict[str, Any]) -> None:
         """What the model's family refuses of a job's setup parameters (``validation.check_family_params``).

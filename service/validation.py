@@ -18,7 +18,7 @@ from typing import Any
 
 from multigen.pipes import spec as specs
 from multigen.pipes.errors import PipeError
-from multigen.pipes.families import Family, family, family_of_checkpoint, family_of_folder
+from multigen.pipes.families import Family, Role, family, family_of_checkpoint, family_of_folder
 from multigen.pipes.registry import pipe_role, pipe_spec, spec_of
 from multigen.pipes.schedulers import FLOW_TABLE, SD_TABLE, resolve_name
 
@@ -82,27 +82,39 @@ def family_of_type(model_type: str | None) -> Family | None:
         return None
 
 
-def runs_pipe(fam: Family | None, classname: str) -> bool:
-    """Whether a family runs a pipe class's task (True when the family is unknown: the pipe checks on load)."""
-    return fam is None or fam.runs(pipe_role(classname))
+def model_roles(entry: ModelEntry, fam: Family | None) -> tuple[Role, ...] | None:
+    """The tasks a base model runs, from its family and its folder's configs (torch-free: a Flux.1 Fill
+    folder inpaints only, a plain Flux.1 or Qwen-Image folder does not edit); None when the family is
+    unknown until the model loads. A single file is judged by its config folder."""
+    if fam is None:
+        return None
+    folder = entry.path if entry.path.is_dir() else entry.config
+    return fam.folder_roles(folder) if folder is not None else fam.roles
 
 
-def check_family_runs_pipe(fam: Family | None, classname: str, pipe_name: str, model: str,
-                           usable: list[str]) -> None:
-    """A session's pipe class runs a task its model's family runs (``Family.roles``).
+def runs_pipe(roles: tuple[Role, ...] | None, classname: str) -> bool:
+    """Whether a model with these tasks (``model_roles``) runs a pipe class (True when they are unknown:
+    the pipe checks on load)."""
+    return roles is None or pipe_role(classname) in roles
+
+
+def check_family_runs_pipe(fam: Family | None, roles: tuple[Role, ...] | None, classname: str, pipe_name: str,
+                           model: str, usable: list[str]) -> None:
+    """A session's pipe class runs a task its model runs (``model_roles``).
 
     Args:
-        usable: the models.yaml pipes the family runs, for the message.
+        usable: the models.yaml pipes the model runs, for the message.
 
     Raises:
         InvalidInput: naming ``pipe``, the task, and the pipes usable with the model.
     """
-    if fam is None or runs_pipe(fam, classname):
+    if fam is None or runs_pipe(roles, classname):
         return
     role = pipe_role(classname)
-    raise InvalidInput(f"pipe {pipe_name!r} ({classname}) runs {role.value}, which {fam.name} models "
-                       f"do not run ({fam.title} runs {', '.join(r.value for r in fam.roles)}); pipes usable "
-                       f"with model {model!r}: {', '.join(usable) or 'none'}", field="pipe", code="unsupported_pipe")
+    kind = fam.name if not fam.runs(role) else f"these {fam.title}"
+    raise InvalidInput(f"pipe {pipe_name!r} ({classname}) runs {role.value}, which {kind} models do not run (model "
+                       f"{model!r} runs {', '.join(r.value for r in roles or ())}); pipes usable with model "
+                       f"{model!r}: {', '.join(usable) or 'none'}", field="pipe", code="unsupported_pipe")
 
 
 def check_family_params(params: dict[str, Any], fam: Family | None) -> None:

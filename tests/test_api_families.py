@@ -29,6 +29,12 @@ NOT_DEFAULT = {"clip_skip": 1, "timestep_spacing": "trailing", "true_cfg_scale":
 CONTROLNET_ROLES = ("controlnet", "controlnet_image2image")
 
 
+def runs_plain(fam: Family, classname: str) -> bool:
+    """Whether a plain model of ``fam`` (no variant) runs the pipe class."""
+    role = pipe_role(classname)
+    return fam.runs(role) and role not in fam.variant_roles
+
+
 def model_of(fam: Family) -> str:
     """The models.yaml name of this test's model of ``fam`` (declared type, any folder: nothing loads)."""
     return f"any-{fam.name.lower()}"
@@ -121,7 +127,9 @@ def test_each_model_names_its_family_and_the_pipes_it_runs(app, body):
     for fam in FAMILIES:
         item = models[model_of(fam)]
         assert item["family"] == item["type"] == fam.name
-        assert item["pipes"] == [n for n, e in pipes.items() if fam.runs(pipe_role(e.classname))]
+        # a plain model (these are tiny-sd's folder under each family's name) runs its family's tasks but
+        # those only a variant runs (editing: a Kontext or Qwen-Image-Edit model)
+        assert item["pipes"] == [n for n, e in pipes.items() if runs_plain(fam, e.classname)]
     assert models["fam-flux"]["family"] == models["fam-flux-detected"]["family"] == "FLUX"
     assert models["fam-flux-detected"]["type"] is None  # what models.yaml says stays as it was
     assert models["fam-flux"]["native_size"] == [1024, 1024]
@@ -164,14 +172,14 @@ def test_a_pipe_whose_task_the_family_does_not_run_is_refused_when_the_session_o
         for name, entry in pipes.items():
             body = {"project": "fam", "pipe": name, "model": model_of(fam)}
             r = client.post("/api/v1/sessions", json=body)
-            if fam.runs(pipe_role(entry.classname)):
+            if runs_plain(fam, entry.classname):
                 assert r.status_code == 201, (fam.name, name, r.get_json())
                 continue
             refused += 1
             err = r.get_json()["error"]
             assert r.status_code == 400 and err["field"] == "pipe" and err["code"] == "unsupported_pipe", err
             assert name in err["message"] and pipe_role(entry.classname).value in err["message"]
-            usable = [n for n, e in pipes.items() if fam.runs(pipe_role(e.classname))]
+            usable = [n for n, e in pipes.items() if runs_plain(fam, e.classname)]
             assert f"pipes usable with model {model_of(fam)!r}: {', '.join(usable) or 'none'}" in err["message"]
             with pytest.raises(InvalidInput) as e:  # the service says the same from Python
                 app.svc.create_session("local", "fam", name, model_of(fam))
@@ -259,3 +267,20 @@ def test_family_checks_come_from_the_declarations_the_pipes_use():
             FLUX.check_params(params)
         assert e.value.param == field and "FLUX" in str(e.value)
     assert family("flux") is FLUX
+
+
+def test_what_a_model_runs_is_read_from_its_folder(app, body):
+    """A Flux.1 Fill folder inpaints only, a plain Flux.1 or Qwen-Image folder does not edit, a Kontext or
+    Qwen-Image-Edit folder does: told from the configs when the session opens, before anything loads."""
+    models = {m["name"]: m for m in body["models"]}
+    assert models["tiny-flux-fill"]["pipes"] == ["masked_image2image", "inpainting"]
+    assert "edit" in models["tiny-flux-kontext"]["pipes"] and "edit" in models["tiny-qwen-image-edit"]["pipes"]
+    assert "edit" not in models["tiny-flux"]["pipes"] and "edit" not in models["tiny-qwen-image"]["pipes"]
+    client = app.client()
+    for model, pipe in (("tiny-flux-fill", "prompt2image"), ("tiny-flux", "edit"), ("tiny-qwen-image", "edit")):
+        r = client.post("/api/v1/sessions", json={"project": "fam", "pipe": pipe, "model": model})
+        err = r.get_json()["error"]
+        assert r.status_code == 400 and err["field"] == "pipe" and err["code"] == "unsupported_pipe", err
+    for model in ("tiny-flux-kontext", "tiny-qwen-image-edit"):
+        r = client.post("/api/v1/sessions", json={"project": "fam", "pipe": "edit", "model": model})
+        assert r.status_code == 201, r.get_json()

@@ -82,6 +82,14 @@ def transformer_pipeline(transformer: str) -> Callable[[Any], bool]:
     return recognises
 
 
+def folder_pipeline(base: Any) -> str:
+    """The pipeline class the model folder of a loaded base names in its model_index.json (``""`` when
+    it was not loaded from a folder): a base loads as its family's text-to-image pipeline whatever the
+    folder names, so this tells a Kontext or an edit model from a plain one."""
+    folder = str(base.config.get("_name_or_path") or "")
+    return str(read_json(Path(folder) / "model_index.json").get("_class_name", "")) if folder else ""
+
+
 def unet_native_size(pipe: Any) -> int:
     return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
 
@@ -149,6 +157,8 @@ class Variant:
         note: why it runs only those roles (and which pipe classes do), for the errors that refuse one.
         param_defaults: its setup defaults that differ from the family's (its own recommended settings).
         refused_params: family parameters (``Family.params``) its diffusers classes do not take, with why.
+        recognises_folder: ``diffusers folder -> bool`` from its configs alone (torch-free: the service
+            asks it when a session opens, before any weight is loaded).
     """
 
     name: str
@@ -158,6 +168,7 @@ class Variant:
     note: str = ""
     param_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     refused_params: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    recognises_folder: Callable[[Path], bool] = lambda folder: False
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /api/v1/models`` says of the variant (within its family's ``describe()``)."""
@@ -342,6 +353,15 @@ class Family:
 
     def runs(self, role: Role | str) -> bool:
         return Role(role) in self.roles
+
+    def folder_roles(self, folder: Path) -> tuple[Role, ...]:
+        """The roles a model of this family in ``folder`` runs, from its configs alone (torch-free): its
+        variant's (a Fill model inpaints only), else the family's but those only a variant runs (a plain
+        Flux.1 does not edit)."""
+        variant = next((v for v in self.variants if v.recognises_folder(Path(folder))), None)
+        if variant is not None:
+            return tuple(r for r in variant.pipelines if r in self.pipelines)
+        return tuple(r for r in self.roles if r not in self.variant_roles)
 
     def check_role(self, role: Role | str) -> None:
         """Refuse a role this family does not run.

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import InvalidValueError
 from ..flux_layout import COMFY_PREFIX, to_diffusers
 from ..schedulers import FLOW_SCHEDULERS
-from .base import (Family, Role, Variant, frozen, read_json, transformer_folder, transformer_pipeline, unpack_2x2,
+from .base import (Family, Role, Variant, folder_classes, folder_pipeline, frozen, read_json, transformer_folder, transformer_pipeline, unpack_2x2,
                    vae_factor)
 
 #: the diffusers class of Flux.1's denoiser, as a folder's transformer/config.json names it
@@ -115,13 +115,6 @@ def encode_prompt(pipe_object: Any, prompt: str, negative: str | None) -> dict[s
     return out
 
 
-def folder_pipeline(base: Any) -> str:
-    """The pipeline class the model folder of a loaded base names in its model_index.json (``""`` when
-    it was not loaded from a folder): the base itself is always loaded as a FluxPipeline."""
-    folder = str(base.config.get("_name_or_path") or "")
-    return str(read_json(Path(folder) / "model_index.json").get("_class_name", "")) if folder else ""
-
-
 def fill_channels(base: Any) -> int:
     """The input channels of a Fill transformer for ``base``'s VAE (FluxFillPipeline concatenates them):
     the packed latents and the packed latents of the masked image (4x the VAE's channels each) and the
@@ -144,6 +137,19 @@ def is_kontext(base: Any) -> bool:
     return KONTEXT_PIPELINE in (type(base).__name__, folder_pipeline(base))
 
 
+def is_fill_folder(folder: Path) -> bool:
+    """``is_fill`` from a diffusers folder's configs (torch-free)."""
+    index, transformer = folder_classes(folder, "transformer")
+    if index == FILL_PIPELINE:
+        return True
+    vae = read_json(folder / "vae" / "config.json")
+    channels = read_json(folder / "transformer" / "config.json").get("in_channels")
+    if not vae or channels is None:
+        return False
+    latent, factor = int(vae.get("latent_channels", 16)), vae_factor(folder)
+    return int(channels) == 4 * latent + 4 * latent + 4 * factor * factor
+
+
 FILL = Variant(
     name="Flux.1 Fill",
     recognises=is_fill,
@@ -155,6 +161,7 @@ FILL = Variant(
     param_defaults=frozen(FILL_DEFAULTS),
     refused_params=frozen({"true_cfg_scale": "FluxFillPipeline has no real classifier-free guidance and takes no "
                                              "negative prompt"}),
+    recognises_folder=is_fill_folder,
 )
 KONTEXT = Variant(
     name="Flux.1 Kontext",
@@ -163,6 +170,7 @@ KONTEXT = Variant(
     looks_like="a Flux.1 Kontext diffusers folder (model_index.json naming FluxKontextPipeline)",
     note="FluxKontextPipeline edits an image as the prompt says (Edit2ImPipe)",
     param_defaults=frozen(KONTEXT_DEFAULTS),
+    recognises_folder=lambda folder: folder_classes(folder, "transformer")[0] == KONTEXT_PIPELINE,
 )
 
 

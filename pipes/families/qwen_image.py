@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 from ..errors import InvalidValueError
 from ..schedulers import FLOW_SCHEDULERS
-from .base import (Family, Role, frozen, read_json, transformer_folder, transformer_pipeline, unpack_2x2,
-                   vae_factor)
+from .base import (Family, Role, Variant, folder_classes, folder_pipeline, frozen, read_json, transformer_folder,
+                   transformer_pipeline, unpack_2x2, vae_factor)
 
 #: the diffusers class of Qwen-Image's denoiser, as a folder's transformer/config.json names it
 TRANSFORMER = "QwenImageTransformer2DModel"
@@ -199,6 +199,24 @@ def load_processor(folder: Path) -> Any:
                                  tokenizer=Qwen2Tokenizer.from_pretrained(str(folder)))
 
 
+def is_edit_folder(folder: Path) -> bool:
+    """A Qwen-Image-Edit folder (model_index.json naming an edit pipeline, with its processor), torch-free."""
+    return (folder_classes(folder, "transformer")[0] in EDIT_PIPELINES and (folder / PROCESSOR).is_dir())
+
+
+#: the model_index.json classes of the edit models (what EDIT runs on)
+EDIT_PIPELINES = frozenset({"QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"})
+EDIT = Variant(
+    name="Qwen-Image-Edit",
+    recognises=lambda base: getattr(base, PROCESSOR, None) is not None or folder_pipeline(base) in EDIT_PIPELINES,
+    pipelines=frozen(PIPELINES),
+    looks_like="a Qwen-Image-Edit diffusers folder (model_index.json naming QwenImageEditPipeline, with its "
+               "processor/ folder)",
+    note="QwenImageEditPipeline edits an image as the prompt says (Edit2ImPipe); the edit models run the other "
+         "tasks too",
+    recognises_folder=is_edit_folder,
+)
+
 FAMILY = Family(
     name="QWEN_IMAGE",
     title="Qwen-Image",
@@ -255,4 +273,6 @@ FAMILY = Family(
     extra_checks=extra_checks,
     finish_call=finish_call,
     role_components=role_components,
+    variants=(EDIT,),
+    variant_roles=frozenset({Role.EDIT}),
 )
