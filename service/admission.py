@@ -72,10 +72,10 @@ def admit_job(catalog: ModelCatalog, limits: Limits, budget: CostBudget, session
 
 
 def _expected_size(catalog: ModelCatalog, model: str, params: dict[str, Any]) -> tuple[int, int, int]:
-    """Steps, width and height a job will most likely run with: its own, else the model's defaults, else
-    the model's native size and the spec's default steps (an estimate for image pipes that size from
-    their input)."""
-    defaults = catalog.defaults(model)
+    """Steps, width and height a job will most likely run with: its own, else the model's defaults (models.yaml's,
+    else its family's), else the model's native size and the spec's default steps (an estimate for image
+    pipes that size from their input)."""
+    defaults = catalog.expected_defaults(model)
     native = catalog.native_size(model) or (512, 512)
     steps = params.get("steps") or defaults.get("steps") or STEPS.default
     width = params.get("width") or defaults.get("width") or native[0]

@@ -190,6 +190,14 @@ class ModelCatalog:
         """The model's ``defaults:`` from models.yaml (what a job leaves out)."""
         return dict(self.models.base[model].defaults)
 
+    def expected_defaults(self, model: str) -> dict[str, Any]:
+        """What the model's pipe will run a job with that sets nothing: models.yaml's ``defaults:`` over its
+        family's (and variant's) own, e.g. Flux.1's 28 steps, Fill's 50 (for estimates before it loads)."""
+        fam = self.family(model)
+        entry = self.models.base[model]
+        own = fam.folder_defaults(entry.path if entry.path.is_dir() else entry.config) if fam is not None else {}
+        return {**own, **self.defaults(model)}
+
     def pipe_kwargs(self, session: SessionRecord) -> dict[str, Any]:
         """Constructor arguments of the session's pipe class beyond the shared base (ControlNets)."""
         entry = self.models.pipes[session.pipe]

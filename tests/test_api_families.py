@@ -284,3 +284,19 @@ def test_what_a_model_runs_is_read_from_its_folder(app, body):
     for model in ("tiny-flux-kontext", "tiny-qwen-image-edit"):
         r = client.post("/api/v1/sessions", json={"project": "fam", "pipe": "edit", "model": model})
         assert r.status_code == 201, r.get_json()
+
+
+def test_cost_estimates_use_the_familys_and_variants_defaults(config_file):
+    """A job that sets no steps is estimated (budgets, per-job ceiling) at what its pipe will run: the
+    family's defaults (Flux.1 28 steps, Z-Image-Turbo 8), a variant's over them (Fill 50), models.yaml's
+    `defaults:` over both."""
+    from multigen.service.catalog import ModelCatalog
+    from multigen.service.config import load_config
+
+    cfg = load_config(config_file)
+    catalog = ModelCatalog(cfg.models, cfg.model_dir)
+    assert catalog.expected_defaults("tiny-flux")["steps"] == 28
+    assert catalog.expected_defaults("tiny-flux-fill")["steps"] == 50
+    assert catalog.expected_defaults("tiny-z-image")["steps"] == 8
+    assert catalog.expected_defaults("demo")["steps"] == 20  # models.yaml's defaults win
+    assert "steps" not in catalog.expected_defaults("tiny-sd")  # the spec's default then

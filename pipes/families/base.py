@@ -354,6 +354,12 @@ class Family:
     def runs(self, role: Role | str) -> bool:
         return Role(role) in self.roles
 
+    def folder_defaults(self, folder: Path | None) -> dict[str, Any]:
+        """The setup defaults of a model of this family in ``folder``, from its configs alone: its variant's
+        over the family's (``model_defaults`` for a loaded model)."""
+        variant = next((v for v in self.variants if v.recognises_folder(Path(folder))), None) if folder else None
+        return {**self.param_defaults, **(variant.param_defaults if variant is not None else {})}
+
     def folder_roles(self, folder: Path) -> tuple[Role, ...]:
         """The roles a model of this family in ``folder`` runs, from its configs alone (torch-free): its
         variant's (a Fill model inpaints only), else the family's but those only a variant runs (a plain
