@@ -33,13 +33,14 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .errors import InvalidValueError
+from .spec import MEMORY_OPTIONS
 
 logger = logging.getLogger(__name__)
 
-#: ``quantize`` values: no quantization, int8 weight-only, fp8 weight-only
-QUANTIZE = ("none", "int8", "fp8")
+#: ``quantize`` values: no quantization, int8 weight-only, fp8 weight-only (declared in the spec)
+QUANTIZE = MEMORY_OPTIONS["quantize"]
 #: ``offload`` values: none, a whole component at a time, one layer at a time
-OFFLOAD = ("none", "model", "sequential")
+OFFLOAD = MEMORY_OPTIONS["offload"]
 #: the compute capability fp8 matmuls need (Ada Lovelace, Hopper and later)
 FP8_MIN_CAPABILITY = (8, 9)
 #: the torchao release multigen is tested with (setup.cfg pins it)

@@ -152,6 +152,12 @@ LORA_WEIGHT = Param("weight", ParamType.FLOAT, "LoRA weight (negative: the oppos
 #: most LoRAs of one session: each is loaded into the shared model before every job of the session
 MAX_LORAS = 16
 
+#: a base model's memory options in models.yaml and the values each takes (``multigen.pipes.memory`` applies
+#: them): weight quantization (none, int8 weight-only, fp8 weight-only) and CPU offload (none, a component
+#: at a time, a layer at a time)
+MEMORY_OPTIONS: Mapping[str, tuple[str, ...]] = MappingProxyType({"quantize": ("none", "int8", "fp8"),
+                                                                   "offload": ("none", "model", "sequential")})
+
 #: config ``limits`` key -> the parameter whose maximum it caps
 LIMITED: Mapping[str, str] = MappingProxyType({"max_width": "width", "max_height": "height",
                                                "max_count": "count"})

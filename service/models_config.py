@@ -16,6 +16,7 @@ from typing import Any
 
 from multigen.pipes.errors import PipeError  # torch-free
 from multigen.pipes.families import ModelType, family, family_of_folder, native_size_of_folder  # torch-free
+from multigen.pipes import spec  # torch-free
 from multigen.pipes.registry import pipe_names  # torch-free
 
 from .errors import ConfigError
@@ -37,7 +38,7 @@ MODEL_DEFAULTS = ("width", "height", "steps", "guidance_scale", "clip_skip", "sc
 
 
 #: a base model's memory options in models.yaml and the values each takes (``multigen.pipes.memory``)
-MEMORY_OPTIONS = {"quantize": ("none", "int8", "fp8"), "offload": ("none", "model", "sequential")}
+MEMORY_OPTIONS = spec.MEMORY_OPTIONS
 
 
 #: the pipe classes a models.yaml pipe may name (the pipes' registry, torch-free)
