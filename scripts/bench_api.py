@@ -7,7 +7,10 @@ Prints:
    every ``--interval`` seconds, while a job runs (target: p99 under 50 ms, no errors);
 2. time per image over HTTP (POST the job, wait for its ``job.succeeded`` on the event
    stream) against the same job queued on a ServiceThread directly (waiting on its event
-   subscription) (target: at most 1.05x).
+   subscription) (target: at most 1.05x);
+3. (``--parts a1111``) one AUTOMATIC1111 ``POST /sdapi/v1/txt2img`` call (which waits and answers
+   the images in base64) against the same job through the session API (create, then poll until it
+   finished), alternating, median of ``--rounds`` (target: at most 1.05x).
 
 The server is a real ``multigen serve`` subprocess (its own data folder); the direct side is a
 ServiceThread in this process, run while the server is idle. The polling clients run in
@@ -215,6 +218,40 @@ def time_http(mg: MultigenClient, session_id: str, params: dict, count: int) -> 
     return (holder["end"] - t0) / count
 
 
+def time_session_job(mg: MultigenClient, session_id: str, params: dict, count: int) -> float:
+    """Seconds of a job through the session API: create it, poll until it finished (every 50 ms, as an
+    A1111 call's own wait polls)."""
+    t0 = time.perf_counter()
+    job = mg.wait_job(mg.create_job(session_id, prompt=PROMPT, count=count, **params)["id"], timeout=600, poll=0.05)
+    assert job["state"] == "succeeded", job
+    return time.perf_counter() - t0
+
+
+def time_a1111_call(url: str, model: str, params: dict, count: int) -> float:
+    """Seconds of one ``POST /sdapi/v1/txt2img`` of ``count`` images, its base64 answer read."""
+    body = {"prompt": PROMPT, "batch_size": count, "override_settings": {"sd_model_checkpoint": model}, **params}
+    t0 = time.perf_counter()
+    r = requests.post(url + "/sdapi/v1/txt2img", json=body, timeout=600)
+    r.raise_for_status()
+    assert len(r.json()["images"]) == count, r.text[:500]
+    return time.perf_counter() - t0
+
+
+def a1111_against_session(mg: MultigenClient, url: str, sid: str, params: dict, args) -> None:
+    """The A1111 dialect's cost over the session API for the same job (same server, model loaded)."""
+    time_a1111_call(url, args.model, params, 1)  # its implicit session opened, the model warm
+    a1111, session = [], []
+    for _ in range(args.rounds):
+        session.append(time_session_job(mg, sid, params, args.images))
+        a1111.append(time_a1111_call(url, args.model, params, args.images))
+    s, a = statistics.median(session), statistics.median(a1111)
+    print(f"\nA1111 txt2img against the session API: {args.images} images, {args.steps} steps, "
+          f"{args.size}x{args.size}, {args.model}, median of {args.rounds} calls each, alternating")
+    print(f"  session API (create + wait) {s * 1000:8.1f} ms   (runs: {', '.join(f'{x * 1000:.0f}' for x in session)})")
+    print(f"  /sdapi/v1/txt2img           {a * 1000:8.1f} ms   (runs: {', '.join(f'{x * 1000:.0f}' for x in a1111)})")
+    print(f"  ratio of medians {a / s:.3f}x   {'OK' if a / s <= 1.05 else 'over target (at most 1.05x)'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="HTTP API against ServiceThread: polling latency, time per image.")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config.yaml (data goes to a temp folder)")
@@ -227,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-processes", type=int, default=4)
     p.add_argument("--interval", type=float, default=0.25, help="seconds between one client's polls")
     p.add_argument("--load-images", type=int, default=8, help="images of the job that runs under polling")
-    p.add_argument("--parts", default="latency,time", help="which measurements: latency, time or both")
+    p.add_argument("--parts", default="latency,time,a1111",
+                   help="which measurements, comma-separated: latency, time, a1111")
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="multigen-bench-"))
@@ -241,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"server {url}: {mg.health()['devices']}", flush=True)
         if "latency" in args.parts:
             polling_latency(mg, url, sid, args)
+        if "a1111" in args.parts:
+            a1111_against_session(mg, url, sid, params, args)
         if "time" not in args.parts:
             return 0
 

@@ -211,3 +211,45 @@ def test_user_table_stats_the_file_at_most_every_interval(tmp_path):
 
 def _bearer(token):
     return {"Authorization": f"Bearer {token}"}
+
+
+# ---- OpenAI's Images API (/v1): Bearer like the OpenAI SDK sends, Basic user:token, errors in its shape ----
+def _basic(user, token):
+    import base64
+
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()}
+
+
+def _openai_401(r):
+    assert r.status_code == 401, r.get_data(as_text=True)
+    error = r.get_json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_api_key", error
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_openai_routes_need_the_token_and_answer_401_in_openai_shape(two_users):
+    client, headers, tokens, _ = two_users
+    body = {"prompt": "x", "model": "tiny-sd", "size": "64x64", "steps": 2}
+    for h in ({}, _bearer("sk-wrong"), _basic("alice", tokens["bob"]), {"Authorization": "Token x"}):
+        _openai_401(client.post("/v1/images/generations", json=body, headers=h))
+        _openai_401(client.get("/v1/models", headers=h))
+    _openai_401(client.get("/v1/no-such-route"))  # an unknown route tells nothing without a token
+    _openai_401(client.get(f"/v1/models?access_token={tokens['alice']}"))  # query tokens: files and streams only
+    assert client.get("/v1/models", headers=headers["alice"]).status_code == 200
+    assert client.get("/v1/models", headers=_basic("alice", tokens["alice"])).status_code == 200
+
+
+def test_openai_calls_run_as_the_tokens_user_and_their_urls_stay_private(two_users):
+    client, headers, tokens, _ = two_users
+    body = {"prompt": "x", "model": "tiny-sd", "size": "64x64", "steps": 2, "response_format": "url",
+            "user": "someone-else"}  # OpenAI's end-user id: the caller stays the token's user
+    r = client.post("/v1/images/generations", json=body, headers=_basic("alice", tokens["alice"]))
+    assert r.status_code == 200, r.get_json()
+    path = r.get_json()["data"][0]["url"].removeprefix("http://localhost")
+    sessions = client.get("/api/v1/sessions?project=openai", headers=headers["alice"]).get_json()["sessions"]
+    assert [s["user"] for s in sessions] == ["alice"]
+    assert client.get("/api/v1/sessions?project=openai", headers=headers["bob"]).get_json()["sessions"] == []
+    assert client.get(path, headers=headers["alice"]).status_code == 200
+    assert client.get(f"{path}?access_token={tokens['alice']}").status_code == 200  # an <img> or a plain fetch
+    assert client.get(path, headers=headers["bob"]).status_code == 404
+    assert client.get(path).status_code == 401

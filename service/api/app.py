@@ -202,8 +202,14 @@ def create_app(config: Config, service: GenerationService) -> Flask:
     app.after_request(guard.after_request)
     for blueprint in (bp, sessions.bp, jobs.bp, images.bp, uploads.bp, events.bp, metrics.bp):
         app.register_blueprint(blueprint)
+    from .a1111 import bp as a1111_bp
     from .web import bp as web_bp
 
     app.register_blueprint(web_bp)
+    app.register_blueprint(a1111_bp)
+    from .openai_images import as_openai_error, bp as openai_bp
+
+    app.register_blueprint(openai_bp)
+    guard.dialect_errors["/v1/"] = as_openai_error  # refusals before the body is read, in OpenAI's shape
     _register_errors(app)
     return app

@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 SMALL_BODY_BYTES = 1024 * 1024
 #: routes whose bodies carry images (multipart uploads, ``data:`` URLs in jobs); they take
 #: :func:`upload_body_limit`. Step 9's dialects add their image routes here.
-LARGE_BODY_ENDPOINTS = frozenset({"uploads.create_upload", "jobs.create_job"})
+LARGE_BODY_ENDPOINTS = frozenset({"uploads.create_upload", "jobs.create_job", "a1111.txt2img", "a1111.img2img",
+                                  "a1111.png_info", "a1111.extra_single_image",
+                                  "openai.create_edit"})
 #: room for the multipart envelope or a JSON body with an inline data: URL around an upload
 BODY_OVERHEAD = 64 * 1024
 #: seconds a browser may keep a preflight's answer
@@ -115,6 +117,8 @@ class RequestGuard:
         self.bound_port: int | None = config.server.port or None
         self.url_map = url_map
         self.users = users
+        #: URL prefix -> how that dialect words a refusal made from a request's head (its error shape)
+        self.dialect_errors: dict[str, Callable[[MultigenError], MultigenError]] = {}
 
     # ---- the rules -------------------------------------------------------------------------------------
     def body_limit(self, endpoint: str | None) -> int:
@@ -223,6 +227,8 @@ class RequestGuard:
         if error is None and length is not None and length.isdigit() and int(length) > limit:
             error = self.too_large(int(length), limit)
         if error is not None:
+            error = next((word(error) for prefix, word in self.dialect_errors.items() if path.startswith(prefix)),
+                         error)
             log.info("%r %r refused before its body was read: %s %s", method, path, error.http_status, error.code)
         return error, limit
 

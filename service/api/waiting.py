@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import request
+from flask import current_app, request
 
 from ..errors import Conflict, MultigenError
 from ..protocol import GenerationService
@@ -38,6 +38,14 @@ class CallTimedOut(MultigenError):
 
     code = "timeout"
     http_status = 504
+
+
+class ServerStopping(MultigenError):
+    """The server is stopping while a call waits: the job is kept (it resumes at the next start) and the
+    call ends now, before the server closes its connection (which would look like a client that left)."""
+
+    code = "service_stopping"
+    http_status = 503
 
 
 class ClientGone(MultigenError):
@@ -82,14 +90,19 @@ def wait_for_job(svc: GenerationService, job_id: str, timeout: float | None = No
     Raises:
         CallTimedOut: the job ran past the timeout (it is cancelled).
         ClientGone: the client disconnected (the job is cancelled).
+        ServerStopping: the server is stopping (the job is kept and resumes at the next start).
     """
     timeout = config().server.sync_call_timeout if timeout is None else timeout
     gone = gone or client_disconnected()
     deadline = time.monotonic() + timeout
+    stopping = current_app.extensions.get("multigen.stopping")
     while True:
         job = svc.get_job(job_id)
         if job["state"] in FINISHED:
             return job
+        if stopping is not None and stopping.is_set():  # not cancelled: it resumes after the restart
+            raise ServerStopping(f"the server is stopping; job {job_id} is kept and resumes when it starts again "
+                                 f"(GET /api/v1/jobs/{job_id})")
         if gone():
             _cancel(svc, job_id)
             log.info("job %s cancelled: its client disconnected while waiting", job_id)
