@@ -245,3 +245,19 @@ def test_a_call_past_the_timeout_or_during_a_stop(make_api):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "kept", **SMALL})
     assert r.status_code == 503 and set(r.get_json()) == {"error", "detail", "body", "errors"}
     assert [j["state"] for j in api.svc.list_jobs(session["id"])] == ["cancelled", "queued"]
+
+
+def test_refusals_before_the_body_is_read_are_in_a1111s_shape(make_api):
+    """A missing token or a body past its limit is refused from the request's head (before Flask runs),
+    in A1111's ``handle_exception`` shape on /sdapi, in multigen's on its own API."""
+    api = make_api(users=("alice",))
+    guard = api.app.extensions["multigen.guard"]
+    headers = {"Content-Length": str(10**9)}
+    error, _ = guard.check_head("POST", "/sdapi/v1/txt2img", "", headers.get)
+    assert error.http_status == 401 and set(error.to_dict()) == {"error", "detail", "body", "errors"}
+    headers["Authorization"] = f"Bearer {api.tokens['alice']}"
+    error, limit = guard.check_head("POST", "/sdapi/v1/img2img", "", headers.get)
+    assert error.http_status == 413 and error.to_dict()["errors"].startswith("413: ")
+    assert limit > 1024 * 1024  # img2img carries images: the upload limit
+    error, _ = guard.check_head("POST", "/api/v1/sessions", "", headers.get)
+    assert set(error.to_dict()) == {"error"}  # the session API keeps its shape

@@ -203,6 +203,7 @@ def create_app(config: Config, service: GenerationService) -> Flask:
     for blueprint in (bp, sessions.bp, jobs.bp, images.bp, uploads.bp, events.bp, metrics.bp):
         app.register_blueprint(blueprint)
     from .a1111 import bp as a1111_bp
+    from .a1111.errors import as_a1111_error
     from .web import bp as web_bp
 
     app.register_blueprint(web_bp)
@@ -210,6 +211,8 @@ def create_app(config: Config, service: GenerationService) -> Flask:
     from .openai_images import as_openai_error, bp as openai_bp
 
     app.register_blueprint(openai_bp)
-    guard.dialect_errors["/v1/"] = as_openai_error  # refusals before the body is read, in OpenAI's shape
+    # refusals made before the body is read (token, size), in each dialect's own shape
+    guard.dialect_errors["/v1/"] = as_openai_error
+    guard.dialect_errors["/sdapi/"] = as_a1111_error
     _register_errors(app)
     return app

@@ -70,3 +70,26 @@ def error_response(e: MultigenError) -> tuple[Response, int]:
 def exception_response(name: str, message: str, status: int) -> tuple[Response, int]:
     """A1111's ``handle_exception`` shape for a non-multigen error (an HTTP error, an unexpected one)."""
     return jsonify({"error": name, "detail": message, "body": "", "errors": f"{status}: {message}"}), status
+
+
+class A1111Error(MultigenError):
+    """Any error worded as A1111's ``handle_exception`` answers it, ``{"error", "detail", "body", "errors"}``:
+    for the refusals made from a request's head, before the app sees it (a missing or wrong token, a body
+    over its limit: ``RequestGuard.dialect_errors``)."""
+
+    def __init__(self, error: MultigenError):
+        super().__init__(error.message, field=error.field, code=error.code)
+        self.original = error
+        self.http_status = error.http_status
+
+    def headers(self) -> dict[str, str]:
+        return self.original.headers()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": type(self.original).__name__, "detail": self.message, "body": "",
+                "errors": f"{self.http_status}: {self.message}"}
+
+
+def as_a1111_error(error: MultigenError) -> A1111Error:
+    """``error`` in A1111's words (for refusals made before the app sees a request: server.py)."""
+    return error if isinstance(error, A1111Error) else A1111Error(error)
