@@ -4,23 +4,25 @@ Input images are converted to RGB (RGBA onto white), scaled (``scale``) or resiz
 (``width``/``height``), padded to the family's size multiple (8 for SD/SDXL, 16 for Flux) by
 repeating edge pixels, and the output is cropped back to the requested size. The masked pipes
 composite the result onto the original with the (blurred) mask, so pixels outside it are exactly
-the original's.
+the original's. With ``full_res`` they generate only a box around the mask, at ``width``x``height``
+(A1111's "inpaint at full resolution"), and paste it back at the original's size.
 """
 from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageChops
 
 from . import spec as specs
 from .base import BasePipe
 from .errors import InvalidValueError, MissingImageError
 from .families import Role
-from .images import (blur_mask, check_image_size, check_same_size, composite, crop, load_image, load_mask,
-                     mask_from_difference, pad_image, scale_image)
+from .images import (MAX_SIDE, MIN_SIDE, blur_mask, check_image_size, check_same_size, composite, crop, load_image,
+                     load_mask, mask_from_difference, pad_image, padded, scale_image)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,70 @@ MAX_BLUR = specs.BLUR.maximum
 def source_name(value: Any) -> str | None:
     """What get_config records for an image parameter: the path, or None for an in-memory image."""
     return str(value) if isinstance(value, (str, os.PathLike)) else None
+
+
+#: a box in pixels: left, top, right, bottom (right and bottom excluded, as PIL's ``crop`` takes it)
+Box = tuple[int, int, int, int]
+
+
+def mask_box(mask: Image.Image, padding: int) -> Box:
+    """The box of the mask's non-zero pixels grown by ``padding`` on every side, kept inside the image.
+
+    An empty mask gives the whole image (there is nothing to redraw; the compositing keeps every pixel).
+    """
+    found = mask.getbbox()
+    if found is None:
+        return 0, 0, mask.size[0], mask.size[1]
+    left, top, right, bottom = found
+    width, height = mask.size
+    return max(0, left - padding), max(0, top - padding), min(width, right + padding), min(height, bottom + padding)
+
+
+def _grow_span(start: int, end: int, length: int, limit: int) -> tuple[int, int]:
+    """``[start, end)`` grown to ``length`` (no shorter than it was) around its centre, then shifted inside
+    ``[0, limit)``; cut at ``limit`` when even that does not hold it."""
+    extra = max(0, length - (end - start))
+    start, end = start - extra // 2, end + extra - extra // 2
+    if end > limit:
+        start, end = start - (end - limit), limit
+    if start < 0:
+        start, end = 0, end - start
+    return start, min(end, limit)
+
+
+def expand_to_aspect(box: Box, aspect: tuple[int, int], size: tuple[int, int]) -> Box:
+    """``box`` grown (never shrunk) to the aspect ratio of ``aspect`` (width, height), inside an image of
+    ``size``: the generation sees the crop undistorted. Where the image is too small for that aspect the
+    box takes the image's whole side (the crop is then slightly stretched to the generation size)."""
+    left, top, right, bottom = box
+    width, height = right - left, bottom - top
+    gen_w, gen_h = aspect
+    if width * gen_h > height * gen_w:  # wider than the generation: grow the height
+        top, bottom = _grow_span(top, bottom, min(size[1], round(width * gen_h / gen_w)), size[1])
+    else:
+        left, right = _grow_span(left, right, min(size[0], round(height * gen_w / gen_h)), size[0])
+    return left, top, right, bottom
+
+
+def generation_size(crop_size: tuple[int, int], width: int | None, height: int | None, native: int,
+                    multiple: int) -> tuple[int, int]:
+    """The size a full-res crop is generated at: ``width``x``height`` where given; a side left out follows
+    the crop's aspect; both left out: the model's native area (``native`` squared) at the crop's aspect.
+    Computed sides are multiples of the family's ``multiple``, within the spec's side range."""
+    crop_w, crop_h = crop_size
+    lowest, highest = padded(MIN_SIDE, multiple), MAX_SIDE // multiple * multiple
+
+    def side(value: float) -> int:
+        return min(highest, max(lowest, round(value / multiple) * multiple))
+
+    if width is not None and height is not None:
+        return width, height
+    if width is not None:
+        return width, side(width * crop_h / crop_w)
+    if height is not None:
+        return side(height * crop_w / crop_h), height
+    root = math.sqrt(crop_w / crop_h)
+    return side(native * root), side(native / root)
 
 
 class Im2ImPipe(BasePipe):
@@ -104,10 +170,20 @@ class MaskedIm2ImPipe(Im2ImPipe):
     explicit ``mask`` (white = redraw). ``blur`` softens the mask used while denoising,
     ``blur_compose`` the mask used to composite the result onto the original: pixels outside
     it are exactly the original's.
+
+    ``full_res`` (inpaint at full resolution) generates only the box of the (blurred) mask grown by
+    ``full_res_padding`` and then to the generation's aspect, at ``width``x``height`` (default: the
+    model's native area at the box's aspect), scales the result back to the box and pastes it
+    through the mask: a small mask in a large image gets the model's whole resolution. ``width`` and
+    ``height`` are then the generation's size (as ``params`` and ``get_config`` record them), not
+    the output's: the output has the (scaled) input's size, and ``get_config()["full_res_box"]``
+    records the box (left, top, right, bottom).
     """
 
     SPEC = specs.MASKED_IM2IM
     ROLE = Role.INPAINT
+    #: the box generated at full resolution (``full_res``), None: the whole image
+    _full_res_box: Box | None = None
 
     def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
         self._check_strength(merged)
@@ -124,20 +200,47 @@ class MaskedIm2ImPipe(Im2ImPipe):
         else:
             raise MissingImageError(f"{type(self).__name__} needs image_painted or mask to know what to redraw",
                                     "mask", "image_painted (the image with the mask painted) or mask")
-        original = self._sized(original, merged, given, "image")
+        full_res = bool(merged.get("full_res"))
+        # with full_res, width and height size the generation of the crop, not the input
+        resize = {k: v for k, v in given.items() if k not in ("width", "height")} if full_res else given
+        original = self._sized(original, merged, resize, "image")
         size = original.size
         painted = painted.resize(size, Image.LANCZOS) if painted is not None and painted.size != size else painted
         if mask.size != size:
             mask = mask.resize(size, Image.BILINEAR)
-        merged["width"], merged["height"] = size
         self._input_image = original
         self._mask = mask
-        multiple = self.family.size_multiple
-        self._denoise_mask = pad_image(blur_mask(mask, merged.get("blur", 0)), multiple)
+        denoise = blur_mask(mask, merged.get("blur", 0))
         self._compose_mask = blur_mask(mask, merged.get("blur_compose", merged.get("blur", 0)))
-        self._padded_input = pad_image(painted if painted is not None else original, multiple)
+        start = painted if painted is not None else original
+        self._full_res_box = None
+        if full_res:
+            box, gen_size = self._full_res_crop(ImageChops.lighter(denoise, self._compose_mask), merged, given)
+            self._full_res_box = box
+            denoise = denoise.crop(box).resize(gen_size, Image.BILINEAR)
+            start = start.crop(box).resize(gen_size, Image.LANCZOS)
+            size = gen_size
+        merged["width"], merged["height"] = size
+        multiple = self.family.size_multiple
+        self._denoise_mask = pad_image(denoise, multiple)
+        self._padded_input = pad_image(start, multiple)
         self._sources = {"image": source_name(source), "image_painted": source_name(painted_src),
                          "mask": source_name(mask_src)}
+
+    def _full_res_crop(self, mask: Image.Image, merged: dict[str, Any], given: dict[str, Any]
+                       ) -> tuple[Box, tuple[int, int]]:
+        """The box to generate at full resolution and the size to generate it at.
+
+        ``mask`` is the union of the blurred masks, so that the compositing's soft edge lies inside the
+        box; the box is grown by the padding, then to the generation's aspect, inside the image.
+        """
+        padding = merged.get("full_res_padding", specs.FULL_RES_PADDING.default)
+        box = mask_box(mask, padding)
+        width = merged["width"] if given.get("width") is not None else None
+        height = merged["height"] if given.get("height") is not None else None
+        gen_size = generation_size((box[2] - box[0], box[3] - box[1]), width, height,
+                                   self.family.native_size(self.base), self.family.size_multiple)
+        return expand_to_aspect(box, gen_size, mask.size), gen_size
 
     def _call_kwargs(self) -> dict[str, Any]:
         w, h = self._padded_input.size
@@ -145,8 +248,34 @@ class MaskedIm2ImPipe(Im2ImPipe):
                 "width": w, "height": h}
 
     def _postprocess(self, images: list[Image.Image]) -> list[Image.Image]:
-        size = self.output_size()
-        return [composite(crop(im, size), self._input_image, self._compose_mask) for im in images]
+        box = self._full_res_box
+        if box is None:
+            size = self.output_size()
+            return [composite(crop(im, size), self._input_image, self._compose_mask) for im in images]
+        gen_size = (self.params["width"], self.params["height"])
+        out = []
+        for im in images:
+            # the crop's result at the crop's size, in place in the original; the mask then keeps the rest
+            pasted = self._input_image.copy()
+            pasted.paste(crop(im, gen_size).resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS), box[:2])
+            out.append(composite(pasted, self._input_image, self._compose_mask))
+        return out
+
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the images ``gen`` returns: with ``full_res`` the input's, not the generation's."""
+        return self._input_image.size if self._full_res_box is not None else super().output_size()
+
+    def _vae_tiling(self) -> bool:
+        # with full_res the VAE decodes the generation's size, not the output's
+        if self._full_res_box is None or self.params.get("vae_tiling") is not None:
+            return super()._vae_tiling()
+        return self.padded(self.params["width"]) * self.padded(self.params["height"]) > specs.VAE_TILING_PIXELS
+
+    def _extra_config(self) -> dict[str, Any]:
+        out = super()._extra_config()
+        if self._is_setup and self._full_res_box is not None:
+            out["full_res_box"] = list(self._full_res_box)
+        return out
 
     @property
     def mask(self) -> Image.Image:
@@ -155,8 +284,14 @@ class MaskedIm2ImPipe(Im2ImPipe):
 
     @property
     def denoise_mask(self) -> Image.Image:
-        """The mask the diffusers pipeline denoises with: blurred by ``blur``, padded to the size multiple."""
+        """The mask the diffusers pipeline denoises with: blurred by ``blur`` (with ``full_res``: cropped to the
+        box and resized to the generation's size), padded to the size multiple."""
         return self._denoise_mask
+
+    @property
+    def full_res_box(self) -> Box | None:
+        """The box (left, top, right, bottom) of the input generated at full resolution; None without ``full_res``."""
+        return self._full_res_box
 
 
 class InpaintingPipe(MaskedIm2ImPipe):
@@ -165,7 +300,8 @@ class InpaintingPipe(MaskedIm2ImPipe):
     Works with inpainting checkpoints and with ordinary ones (4-channel UNet: the unmasked
     latents are re-noised from the original every step). ``strength`` defaults to 1 (the
     masked part is drawn from noise); ``blur`` softens the mask edge; the result is
-    composited onto the original, so unmasked pixels are unchanged.
+    composited onto the original, so unmasked pixels are unchanged. ``full_res`` and
+    ``full_res_padding`` as in :class:`MaskedIm2ImPipe`.
     """
 
     SPEC = specs.INPAINTING

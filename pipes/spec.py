@@ -88,6 +88,11 @@ BLUR = Param("blur", ParamType.INT, "blur radius of the mask used while denoisin
              maximum=256, unit="px")
 BLUR_COMPOSE = replace(BLUR, name="blur_compose", description="blur radius of the mask that composites the "
                        "result onto the original")
+FULL_RES = Param("full_res", ParamType.BOOL, "inpaint at full resolution: only the mask's box (plus "
+                 "full_res_padding) is generated, at width x height, and pasted back at the input's size",
+                 default=False)
+FULL_RES_PADDING = Param("full_res_padding", ParamType.INT, "context around the mask's box that full_res "
+                         "generates with it", default=32, minimum=0, maximum=1024, unit="px")
 CSCALES = Param("cscales", ParamType.FLOAT, "ControlNet conditioning scale, one per ControlNet; default: the "
                 "condition type's", minimum=0.0, maximum=10.0, many=True, max_items=MAX_IMAGES, nullable=True)
 GUESS_MODE = Param("guess_mode", ParamType.BOOL, "ControlNet guess mode: the ControlNets read the condition "
@@ -106,10 +111,12 @@ CONTROL: tuple[Param, ...] = (CSCALES, GUESS_MODE, CONTROL_GUIDANCE_START, CONTR
 PROMPT2IM = PipeSpec(COMMON, classname="Prompt2ImPipe")
 IM2IM = PipeSpec(COMMON + (IMAGE, STRENGTH, SCALE), classname="Im2ImPipe", aliases={"fimage": "image"},
                  image_slots=("image",), required_images=(("image",),))
-MASKED_IM2IM = PipeSpec(COMMON + (IMAGE, IMAGE_PAINTED, MASK, BLUR, BLUR_COMPOSE, STRENGTH, SCALE),
+MASKED_IM2IM = PipeSpec(COMMON + (IMAGE, IMAGE_PAINTED, MASK, BLUR, BLUR_COMPOSE, FULL_RES, FULL_RES_PADDING,
+                                  STRENGTH, SCALE),
                         classname="MaskedIm2ImPipe", aliases={"fimage": "image", "original_image": "image"},
                         image_slots=("image", "image_painted"), required_images=(("image",), ("image_painted", "mask")))
-INPAINTING = PipeSpec(COMMON + (IMAGE, MASK, BLUR, replace(STRENGTH, default=1.0), SCALE), classname="InpaintingPipe",
+INPAINTING = PipeSpec(COMMON + (IMAGE, MASK, BLUR, FULL_RES, FULL_RES_PADDING, replace(STRENGTH, default=1.0),
+                                SCALE), classname="InpaintingPipe",
                       aliases={"fimage": "image", "mask_image": "mask"}, image_slots=("image", "mask"),
                       required_images=(("image",), ("mask",)))
 COND2IM = PipeSpec(COMMON + (CONDITION_IMAGES,) + CONTROL, classname="Cond2ImPipe", aliases={"fimage": "image"},

@@ -261,3 +261,27 @@ def test_refusals_before_the_body_is_read_are_in_a1111s_shape(make_api):
     assert limit > 1024 * 1024  # img2img carries images: the upload limit
     error, _ = guard.check_head("POST", "/api/v1/sessions", "", headers.get)
     assert set(error.to_dict()) == {"error"}  # the session API keeps its shape
+
+
+def test_img2img_inpaint_full_res_reaches_the_job_as_full_res(api, client):
+    """A1111's "inpaint at full resolution" (on by default there and in webuiapi) is the masked pipes' full_res,
+    its padding full_res_padding; off, or without a mask, neither is sent; a padding past the spec is a 422."""
+    from helpers_service import REC
+
+    body = {"init_images": [b64png((96, 80))], "mask": b64png((96, 80)), "denoising_strength": 0.5, **SMALL}
+    r = client.post("/sdapi/v1/img2img", json={**body, "inpaint_full_res": True, "inpaint_full_res_padding": 24})
+    assert r.status_code == 200, r.get_json()
+    [session] = api.svc.list_sessions(project="a1111")
+    params = api.svc.list_jobs(session["id"])[0]["params"]
+    assert (params["full_res"], params["full_res_padding"], params["width"], params["height"]) == (True, 24, 64, 64)
+    setup = REC.setups[-1]
+    assert (setup["full_res"], setup["full_res_padding"]) == (True, 24)
+    # A1111's default is on (its padding 0); 0 turns it off
+    assert client.post("/sdapi/v1/img2img", json=body).status_code == 200
+    assert (REC.setups[-1]["full_res"], REC.setups[-1]["full_res_padding"]) == (True, 0)
+    assert client.post("/sdapi/v1/img2img", json={**body, "inpaint_full_res": 0}).status_code == 200
+    assert REC.setups[-1]["full_res"] is False and "full_res_padding" not in REC.setups[-1]
+    assert client.post("/sdapi/v1/img2img", json={"init_images": [b64png()], **SMALL}).status_code == 200
+    assert "full_res" not in REC.setups[-1]  # no mask: Im2ImPipe, which has no full_res
+    r = client.post("/sdapi/v1/img2img", json={**body, "inpaint_full_res_padding": 5000})
+    assert detail_loc(r) == ["body", "inpaint_full_res_padding"]

@@ -265,7 +265,8 @@ def _values() -> dict[str, Any]:
     mask.paste(255, (10, 10, 30, 30))
     return {"width": 64, "height": 64, "steps": 4, "guidance_scale": 5.0, "clip_skip": 1,
             "scheduler": "EulerDiscreteScheduler", "timestep_spacing": "trailing", "lpw": False, "vae_tiling": False,
-            "image": image, "image_painted": painted, "mask": mask, "blur": 2, "blur_compose": 2, "strength": 0.5,
+            "image": image, "image_painted": painted, "mask": mask, "blur": 2, "blur_compose": 2, "full_res": True,
+            "full_res_padding": 8, "strength": 0.5,
             "scale": 1.0, "cscales": [0.5], "guess_mode": True, "control_guidance_start": 0.1,
             "control_guidance_end": 0.9, "ctypes": ["canny"], "true_cfg_scale": None, "max_sequence_length": None}
 

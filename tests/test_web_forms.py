@@ -125,6 +125,12 @@ def test_advanced_parameters_reach_the_server(server: Server, browser: Any):
     assert shown == ["clip_skip", "timestep_spacing", "scale", "guess_mode", "control_guidance_start",
                      "control_guidance_end"], shown
     assert d.find_element(By.ID, "control_guidance_end").get_attribute("max") == "1"
+    # the masked pipes show inpainting at full resolution (a flag and its padding)
+    open_session(d, "web-advanced-inpaint", "inpainting")
+    shown = d.execute_script("return [...document.querySelectorAll('#advanced [data-param]')]"
+                             ".filter(e => !e.hidden).map(e => e.dataset.param)")
+    assert {"blur", "full_res", "full_res_padding"} <= set(shown) and "guess_mode" not in shown, shown
+    assert attr("full_res_padding", "max") == str(specs.FULL_RES_PADDING.maximum)
     assert attr("cscale", "max") == str(specs.CSCALES.maximum).removesuffix(".0")  # the page said 4
     options = d.execute_script("return [...document.getElementById('ctype').options].map(o => o.value)")
     assert options == list(specs.CONDITION_TYPES)

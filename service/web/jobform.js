@@ -10,10 +10,10 @@ const JOB_FIELDS = ["prompt", "negative_prompt", "count", "seeds"];
 // form fields that are number inputs named as the parameter they set
 const NUMBER_FIELDS = ["width", "height", "steps", "guidance_scale", "strength"];
 // the "Advanced" section: shown only for the parameters the pipe takes; empty = pipe default
-const ADVANCED_NUMBERS = ["clip_skip", "scale", "blur", "blur_compose", "control_guidance_start",
+const ADVANCED_NUMBERS = ["clip_skip", "scale", "blur", "blur_compose", "full_res_padding", "control_guidance_start",
   "control_guidance_end", "true_cfg_scale", "max_sequence_length"];
 const ADVANCED_CHOICES = ["timestep_spacing"];
-const ADVANCED_FLAGS = ["guess_mode"];
+const ADVANCED_FLAGS = ["guess_mode", "full_res"];
 const ADVANCED = [...ADVANCED_NUMBERS, ...ADVANCED_CHOICES, ...ADVANCED_FLAGS];
 // API parameter → the element that shows its error
 const ERROR_SLOT = { image: "images", fimage: "images", original_image: "images", image_painted: "mask",
@@ -167,7 +167,7 @@ export class JobForm {
       if (names.has(k)) { if (info[k]) applyParam($(k), info[k]); else applyLimits($(k), props[k]); }
     }
     applyParam($("cscale"), info.cscales);
-    for (const k of ["scheduler", "guess_mode", "lpw"]) if (info[k] && $(k)) $(k).title = helpText(info[k]);
+    for (const k of ["scheduler", "guess_mode", "full_res", "lpw"]) if (info[k] && $(k)) $(k).title = helpText(info[k]);
     const spacing = (info.timestep_spacing && info.timestep_spacing.choices)
       || (variants(props.timestep_spacing).find((v) => Array.isArray(v.enum)) || {}).enum;
     if (spacing) {

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 FIELDS = {"guidance_scale": "cfg_scale", "strength": "denoising_strength", "scheduler": "sampler_name",
           "count": "batch_size", "seeds": "seed", "images": "init_images", "image": "init_images",
           "images.0": "init_images", "model": "override_settings.sd_model_checkpoint", "clip_skip":
-          "override_settings.CLIP_stop_at_last_layers", "blur": "mask_blur", "loras": "prompt",
+          "override_settings.CLIP_stop_at_last_layers", "blur": "mask_blur", "full_res": "inpaint_full_res",
+          "full_res_padding": "inpaint_full_res_padding", "loras": "prompt",
           "Content-Type": "body"}
 
 

@@ -9,7 +9,9 @@ and ``<lora:...>`` set, and waits for it (``api/waiting.py``). Pipes, by the mod
 - img2img with a mask: ``MaskedIm2ImPipe`` (any model: the masked area is redrawn at
   ``denoising_strength``, the rest kept), or ``InpaintingPipe`` where ``inpainting_fill`` is 2 or 3
   (latent noise / nothing: the area is drawn afresh, what an inpainting model is for), each falling
-  back to the other when models.yaml lacks it.
+  back to the other when models.yaml lacks it. ``inpaint_full_res`` (A1111's "only masked", on by
+  default) becomes the pipes' ``full_res`` with ``inpaint_full_res_padding`` as ``full_res_padding``:
+  only the mask's box is generated, at ``width``x``height``, and the image keeps its size.
 """
 from __future__ import annotations
 
@@ -172,6 +174,10 @@ def img2img():
         pipe = _pipe_named(*order)
         extra["mask"] = mask
         extra["blur"] = req.mask_blur if req.mask_blur is not None else req.mask_blur_x
+        # A1111 sends 0/1 or a boolean; the pipes' spec checks the padding's range (0-1024 px) at queue time
+        extra["full_res"] = bool(req.inpaint_full_res)
+        if extra["full_res"]:
+            extra["full_res_padding"] = req.inpaint_full_res_padding
     else:
         pipe = _pipe_named("Im2ImPipe")
     return _generate(req, pipe, [image], extra, img2img=True)
