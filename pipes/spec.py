@@ -28,7 +28,7 @@ from .parameters import Param, ParamSet, ParamType, PipeSpec
 __all__ = [
     "Param", "ParamSet", "ParamType", "PipeSpec", "PIPE_SPECS", "JOB", "LORA_WEIGHT", "COMMON", "MAX_IMAGES",
     "DRAWN_SEED_MAX", "CONDITION_TYPES", "IMAGE_PARAM_NAMES", "MAX_PROMPT_CHARS", "MAX_GRAMMAR_DEPTH",
-    "MAX_GRAMMAR_ITEMS", "MAX_LORAS", "FAMILY_PARAMS", "apply_limits", "spec_from_names",
+    "MAX_GRAMMAR_ITEMS", "MAX_LORAS", "MAX_STYLES", "FAMILY_PARAMS", "apply_limits", "spec_from_names",
 ]
 
 # ---- the declarations ------------------------------------------------------------------------------
@@ -153,7 +153,12 @@ SEEDS = Param("seeds", ParamType.INT, "one seed per image; drawn when left out",
               many=True, nullable=True)
 PRIORITY = Param("priority", ParamType.INT, "higher runs first (within the user's own jobs)", default=0,
                  minimum=-100, maximum=100)
-JOB = ParamSet((PROMPT, NEGATIVE_PROMPT, COUNT, SEEDS, PRIORITY))
+#: most styles one job applies (each wraps the prompt once more)
+MAX_STYLES = 16
+STYLES = Param("styles", ParamType.STR, "prompt styles applied in order to each image's prompt and negative "
+               "prompt (GET /api/v1/styles lists them; `random`: one drawn from the image's seed)", many=True,
+               max_items=MAX_STYLES, nullable=True)
+JOB = ParamSet((PROMPT, NEGATIVE_PROMPT, COUNT, SEEDS, PRIORITY, STYLES))
 LORA_WEIGHT = Param("weight", ParamType.FLOAT, "LoRA weight (negative: the opposite effect)", default=1.0,
                     minimum=-10.0, maximum=10.0)
 #: most LoRAs of one session: each is loaded into the shared model before every job of the session

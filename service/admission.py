@@ -18,6 +18,7 @@ from .catalog import ModelCatalog
 from .config import Limits
 from .jobs import JobState
 from .records import JobRecord, SessionRecord
+from .styles import StyleLibrary
 from .validation import (check_count_and_seeds, check_has_image, check_priority, check_prompt, check_setup_params,
                          images_to_params)
 from .views import now_iso
@@ -32,7 +33,8 @@ class AdmittedJob:
     prompt: Any
     negative_prompt: Any
     priority: int
-    #: setup parameters, input images among them (PIL images, arrays or paths, not stored yet)
+    #: setup parameters, input images among them (PIL images, arrays or paths, not stored yet), and the
+    #: job's ``styles`` (their names, as the library spells them; the runner takes them out before setup)
     params: dict[str, Any]
     #: megapixel-steps charged to the user's budget (budget.py)
     cost: float
@@ -47,8 +49,11 @@ class AdmittedJob:
 
 def admit_job(catalog: ModelCatalog, limits: Limits, budget: CostBudget, session: SessionRecord, *, images: Any,
               prompt: Any, count: Any, seeds: Any, negative_prompt: Any, priority: Any,
-              setup_params: dict[str, Any]) -> AdmittedJob:
+              setup_params: dict[str, Any], styles: StyleLibrary | None = None) -> AdmittedJob:
     """Check a job for ``session`` and charge its cost to the user's budget; seeds not given are drawn now.
+
+    ``setup_params`` may hold the job's ``styles`` (names of ``styles``, the config's library); they are
+    checked here and kept with the parameters.
 
     Raises:
         InvalidInput: naming the offending field and what is allowed (a job over the per-job cost too).
@@ -59,7 +64,8 @@ def admit_job(catalog: ModelCatalog, limits: Limits, budget: CostBudget, session
     prompt = check_prompt(prompt, "prompt")
     negative_prompt = check_prompt(negative_prompt, "negative_prompt") or None
     priority = check_priority(priority)
-    params = {k: v for k, v in setup_params.items() if v is not None}
+    params = {k: v for k, v in setup_params.items() if v is not None and k != "styles"}
+    style_names = (styles if styles is not None else StyleLibrary()).check(setup_params.get("styles"))
     check_setup_params(params, pipe_spec(classname), session.pipe, limits)
     # what the model's family refuses (its schedulers, its own parameters) fails now, not when the job runs
     catalog.check_job_params(session.model, params)
@@ -68,6 +74,8 @@ def admit_job(catalog: ModelCatalog, limits: Limits, budget: CostBudget, session
     steps, width, height = _expected_size(catalog, session.model, params)
     cost = job_cost(count, steps, width, height)
     budget.charge(session.user, cost, {"count": count, "steps": steps, "size": f"{width}x{height}"})
+    if style_names:
+        params["styles"] = style_names
     return AdmittedJob(count, seeds, prompt, negative_prompt, priority, params, cost)
 
 

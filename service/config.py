@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .styles import StyleLibrary, load_styles
 from .models_config import (BUILTIN_MODELS, DTYPE_NAMES, KNOWN_PIPE_CLASSES, MEMORY_OPTIONS, MODEL_DEFAULTS,  # noqa: F401
                             MODEL_TYPES, ModelEntry, ModelsConfig, PipeEntry, builtin_model_path, check_memory_devices,
                             check_model_files, load_models)
@@ -27,7 +28,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yam
 PACKAGED_CONFIG = Path(__file__).resolve().parent / "defaults" / "config.yaml"
 #: folders a config.yaml may leave out, relative to its own folder: everything a config does not
 #: place stays beside it (the repository's config/config.yaml names its ../ folders explicitly)
-FOLDER_DEFAULTS = {"model_dir": "models", "logging_folder": "logs", "data_dir": "data", "output_dir": "outputs"}
+FOLDER_DEFAULTS = {"model_dir": "models", "logging_folder": "logs", "data_dir": "data", "output_dir": "outputs",
+                   "styles_dir": "styles"}
 
 
 @dataclass
@@ -89,6 +91,10 @@ class Config:
     raw: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None  # model precision (float32, bfloat16, float16); None = best for the device
     drain_on_exit: bool = True  # a script that queues jobs and ends waits for them (metafusion's use)
+    #: the users' style files (styles.py); None: the built-in styles only
+    styles_dir: Path | None = None
+    #: the built-in styles with the users' on top, read at start-up
+    styles: StyleLibrary = field(default_factory=lambda: load_styles(None))
 
 
 def _dataclass_section(cls, data: dict, key: str, file: Path):
@@ -178,7 +184,7 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     data = read_yaml(file, "config file")
     here = file.parent
     known = {"model_list", "model_dir", "logging_folder", "data_dir", "output_dir", "devices", "threads",
-             "cache", "server", "limits", "users", "dtype", "drain_on_exit"}
+             "cache", "server", "limits", "users", "dtype", "drain_on_exit", "styles_dir"}
     for key in data:
         if key not in known:
             raise ConfigError(str(file), str(key), "unknown key", f"remove it or use one of: {', '.join(sorted(known))}")
@@ -209,11 +215,13 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     if dtype is not None and dtype.lower().replace("torch.", "") not in DTYPE_NAMES:
         raise ConfigError(str(file), "dtype", f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPE_NAMES)}")
     drain_on_exit = typed(data, "drain_on_exit", bool, file, True, "set drain_on_exit to true or false")
+    styles_dir = folder("styles_dir")
     return Config(file=file, model_dir=model_dir, logging_folder=folder("logging_folder"),
                   data_dir=folder("data_dir"), output_dir=folder("output_dir"),
                   models=models, devices=devices, threads=threads, cache_budget_gb=float(budget),
                   server=read_server(data, file),
                   limits=_dataclass_section(Limits, data, "limits", file), users=users, raw=data,
-                  dtype=dtype, drain_on_exit=drain_on_exit)
+                  dtype=dtype, drain_on_exit=drain_on_exit, styles_dir=styles_dir,
+                  styles=load_styles(styles_dir))
 
 

@@ -1,12 +1,13 @@
 """Running one job on a worker: the pipe from the cache, one ``gen`` per image, the image chain.
 
 For every image of the job not yet written (a job resumed after a restart skips the ones
-that are), the runner calls ``gen`` with that image's seed (batch size 1, so a resumed job
-reproduces the same pixels), then runs the image callback chain: write the PNG and its
-sidecar atomically, record the image, announce ``image.created``, and call the user's
-``image_callback`` (whose exceptions are logged, never fatal). A step callback records
-progress and an ETA from measured step times, keeps a rate-limited preview, and stops the
-job at the next step when it is cancelled or the service stops.
+that are), the runner expands the prompt grammar with that image's seed, applies the job's
+styles (styles.py; ``random`` draws with the same seed), and calls ``gen`` with that seed
+(batch size 1, so a resumed job reproduces the same pixels), then runs the image callback
+chain: write the PNG and its sidecar atomically, record the image, announce ``image.created``,
+and call the user's ``image_callback`` (whose exceptions are logged, never fatal). A step
+callback records progress and an ETA from measured step times, keeps a rate-limited preview,
+and stops the job at the next step when it is cancelled or the service stops.
 
 The runner is given its collaborators (store, cache, catalog, writer, events, counters,
 ledger) and reports a job's end to the ledger; it knows nothing of the ServiceThread.
@@ -32,6 +33,7 @@ from .records import JobRecord, NewImage, SessionRecord
 from .running import RunningJob
 from .stats import ServiceStats
 from .store import Store
+from .styles import StyleLibrary, StyledPrompt, load_styles
 from .views import image_view, now_iso
 from .writer import ImageWriter
 
@@ -79,11 +81,13 @@ class JobRunner:
         ledger: where the job's end is reported and its image callback lives.
         preview_fn: latents -> preview image (default: ``multigen.pipes.latents_to_rgb``).
         max_seconds_per_image: wall-clock seconds one image may take (0: no limit).
+        styles: the style library jobs name (default: the built-in styles only).
     """
 
     def __init__(self, *, store: Store, cache: ModelCache, catalog: ModelCatalog, writer: ImageWriter,
                  events: EventBus, counters: ServiceStats, ledger: JobLedger,
-                 preview_fn: PreviewFn | None = None, max_seconds_per_image: float = 0) -> None:
+                 preview_fn: PreviewFn | None = None, max_seconds_per_image: float = 0,
+                 styles: StyleLibrary | None = None) -> None:
         self.store = store
         self.cache = cache
         self.catalog = catalog
@@ -93,6 +97,7 @@ class JobRunner:
         self.ledger = ledger
         self.preview_fn = preview_fn or default_preview
         self.max_seconds_per_image = max_seconds_per_image
+        self.styles = styles if styles is not None else load_styles(None)
 
     def held_models(self, device: str) -> Collection[str]:
         """The models loaded on ``device`` (a worker prefers jobs that use them)."""
@@ -115,7 +120,8 @@ class JobRunner:
                 pipe = lease.pipe
                 pipe.set_loras(self.catalog.lora_files(session.loras))  # exactly this job's LoRAs: nothing leaks
                 # the model's defaults (models.yaml) under the job's own parameters
-                params = {k: v for k, v in load_params(record.params).items() if v is not None}
+                # the job's styles are applied to each image's prompt (_one_image), not set up
+                params = {k: v for k, v in load_params(record.params).items() if v is not None and k != "styles"}
                 job.model_defaults = {k: v for k, v in self.catalog.defaults(session.model).items()
                                       if k in pipe.PARAMS and k not in params}
                 pipe.setup(**job.model_defaults, **params)
@@ -160,6 +166,8 @@ class JobRunner:
         seed = int(record.seeds[pos])
         prompt = _expand(record.prompt, seed, "prompt")
         negative = _expand(record.negative_prompt, seed, "negative_prompt") if record.negative_prompt else ""
+        styles = record.params.get("styles")
+        styled = self.styles.apply(styles, prompt, negative, seed) if styles else None
         count = record.count
         t0 = time.perf_counter()
         before = job.gen_seconds
@@ -192,7 +200,8 @@ class JobRunner:
                                                      "preview_url": f"/api/v1/jobs/{job.job_id}/preview"},
                                     session_id=job.session_id)
 
-        images = pipe.gen({"prompt": prompt, "negative_prompt": negative, "seed": seed,
+        images = pipe.gen({"prompt": styled.prompt if styled else prompt,
+                           "negative_prompt": styled.negative_prompt if styled else negative, "seed": seed,
                            "callback": on_step, "cancel": job.should_stop})
         job.gen_seconds = before + (time.perf_counter() - t0)
         self.counters.observe_image(time.perf_counter() - t0)
@@ -201,7 +210,7 @@ class JobRunner:
         if not images:
             raise RuntimeError(f"{type(pipe).__name__}.gen returned no image")
         config = pipe.get_config() if hasattr(pipe, "get_config") else {}
-        self._save(device, job, record, session, GenOutput(images[0], pos, seed, prompt, negative, config))
+        self._save(device, job, record, session, GenOutput(images[0], pos, seed, prompt, negative, config, styled))
 
     def _preview(self, job: RunningJob, latents: Any, model_type: Any) -> None:
         t0 = time.perf_counter()
@@ -225,14 +234,17 @@ class JobRunner:
         meta = {
             "image_id": image.id, "session_id": job.session_id, "job_id": job.job_id, "index": image.idx,
             "job_image": out.pos, "user": session.user, "project": session.project, "pipe": session.pipe,
-            "model": session.model, "loras": session.loras, "prompt": out.prompt,
-            "negative_prompt": out.negative,
+            "model": session.model, "loras": session.loras, "prompt": out.styled.prompt if out.styled else out.prompt,
+            "negative_prompt": out.styled.negative_prompt if out.styled else out.negative,
             "prompt_grammar": record.prompt if not isinstance(record.prompt, str) else None,
             "seed": out.seed, "width": width, "height": height, "batch_size": 1,
             "params": public_params({**job.model_defaults, **record.params}),
             "threads": device.threads, "device": device.name, "dtype": str(device.dtype).replace("torch.", ""),
             "created_at": created, "pipe_config": public_pipe_config(out.config, self.catalog.path_names()),
         }
+        if out.styled:  # what the model got is `prompt`; what the user wrote (expanded) is kept too
+            meta.update(styles=list(out.styled.styles), prompt_before_styles=out.prompt,
+                        negative_prompt_before_styles=out.negative)
         if "model_id" in meta["pipe_config"]:
             # the session's name: two models.yaml entries on one folder share a path (the path names only one)
             meta["pipe_config"]["model_id"] = session.model
@@ -248,7 +260,8 @@ class JobRunner:
 
 @dataclass(frozen=True)
 class GenOutput:
-    """One generated image and what made it."""
+    """One generated image and what made it: the prompts before the styles, and after them (``styled``:
+    None for a job without styles)."""
 
     image: Any
     pos: int
@@ -256,6 +269,7 @@ class GenOutput:
     prompt: str
     negative: str
     config: dict[str, Any]
+    styled: StyledPrompt | None = None
 
 
 def _expand(prompt: Any, seed: int, param: str) -> str:

@@ -97,7 +97,8 @@ class ServiceThread:
         self.gallery = Gallery(self.store)
         self.runner = self.runner_class(store=self.store, cache=self.cache, catalog=self.catalog, writer=self.writer,
                                         events=self.events, counters=self.counters, ledger=self.ledger,
-                                        preview_fn=cls.preview_fn, max_seconds_per_image=limits.max_seconds_per_image)
+                                        preview_fn=cls.preview_fn, max_seconds_per_image=limits.max_seconds_per_image,
+                                        styles=self.config.styles)
         self.workers: list[DeviceWorker] = []
         self._pool: WorkerPool | None = None
         self._stopped = False
@@ -259,7 +260,7 @@ class ServiceThread:
         self.ledger.check_room(session.user)
         ok = admit_job(self.catalog, self.config.limits, self.budget, session, images=images, prompt=prompt,
                        count=count, seeds=seeds, negative_prompt=negative_prompt, priority=priority,
-                       setup_params=setup_params)
+                       setup_params=setup_params, styles=self.config.styles)
         job_id = secrets.token_hex(8)
         inputs_dir = job_inputs_dir(self.config.data_dir, job_id)
         try:

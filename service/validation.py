@@ -27,7 +27,7 @@ from .errors import InvalidInput
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: parameters queue_gen takes itself (not passed to the pipe's setup)
-JOB_FIELDS = ("prompt", "negative_prompt", "count", "seeds", "priority", "images", "image_callback")
+JOB_FIELDS = ("prompt", "negative_prompt", "count", "seeds", "priority", "styles", "images", "image_callback")
 
 
 def _checked(param: specs.Param, value: Any, label: str, field: str | None = None) -> Any:

@@ -142,7 +142,7 @@ def test_img2img_picks_the_pipe_by_mask(api, client):
     ("txt2img", {"batch_size": 0}, ["body", "batch_size"]),
     ("txt2img", {"prompt": "x <lora:nope:1>"}, ["body", "prompt"]),
     ("txt2img", {"prompt": "x <lora:tiny-sdxl-lora:1>"}, ["body", "prompt"]),  # a LoRA of another family
-    ("txt2img", {"styles": ["cinematic"]}, ["body", "styles"]),
+    ("txt2img", {"styles": ["cinematic", "no such style"]}, ["body", "styles", "1"]),
 ])
 def test_bad_bodies_are_422_naming_the_field(api, client, path, body, loc):
     assert detail_loc(client.post(f"/sdapi/v1/{path}", json={**SMALL, **body})) == loc
@@ -189,7 +189,8 @@ def test_listings(client):
     assert {"name": "tiny-sd-lora", "alias": "tiny-sd-lora"}.items() <= next(
         x for x in client.get("/sdapi/v1/loras").get_json() if x["name"] == "tiny-sd-lora").items()
     assert [u["name"] for u in client.get("/sdapi/v1/upscalers").get_json()][:2] == ["None", "Lanczos"]
-    assert client.get("/sdapi/v1/prompt-styles").get_json() == []
+    styles = client.get("/sdapi/v1/prompt-styles").get_json()
+    assert len(styles) >= 100 and all(set(s) == {"name", "prompt", "negative_prompt"} for s in styles)
     assert client.get("/sdapi/v1/scripts").get_json() == {"txt2img": [], "img2img": []}
     assert client.get("/sdapi/v1/embeddings").get_json() == {"loaded": {}, "skipped": {}}
     assert client.get("/sdapi/v1/latent-upscale-modes").get_json()[0]["name"] == "Latent"
@@ -285,3 +286,37 @@ def test_img2img_inpaint_full_res_reaches_the_job_as_full_res(api, client):
     assert "full_res" not in REC.setups[-1]  # no mask: Im2ImPipe, which has no full_res
     r = client.post("/sdapi/v1/img2img", json={**body, "inpaint_full_res_padding": 5000})
     assert detail_loc(r) == ["body", "inpaint_full_res_padding"]
+
+
+def test_styles_wrap_the_prompt_through_txt2img_and_are_listed_by_prompt_styles(api, client):
+    """A1111's ``styles`` apply the server's styles (GET /sdapi/v1/prompt-styles) to each image; the job gets the
+    prompt without its <lora:...> tags, styled; the answer's prompts and infotexts are styled as A1111's are."""
+    from helpers_service import REC
+
+    listed = {s["name"]: s for s in client.get("/sdapi/v1/prompt-styles").get_json()}
+    assert listed == {s.name: {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                      for s in api.svc.config.styles}
+    cinematic, line_art = listed["Cinematic"], listed["Line Art"]
+
+    def wrap(style: dict, text: str, key: str = "prompt") -> str:
+        return style[key].replace("{prompt}", text)
+
+    body = {"prompt": "a cat <lora:tiny-sd-lora:0.5>", "negative_prompt": "dog", "seed": 3,
+            "styles": ["cinematic", "Line Art"], **SMALL}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.get_json()
+    info = json.loads(r.get_json()["info"])
+    assert REC.gens[-1]["prompt"] == wrap(line_art, wrap(cinematic, "a cat"))  # what the pipe got
+    assert info["prompt"] == wrap(line_art, wrap(cinematic, body["prompt"])) == info["all_prompts"][0]
+    assert info["negative_prompt"] == f"dog, {cinematic['negative_prompt']}, {line_art['negative_prompt']}"
+    assert info["styles"] == ["cinematic", "Line Art"] and info["infotexts"][0].startswith(info["prompt"])
+    png = Image.open(io.BytesIO(base64.b64decode(r.get_json()["images"][0])))
+    assert png.info["parameters"].startswith(wrap(line_art, wrap(cinematic, "a cat")))
+    [session] = api.svc.list_sessions(project="a1111")
+    assert api.svc.list_jobs(session["id"])[-1]["params"]["styles"] == ["Cinematic", "Line Art"]
+    # random: one style per image, drawn from its seed, the same on every call
+    body = {"prompt": "a dog", "seed": 20, "batch_size": 3, "styles": ["random"], **SMALL}
+    first = json.loads(client.post("/sdapi/v1/txt2img", json=body).get_json()["info"])["all_prompts"]
+    again = json.loads(client.post("/sdapi/v1/txt2img", json=body).get_json()["info"])["all_prompts"]
+    assert first == again == [g["prompt"] for g in REC.gens[-3:]]
+    assert all(any(p == wrap(s, "a dog") for s in listed.values()) for p in first)

@@ -56,4 +56,4 @@ def test_wheel_carries_the_demo_model_and_default_config(tmp_path):
                  "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "model_index.json"):
         assert f"multigen/pipes/demo/model/{part}" in names, part
     assert {"multigen/service/defaults/config.yaml", "multigen/service/defaults/models.yaml",
-            "multigen/service/web/index.html"} <= names
+            "multigen/service/defaults/styles.json", "multigen/service/web/index.html"} <= names

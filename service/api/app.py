@@ -86,6 +86,14 @@ def models() -> dict[str, Any]:
     }
 
 
+@bp.get("/styles")
+def styles() -> dict[str, Any]:
+    """The prompt styles a job's ``styles`` may name: the built-in ones and the users' (``styles_dir``), each
+    with its ``source``; ``random`` (one drawn from each image's seed) is not listed."""
+    cfg: Config = current_app.extensions["multigen.config"]
+    return {"styles": cfg.styles.describe()}
+
+
 def _with_families(param: dict[str, Any]) -> dict[str, Any]:
     """A parameter's description, with the model types that alone take it (``families``) or refuse it
     (``refused_by``) when not every family takes it (``catalog.family_support``)."""

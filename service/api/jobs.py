@@ -19,7 +19,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/api/v1")
 
 JOB_STATES = tuple(state.value for state in JobState)
 #: job fields that are arguments of queue_gen rather than setup parameters
-QUEUE_ARGS = ("prompt", "negative_prompt", "count", "seeds", "priority")
+QUEUE_ARGS = ("prompt", "negative_prompt", "count", "seeds", "priority", "styles")
 
 
 def build_queue_args(session: dict[str, Any], body: dict[str, Any], staged: StagedImages) -> dict[str, Any]:

@@ -89,6 +89,14 @@ class Upload(_Open):
     format: Literal["png", "jpeg", "webp"]
 
 
+class Style(BaseModel):
+    name: str
+    prompt: str = Field(description="the template: `{prompt}` is replaced by the prompt, else the prompt comes "
+                                    "first and the template after it, joined by \", \"")
+    negative_prompt: str
+    source: Literal["builtin", "user"]
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -127,6 +135,7 @@ RESPONSES: dict[str, type[BaseModel]] = {
     "ImageList": _wrap("ImageList", "images", Image, many=True),
     "UploadResponse": _wrap("UploadResponse", "upload", Upload),
     "Queue": Queue,
+    "StyleList": _wrap("StyleList", "styles", Style, many=True),
     "Error": Error,
 }
 
@@ -142,6 +151,8 @@ ROUTES: list[tuple[str, str, str, str | None, str, str, list[str], list[str]]] =
     ("get", "/api/v1/models", "Models (each with its family and the pipes it runs), LoRAs, pipes, model families "
      "(what each runs, takes and refuses; its schedulers) and the SD-style schedulers", None, "200", "object", [],
      ["401"]),
+    ("get", "/api/v1/styles", "Prompt styles a job's `styles` may name (`random` too: one drawn from each "
+     "image's seed)", None, "200", "StyleList", [], ["401"]),
     ("post", "/api/v1/sessions", "Open a session", "SessionCreate", "201", "SessionResponse", [],
      ["400", "401", "403", "413", "415", "429"]),
     ("get", "/api/v1/sessions", "The user's sessions", None, "200", "SessionList", ["project", "state", "user"],

@@ -146,6 +146,10 @@ class ControlRef(BaseModel):
         return data
 
 
+#: a job's ``styles``: an empty list is no styles (A1111 clients send one); the service checks the names
+STYLE_NAMES = Annotated[list[_one(specs.STYLES)], Field(max_length=specs.STYLES.max_items)]  # type: ignore[misc]
+
+
 class JobBase(BaseModel):
     """Fields every job takes, whatever the pipe."""
 
@@ -158,6 +162,7 @@ class JobBase(BaseModel):
         None, description=specs.SEEDS.description)
     priority: _one(specs.PRIORITY) = Field(specs.PRIORITY.default,  # type: ignore[valid-type]
                                            description=specs.PRIORITY.description)
+    styles: Optional[STYLE_NAMES] = Field(None, description=specs.STYLES.description)  # type: ignore[valid-type]
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod

@@ -62,7 +62,8 @@ def loras() -> list[dict[str, Any]]:
 
 @bp.get("/prompt-styles")
 def prompt_styles() -> list[dict[str, Any]]:
-    return []
+    """The server's styles (built-in and the users' files), as A1111 lists its ``styles.csv``."""
+    return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in config().styles]
 
 
 @bp.get("/scripts")

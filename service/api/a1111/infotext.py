@@ -80,12 +80,15 @@ def parse_infotext(text: str) -> dict[str, Any]:
 
 def info_json(request_body: dict[str, Any], *, prompt: str, negative_prompt: str, seeds: list[int],
               infotexts: list[str], sampler_name: str, scheduler: str, model: str, model_hash: str,
-              job_timestamp: str, clip_skip: int, denoising_strength: float | None) -> str:
-    """The ``info`` of a generation answer: a JSON **string**, as A1111 sends it."""
+              job_timestamp: str, clip_skip: int, denoising_strength: float | None,
+              all_prompts: list[str] | None = None, all_negative_prompts: list[str] | None = None) -> str:
+    """The ``info`` of a generation answer: a JSON **string**, as A1111 sends it (``all_prompts``: each
+    image's own, after its styles; default: ``prompt`` for every image)."""
     n = len(seeds)
     info = {
-        "prompt": prompt, "all_prompts": [prompt] * n, "negative_prompt": negative_prompt,
-        "all_negative_prompts": [negative_prompt] * n, "seed": seeds[0] if seeds else -1, "all_seeds": seeds,
+        "prompt": prompt, "all_prompts": all_prompts or [prompt] * n, "negative_prompt": negative_prompt,
+        "all_negative_prompts": all_negative_prompts or [negative_prompt] * n,
+        "seed": seeds[0] if seeds else -1, "all_seeds": seeds,
         "subseed": request_body.get("subseed", -1), "all_subseeds": [request_body.get("subseed", -1)] * n,
         "subseed_strength": request_body.get("subseed_strength", 0), "width": request_body["width"],
         "height": request_body["height"], "sampler_name": sampler_name, "scheduler": scheduler,

@@ -88,9 +88,9 @@ def _generate(req: GenerationRequest, pipe: str, images: list[Image.Image], extr
     overrides = req.override_settings or {}
     model = (find_model(overrides["sd_model_checkpoint"], "override_settings.sd_model_checkpoint")
              if overrides.get("sd_model_checkpoint") else default_model(user))
-    if req.styles:
-        raise A1111Invalid(f"unknown style {req.styles[0]!r}: this server has no prompt styles yet "
-                           "(GET /sdapi/v1/prompt-styles lists them)", field="styles")
+    # the server's styles (GET /sdapi/v1/prompt-styles); an unknown one is a 422 naming styles.N before any
+    # session opens (A1111 would skip it silently: a typo would go unnoticed)
+    styles = config().styles.check(req.styles)
     prompt, loras = split_lora_tags(req.prompt, config().models.lora)
     negative, negative_loras = split_lora_tags(req.negative_prompt, config().models.lora, "negative_prompt")
     if negative_loras:
@@ -117,7 +117,7 @@ def _generate(req: GenerationRequest, pipe: str, images: list[Image.Image], extr
     seeds = _seeds(req.seed, count)
     session = implicit_session(svc, user, PROJECT, pipe, model, loras)
     job = svc.queue_gen(session["id"], prompt=prompt, negative_prompt=negative or None, count=count, seeds=seeds,
-                        images=images or None, **params)["job"]
+                        images=images or None, styles=styles or None, **params)["job"]
     timestamp = time.strftime("%Y%m%d%H%M%S")
     job = wait_for_job(svc, job["id"])
     if job["state"] == "failed":
@@ -128,16 +128,20 @@ def _generate(req: GenerationRequest, pipe: str, images: list[Image.Image], extr
     made = job_images(svc, job)  # cancelled (interrupt): the images made so far, as A1111 returns them
     done_seeds = [image["seed"] for image, _ in made] or seeds
     digest = model_hash(config(), model)[:10]
-    infotexts = [infotext(req.prompt, req.negative_prompt,
+    # A1111's texts hold each image's prompt after its styles (the job applies them to the prompt without
+    # its <lora:...> tags; the same styles, drawn with the same seed, wrap the prompt as sent)
+    styled = [config().styles.apply(styles, req.prompt, req.negative_prompt, seed) for seed in done_seeds]
+    infotexts = [infotext(s.prompt, s.negative_prompt,
                           settings_of(job["params"] | params, image["seed"], image["width"], image["height"],
-                                      model, digest, loras, img2img)) for image, _ in made]
+                                      model, digest, loras, img2img)) for s, (image, _) in zip(styled, made)]
     echoed = req.model_dump()
     if img2img:  # A1111 leaves the images out of the echo
         echoed["init_images"], echoed["mask"] = None, None
-    info = info_json(echoed, prompt=req.prompt, negative_prompt=req.negative_prompt, seeds=done_seeds,
+    info = info_json(echoed, prompt=styled[0].prompt, negative_prompt=styled[0].negative_prompt, seeds=done_seeds,
                      infotexts=infotexts, sampler_name=sampler, scheduler=req.scheduler or "Automatic",
                      model=model, model_hash=digest, job_timestamp=timestamp, clip_skip=clip_skip + 1,
-                     denoising_strength=extra.get("strength"))
+                     denoising_strength=extra.get("strength"), all_prompts=[s.prompt for s in styled],
+                     all_negative_prompts=[s.negative_prompt for s in styled])
     encoded = [base64.b64encode(data).decode("ascii") for _, data in made] if req.send_images else []
     return {"images": encoded, "parameters": echoed, "info": info}
 
