@@ -176,7 +176,13 @@ def test_labels_and_keyboard(server: Server, browser: Any):
     assert d.execute_script(LABELS_JS) == []
     d.find_element(By.ID, "prompt").send_keys("typed with the keyboard")
     for field, value in (("steps", "2"), ("count", "1")):
-        d.find_element(By.ID, field).send_keys(Keys.CONTROL, "a", Keys.BACKSPACE, value)
+        # one key at a time: send_keys(CONTROL, "a", BACKSPACE, value) keeps Control held, so the value never
+        # reached the field
+        box = d.find_element(By.ID, field)
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)
+        box.send_keys(value)
+        assert box.get_attribute("value") == value
     d.find_element(By.ID, "count").send_keys(Keys.ENTER)  # Enter in a field submits the form
     wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .thumb"), 120, "the image")
     thumb = d.find_element(By.CSS_SELECTOR, "#gallery .thumb")
@@ -362,3 +368,49 @@ def test_the_form_shows_the_fields_of_the_models_family(family_server: Server, b
         d.find_element(By.ID, "open-session").click()
         wait(d, lambda d: d.find_element(By.ID, "err-pipe").text, 10, "pipe error")
         assert pipe in d.find_element(By.ID, "err-pipe").text
+
+
+def test_styles_picker_sends_the_chosen_styles_in_order(server: Server, browser: Any):
+    """The job form lists the server's styles (GET /api/v1/styles, and `random`), each titled with its prompt;
+    two picked with the keyboard go into the job's `styles` in the order picked; "use again" brings them back."""
+    d = browser
+    library = server.api("GET", "styles")["styles"]
+    assert len(library) >= 100
+    load_page(d, server)
+    open_session(d, "web-styles", "prompt2image")
+    options = d.execute_script("return [...document.querySelectorAll('#style-options option')]"
+                               ".map(o => [o.value, o.title])")
+    assert len(options) == len(library) + 1 >= 101 and options[0][0] == "random"
+    assert options[1:] == [[s["name"], s["prompt"]] for s in library]
+    assert d.find_element(By.ID, "styles").is_displayed() and d.execute_script(LABELS_JS) == []
+    first, second = library[7]["name"], library[3]["name"]  # not in the library's order
+    box = d.find_element(By.ID, "styles")
+    box.send_keys(first.upper(), Keys.ENTER)  # names are case-insensitive; Enter adds, it does not queue
+    box.send_keys("no such style", Keys.ENTER)
+    assert "no such style" in d.find_element(By.ID, "err-styles").text
+    box.clear()
+    box.send_keys(second)
+    d.find_element(By.ID, "style-add").click()
+    chips = lambda d: [li.get_attribute("data-style") for li in d.find_elements(By.CSS_SELECTOR, "#style-chips li")]  # noqa: E731
+    assert chips(d) == [first, second], (d.find_element(By.ID, "err-styles").text, box.get_attribute("value"))
+    assert d.find_element(By.CSS_SELECTOR, "#style-chips li").get_attribute("title") == library[7]["prompt"]
+    assert not d.find_elements(By.CSS_SELECTOR, "#job-list li") and d.execute_script(LABELS_JS) == []
+    shoot(d, "13-styles", WIDE, scroll_to="#job-title")
+    shoot(d, "13-styles", NARROW, scroll_to="#styles")
+    viewport(d, WIDE)
+    set_value(d, "prompt", "a styled lighthouse")
+    set_value(d, "steps", "2")
+    d.find_element(By.ID, "queue-job").click()
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#job-list li"), 10, "job card")
+    job_id = d.find_element(By.CSS_SELECTOR, "#job-list li").get_attribute("data-job")
+    assert server.api("GET", f"jobs/{job_id}")["job"]["params"]["styles"] == [first, second]
+
+    # "use these parameters again" refills the chosen styles, in order; a removed chip is left out
+    d.find_element(By.CSS_SELECTOR, "#style-chips li button").click()
+    assert chips(d) == [second]
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .thumb"), 120, "the thumbnail")
+    d.find_element(By.CSS_SELECTOR, "#gallery .thumb").click()
+    wait(d, lambda d: "a styled lighthouse" in d.find_element(By.ID, "image-params").text, 20, "parameters")
+    d.find_element(By.ID, "reuse-params").click()
+    wait(d, lambda d: d.find_element(By.ID, "image-dialog").get_attribute("open") is None, 10, "dialog closed")
+    assert chips(d) == [first, second]

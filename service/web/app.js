@@ -78,6 +78,7 @@ async function loadCatalog() {
   const count = state.jobParams.find((p) => p.name === "count");
   state.maxCount = (count && count.max) || m.max_count || (m.limits && m.limits.max_count) || null;
   state.openapi = await api("GET", "openapi.json").catch(() => null);
+  form.setStyles(await api("GET", "styles").then((r) => r.styles, () => []));  // the job form's style picker
   fillSelect($("pipe"), state.pipes);
   fillSelect($("model"), state.models);
   renderLoras();

@@ -6,7 +6,9 @@ import { MaskPainter } from "./mask.js";
 
 // What a pipe takes, its ranges and help texts come from the server: GET /api/v1/models lists each
 // pipe's parameters (the server's parameter spec, with its limits applied); the page declares none.
-const JOB_FIELDS = ["prompt", "negative_prompt", "count", "seeds"];
+const JOB_FIELDS = ["prompt", "negative_prompt", "count", "seeds", "styles"];
+// the reserved style name: one style drawn from each image's seed
+const RANDOM_STYLE = "random";
 // form fields that are number inputs named as the parameter they set
 const NUMBER_FIELDS = ["width", "height", "steps", "guidance_scale", "strength"];
 // the "Advanced" section: shown only for the parameters the pipe takes; empty = pipe default
@@ -140,6 +142,78 @@ export class JobForm {
     $("mask-clear").addEventListener("click", () => this.painter.clear());
     $("mask-invert").addEventListener("click", () => this.painter.invert());
     $("image").addEventListener("change", () => this.upload());
+    this.styles = [];  // the server's styles (GET /api/v1/styles): {name, prompt, negative_prompt, source}
+    this.chosenStyles = [];  // the names picked, in the order they apply
+    this.maxStyles = 16;  // the server's limit, from its description of `styles`
+    $("style-add").addEventListener("click", () => this.addStyle());
+    $("styles").addEventListener("keydown", (e) => {  // Enter adds the typed style instead of queueing
+      if (e.key === "Enter" && $("styles").value.trim()) { e.preventDefault(); this.addStyle(); }
+    });
+  }
+
+  /** The server's style library: the suggestions of the styles field ("random" first), each titled with its prompt. */
+  setStyles(styles) {
+    this.styles = Array.isArray(styles) ? styles : [];
+    const option = (name, prompt) => {
+      const o = document.createElement("option");
+      o.value = name;
+      o.label = prompt.length > 70 ? prompt.slice(0, 69) + "…" : prompt;
+      o.title = prompt;
+      return o;
+    };
+    $("style-options").replaceChildren(option(RANDOM_STYLE, "one of the styles, drawn from each image's seed"),
+      ...this.styles.map((st) => option(st.name, st.prompt || "")));
+    $("styles-field").hidden = $("styles-field").hidden || !this.styles.length;
+  }
+
+  /** A typed style name as the server spells it (names are case-insensitive), or null for none. */
+  styleName(typed) {
+    const key = String(typed || "").trim().toLowerCase();
+    if (key === RANDOM_STYLE) return RANDOM_STYLE;
+    const st = this.styles.find((x) => x.name.toLowerCase() === key);
+    return st ? st.name : null;
+  }
+
+  /** Add the style typed in the styles field after those chosen. */
+  addStyle() {
+    const input = $("styles");
+    const typed = input.value.trim();
+    $("err-styles").textContent = "";
+    input.removeAttribute("aria-invalid");
+    if (!typed) return;
+    const name = this.styleName(typed);
+    let message = null;
+    if (!name) message = `no style is called "${typed}": pick one from the list`;
+    else if (name !== RANDOM_STYLE && this.chosenStyles.includes(name)) message = `${name} is chosen already`;
+    else if (this.chosenStyles.length >= this.maxStyles) message = `a job takes at most ${this.maxStyles} styles`;
+    if (message) { this.showError({ field: "styles", message }); return; }
+    this.chosenStyles.push(name);
+    input.value = "";
+    this.renderStyles();
+  }
+
+  /** The chosen styles as chips, in order, each with its prompt as title and a remove button. */
+  renderStyles() {
+    $("style-chips").replaceChildren(...this.chosenStyles.map((name, i) => {
+      const li = document.createElement("li");
+      li.dataset.style = name;
+      const st = this.styles.find((x) => x.name === name);
+      li.title = name === RANDOM_STYLE ? "one style drawn from each image's seed" : (st && st.prompt) || "";
+      const label = document.createElement("span");
+      label.textContent = name;
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.textContent = "×";
+      remove.setAttribute("aria-label", `Remove style ${i + 1}, ${name}`);
+      remove.addEventListener("click", () => {
+        this.chosenStyles.splice(i, 1);
+        this.renderStyles();
+        const next = $("style-chips").querySelectorAll("button")[Math.min(i, this.chosenStyles.length - 1)];
+        (next || $("styles")).focus();
+      });
+      li.append(label, remove);
+      return li;
+    }));
   }
 
   /**
@@ -202,6 +276,9 @@ export class JobForm {
     }
     const seeds = jobParams.find((p) => p.name === "seeds");
     if (seeds) $("seeds").title = helpText(seeds);
+    const styles = jobParams.find((p) => p.name === "styles");
+    if (styles) { $("styles").title = helpText(styles); if (styles.max_items) this.maxStyles = styles.max_items; }
+    if (!this.styles.length) $("styles-field").hidden = true;  // a server without a style library
     $("job-fields").disabled = false;
   }
 
@@ -305,6 +382,12 @@ export class JobForm {
       body.seeds = parts.map(Number);
     }
     if (p.has("scheduler") && $("scheduler").value) body.scheduler = $("scheduler").value;
+    if (p.has("styles") && !$("styles-field").hidden) {
+      if ($("styles").value.trim()) {
+        throw { field: "styles", message: "press Enter or Add to add the style typed here, or clear it" };
+      }
+      if (this.chosenStyles.length) body.styles = [...this.chosenStyles];
+    }
     for (const k of ADVANCED_NUMBERS) {
       if (p.has(k)) { const v = num(k); if (v !== undefined) body[k] = v; }
     }
@@ -383,6 +466,10 @@ export class JobForm {
       else el.value = typeof v === "number" ? v : "";
     }
     if (ADVANCED.some((k) => given[k] !== undefined && given[k] !== null)) $("advanced").open = true;
+    // the styles the job named, in order (`random` stays random: the seed draws the same one again)
+    this.chosenStyles = (Array.isArray(given.styles) ? given.styles : []).map((n) => this.styleName(n) || n);
+    $("styles").value = "";
+    this.renderStyles();
     this.syncSize();
     this.clearErrors();
   }
