@@ -96,6 +96,7 @@ class ModelCatalog:
         self._types: dict[str, str | None] = {}
         self._sizes: dict[str, tuple[int, int] | None] = {}
         self._roles: dict[str, tuple[Role, ...] | None] = {}
+        self._family_defaults: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     def check_session(self, user: Any, project: Any, pipe: Any, model: Any, loras: Any) -> list[dict[str, Any]]:
@@ -124,12 +125,18 @@ class ModelCatalog:
                                field="model", code="no_controlnet")
         return norm
 
+    def _once(self, cache: dict[str, Any], model: str, compute: Callable[[], Any]) -> Any:
+        """What a model's files tell, read once (outside the lock: it reads files) and kept."""
+        with self._lock:
+            if model in cache:
+                return cache[model]
+        value = compute()
+        with self._lock:
+            return cache.setdefault(model, value)
+
     def model_type(self, model: str) -> str | None:
         """The base model's family (``SD``, ``SDXL``, ``FLUX``): declared, else detected from its files once."""
-        with self._lock:
-            if model not in self._types:
-                self._types[model] = model_type_of(self.models.base[model])
-            return self._types[model]
+        return self._once(self._types, model, lambda: model_type_of(self.models.base[model]))
 
     def family(self, model: str) -> Family | None:
         """The base model's family, None while its type is unknown (the pipe checks it on load)."""
@@ -142,14 +149,7 @@ class ModelCatalog:
 
     def model_roles(self, model: str) -> tuple[Role, ...] | None:
         """The tasks the base model runs (``validation.model_roles``), read from its files once."""
-        with self._lock:
-            known = self._roles.get(model, False)
-        if known is not False:
-            return known
-        roles = model_roles(self.models.base[model], self.family(model))  # reads files: outside the lock
-        with self._lock:
-            self._roles[model] = roles
-        return roles
+        return self._once(self._roles, model, lambda: model_roles(self.models.base[model], self.family(model)))
 
     def check_job_params(self, model: str, params: dict[str, Any]) -> None:
         """What the model's family refuses of a job's setup parameters (``validation.check_family_params``).
@@ -170,10 +170,7 @@ class ModelCatalog:
 
     def native_size(self, model: str) -> tuple[int, int] | None:
         """The model's native (width, height), read from its files once (None when unknown)."""
-        with self._lock:
-            if model not in self._sizes:
-                self._sizes[model] = self.models.base[model].native_size()
-            return self._sizes[model]
+        return self._once(self._sizes, model, self.models.base[model].native_size)
 
     def pipe(self, name: str) -> PipeEntry:
         return self.models.pipes[name]
@@ -192,11 +189,13 @@ class ModelCatalog:
 
     def expected_defaults(self, model: str) -> dict[str, Any]:
         """What the model's pipe will run a job with that sets nothing: models.yaml's ``defaults:`` over its
-        family's (and variant's) own, e.g. Flux.1's 28 steps, Fill's 50 (for estimates before it loads)."""
-        fam = self.family(model)
-        entry = self.models.base[model]
-        own = fam.folder_defaults(entry.path if entry.path.is_dir() else entry.config) if fam is not None else {}
-        return {**own, **self.defaults(model)}
+        family's (and variant's) own, e.g. Flux.1's 28 steps, Fill's 50 (for estimates before it loads; every
+        queued job asks, so the folder is read once)."""
+        def family_defaults() -> dict[str, Any]:
+            fam = self.family(model)
+            return fam.folder_defaults(self.models.base[model].config_folder) if fam is not None else {}
+
+        return {**self._once(self._family_defaults, model, family_defaults), **self.defaults(model)}
 
     def pipe_kwargs(self, session: SessionRecord) -> dict[str, Any]:
         """Constructor arguments of the session's pipe class beyond the shared base (ControlNets)."""

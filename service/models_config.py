@@ -63,6 +63,11 @@ class ModelEntry:
     #: CPU offload to a GPU (base models only): ``none``, ``model`` or ``sequential``
     offload: str = "none"
 
+    @property
+    def config_folder(self) -> Path | None:
+        """The diffusers folder holding the model's configs: its own folder, or a single file's ``config``."""
+        return self.path if self.path.is_dir() else self.config
+
     def native_size(self) -> tuple[int, int] | None:
         """The size the model was trained at: ``defaults`` width/height, else read from its folder's configs.
 
@@ -72,10 +77,10 @@ class ModelEntry:
         """
         if self.defaults.get("width") and self.defaults.get("height"):
             return int(self.defaults["width"]), int(self.defaults["height"])
-        folder = self.config if self.path.is_file() else self.path
+        folder = self.config_folder
         if folder is None:
             return None
-        side = native_size_of_folder(Path(folder))
+        side = native_size_of_folder(folder)
         return None if side is None else (side, side)
 
 

@@ -88,8 +88,7 @@ def model_roles(entry: ModelEntry, fam: Family | None) -> tuple[Role, ...] | Non
     unknown until the model loads. A single file is judged by its config folder."""
     if fam is None:
         return None
-    folder = entry.path if entry.path.is_dir() else entry.config
-    return fam.folder_roles(folder) if folder is not None else fam.roles
+    return fam.folder_roles(entry.config_folder) if entry.config_folder is not None else fam.roles
 
 
 def runs_pipe(roles: tuple[Role, ...] | None, classname: str) -> bool:

@@ -133,10 +133,6 @@ def unpack_2x2(pipe: Any, latents: Any, height: int, width: int) -> Any:
     return latents.reshape(batch, channels // 4, h, w)
 
 
-#: a family with no scheduler choice (only the model's own): none is listed
-NO_SCHEDULERS: tuple[str, ...] = ()
-
-
 def model_name(base: Any) -> str:
     """What errors call a loaded base pipeline: the folder it was loaded from, else its class."""
     return str(base.config.get("_name_or_path") or type(base).__name__)
@@ -215,7 +211,6 @@ class Family:
         params: the family-only parameters of the spec (``spec.FAMILY_PARAMS``) it takes; they are
             passed to the diffusers call under their own names.
         supports_loras: whether ``set_loras`` may load LoRA files into this family's models.
-        lora_components: the components LoRA adapters live in (for the active set and removal).
         schedulers: the scheduler names (``schedulers.py``) that may replace the model's own;
             ``None``: every SD-style scheduler.
         param_defaults: setup defaults that differ from the spec's for this family.
@@ -266,7 +261,6 @@ class Family:
     negative_unused: Callable[[Mapping[str, Any]], str | None] = negative_always_used
     params: frozenset[str] = frozenset()
     supports_loras: bool = True
-    lora_components: tuple[str, ...] = ("unet", "text_encoder", "text_encoder_2")
     schedulers: tuple[str, ...] | None = None
     param_defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     step_latents: Callable[[Any, Any, int, int], Any] = same_latents

@@ -237,7 +237,6 @@ FAMILY = Family(
     params=frozenset({"true_cfg_scale", "max_sequence_length"}),
     # kohya (BFL names), diffusers/peft and xlabs Flux LoRAs, through diffusers' FluxLoraLoaderMixin
     supports_loras=True,
-    lora_components=("transformer", "text_encoder"),
     schedulers=FLOW_SCHEDULERS,
     # Flux.1-dev's recommended settings (diffusers' FluxPipeline documentation)
     param_defaults=frozen({"guidance_scale": 3.5, "steps": 28}),

@@ -263,7 +263,6 @@ FAMILY = Family(
     # diffusers' QwenImageLoraLoaderMixin loads into the transformer only (diffusers, kohya and
     # ComfyUI/musubi-tuner layouts)
     supports_loras=True,
-    lora_components=("transformer",),
     schedulers=FLOW_SCHEDULERS,
     # diffusers' QwenImagePipeline documentation: 50 steps, true_cfg_scale 4.0 (guidance_scale here)
     param_defaults=frozen({"guidance_scale": DEFAULT_GUIDANCE, "steps": 50}),

@@ -148,7 +148,6 @@ FAMILY = Family(
     negative_unused=negative_unused,
     params=frozenset({"max_sequence_length"}),
     supports_loras=True,
-    lora_components=("transformer",),
     schedulers=FLOW_SCHEDULERS,
     # Z-Image-Turbo's settings in diffusers' documentation (ZImagePipeline's example and the Z-Image
     # page): 8 steps, guidance 0 (distilled; the base Z-Image model wants more steps and guidance)
