@@ -17,7 +17,9 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from PIL import Image
 
+from . import ip_adapter as image_prompts
 from . import lora as lora_mod
+from . import quality
 from . import spec as specs
 from .errors import Cancelled, InvalidValueError, UnknownParameterError
 from .families import Family, Role, family
@@ -80,6 +82,7 @@ class BasePipe:
         controlnets: ControlNet paths or models (ControlNet pipes only).
         ctypes: condition types (``CIm2ImPipe`` only).
         condition_models: paths of the models of model-based conditions (``CIm2ImPipe`` only).
+        ip_adapter: ``{"weights": file, "image_encoder": folder}``, the IP-Adapter of ``image_prompts``.
     """
 
     #: the parameters ``setup`` takes: names, types, ranges, defaults (spec.py); a subclass sets its own
@@ -100,8 +103,8 @@ class BasePipe:
     def __init__(self, model_id: str | os.PathLike[str] | None = None, *, pipe: Any = None,
                  model_type: ModelType | str | None = None, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, config_dir: str | os.PathLike[str] | None = None,
-                 controlnets: Any = None, ctypes: Any = None, condition_models: dict[str, Any] | None = None
-                 ) -> None:
+                 controlnets: Any = None, ctypes: Any = None, condition_models: dict[str, Any] | None = None,
+                 ip_adapter: Any = None) -> None:
         if pipe is None:
             if model_id is None:
                 raise InvalidValueError("model_id or pipe is required", "model_id", "a model path or pipe=")
@@ -118,6 +121,7 @@ class BasePipe:
         denoiser = getattr(base, self.family.denoiser)  # the UNet or the transformer
         self.device = execution_device(base, denoiser)  # the GPU an offloaded base computes on
         self.dtype = denoiser.dtype
+        self.ip_adapter = image_prompts.IPAdapterFiles.of(ip_adapter)  # image prompts (ip_adapter.py)
         self._init_extra(controlnets=controlnets, ctypes=ctypes, condition_models=condition_models)
         self._scheduler_config = dict(base.scheduler.config)
         self.pipe = self._build_pipeline(base, _make_scheduler(None, self._scheduler_config, None))
@@ -215,6 +219,7 @@ class BasePipe:
             if not param.image and param.name in p:
                 p[param.name] = param.check(p[param.name])
         self._check_family_params(p)
+        image_prompts.check_params(self, p)
 
     def _check_family_params(self, p: dict[str, Any]) -> None:
         """Refuse parameters the model's family cannot honour (rather than ignore them silently); the
@@ -383,14 +388,21 @@ class BasePipe:
         if callback is not None or cancel is not None:
             kwargs["callback_on_step_end"] = self._step_hook(callback, cancel, self._latents_view(kwargs))
             kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+        kwargs = image_prompts.prepare_call(self, kwargs)  # the shared UNet's IP-Adapter: loaded or not
         self.pipe.vae.use_tiling = self._vae_tiling()
         self._seed_noise_sampler(generator)
         self._last_inputs = {"prompt": prompt, "negative_prompt": negative, "batch_size": batch,
                              "seed": None if seeds is None else (seeds if batch > 1 or isinstance(
                                  inputs.get("seed"), (list, tuple)) else seeds[0])}
         with torch.inference_mode():
-            images = self.pipe(**kwargs).images
+            images = self._denoise(kwargs, callback, cancel)
         return ImageList(self._postprocess(images))
+
+    def _denoise(self, kwargs: dict[str, Any], callback: StepCallback | None, cancel: Any) -> list[Any]:
+        """The diffusers call under the job's quality switches (quality.py); Prompt2ImPipe adds the refiner."""
+        with quality.applied(self.pipe, quality.QualitySettings.of(self.params, self.family.quality_params),
+                             kwargs) as call:
+            return self.pipe(**call).images
 
     def _seed_noise_sampler(self, generator: Any) -> None:
         """SDE schedulers (DPM++ SDE) draw their Brownian noise from their own seed, by default a
@@ -464,6 +476,7 @@ class BasePipe:
                 cfg[key] = self._last_inputs[key]
         if self._warnings:
             cfg["warnings"] = list(self._warnings)
+        cfg.update(image_prompts.config_entries(self))
         cfg.update(self._extra_config())
         return cfg
 

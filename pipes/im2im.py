@@ -13,16 +13,20 @@ import inspect
 import logging
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image, ImageChops
 
 from . import spec as specs
+from . import upscale
 from .base import BasePipe
-from .errors import InvalidValueError, MissingImageError
+from .errors import Cancelled, InvalidValueError, MissingImageError
 from .families import Role
+from .imagelist import ImageList
 from .images import (MAX_SIDE, MIN_SIDE, blur_mask, check_image_size, check_same_size, composite, crop, load_image,
                      load_mask, mask_from_difference, pad_image, padded, scale_image)
+from .outpaint import Outpaint, inpaint_prompted
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +110,23 @@ class Im2ImPipe(BasePipe):
     metafusion's alias), ``strength`` (0-1, default 0.75: how much is redrawn), ``scale``
     (factor or ``[width, height]``). ``width``/``height``, when given, resize the input;
     otherwise the output has the (scaled) input's size.
+
+    ``uov`` (upscale or vary, pipes/upscale.py): ``vary_subtle``/``vary_strong`` redraw at strength 0.5/0.85;
+    ``upscale`` enlarges the input ``upscale_factor`` times (the ``upscaler`` model, else Lanczos; ``width``
+    and ``height`` are not used, ``scale`` is refused) and redraws it at 0.382, in tiles beyond
+    ``upscale.COMFORTABLE_AREA`` x the native area (the step callback then counts tiles x steps);
+    ``upscale_fast`` enlarges only (``gen`` runs no diffusion and never calls the step callback). A given
+    ``strength`` wins. ``upscalers`` (constructor): ``{name: model file}`` that ``upscaler`` names.
     """
 
     SPEC = specs.IM2IM
     ROLE = Role.IMAGE2IMAGE
+    #: the boxes of an upscale redrawn one at a time (pipes/upscale.py ``tile_plan``); None: the whole image
+    _tiles: list[Box] | None = None
+
+    def __init__(self, *args: Any, upscalers: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        self.upscalers = dict(upscalers or {})  # the upscaler models a job's ``upscaler`` names
+        super().__init__(*args, **kwargs)
 
     def _sized(self, image: Image.Image, merged: dict[str, Any], given: dict[str, Any], param: str) -> Image.Image:
         image = scale_image(image, merged.get("scale"))
@@ -125,18 +142,71 @@ class Im2ImPipe(BasePipe):
         # its range is checked with the others (_validate_common); here what it does with steps
         if int(merged["steps"] * merged["strength"]) < 1:
             low = 1.0 / merged["steps"]
-            raise InvalidValueError(f"strength {merged['strength']} with steps {merged['steps']} runs no step; "
+            mode = f" (uov {merged['uov']}'s)" if merged.get("uov") else ""
+            raise InvalidValueError(f"strength {merged['strength']}{mode} with steps {merged['steps']} runs no step; "
                                     f"allowed: strength from {low:.3g} to 1 (or more steps)", "strength",
                                     f"{low:.3g} to 1")
 
     def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
-        self._check_strength(merged)
+        mode = merged.get("uov")
+        upscale.apply_uov_strength(merged, given)  # the mode's strength unless the job gives one
+        if mode != "upscale_fast":  # which runs no step
+            self._check_strength(merged)
         source = given.get("image")
-        image = self._sized(load_image(source, "image"), merged, given, "image")
+        if mode in upscale.UPSCALE_MODES:
+            image = self._upscaled(load_image(source, "image"), merged, given)
+        else:
+            image = self._sized(load_image(source, "image"), merged, given, "image")
         merged["width"], merged["height"] = image.size
         self._input_image = image
         self._padded_input = pad_image(image, self.family.size_multiple)
         self._sources = {"image": source_name(source)}
+        self._tiles = None
+        if mode == "upscale":
+            self._tiles = upscale.tile_plan(self._padded_input.size, self.family.native_size(self.base),
+                                            self.family.size_multiple)
+
+    def _upscaled(self, image: Image.Image, merged: dict[str, Any], given: dict[str, Any]) -> Image.Image:
+        """The input enlarged ``upscale_factor`` times by the chosen upscaler (recorded by name in ``merged``)."""
+        upscale.check_uov(given, sizing=("scale",))  # width/height may be a model's defaults: not used here
+        size = upscale.output_size(image.size, merged["upscale_factor"])
+        merged["upscaler"], model = upscale.upscaler_path(merged.get("upscaler"), self.upscalers)
+        image = upscale.upscale_image(image, size, model, self.device)
+        check_image_size(image, "image")
+        return image
+
+    def gen(self, inputs: dict[str, Any]) -> Any:
+        """``BasePipe.gen``; ``uov`` upscale_fast returns the enlarged input (no diffusion, no step callback);
+        an upscale in tiles reports the steps of all its tiles to the step callback."""
+        if self._is_setup and self.params.get("uov") == "upscale_fast":
+            return self._gen_fast(inputs)
+        if self._tiles and inputs.get("callback") is not None:
+            inputs = {**inputs, "callback": upscale.TileProgress(inputs["callback"], len(self._tiles))}
+        return super().gen(inputs)
+
+    def _gen_fast(self, inputs: dict[str, Any]) -> Any:
+        cancel = inputs.get("cancel")
+        if cancel is not None and cancel():
+            raise Cancelled("cancelled before the upscale")
+        generator, seeds = self._generators(inputs)  # recorded as a diffusion's would be
+        batch = len(generator) if isinstance(generator, list) else 1
+        self._warnings = []
+        seed = seeds if seeds is None or isinstance(inputs.get("seed"), (list, tuple)) else seeds[0]
+        self._last_inputs = {"prompt": inputs.get("prompt") or "", "batch_size": batch, "seed": seed,
+                             "negative_prompt": inputs.get("negative_prompt") or ""}
+        return ImageList([self._input_image.copy() for _ in range(batch)])
+
+    def _denoise(self, kwargs: dict[str, Any], callback: Any, cancel: Any) -> list[Any]:
+        if not self._tiles:
+            return super()._denoise(kwargs, callback, cancel)
+        return upscale.denoise_tiles(lambda call: super(Im2ImPipe, self)._denoise(call, callback, cancel), kwargs,
+                                     self._tiles)
+
+    def _latents_view(self, call_kwargs: dict[str, Any]) -> Any:
+        if self._tiles:  # the step latents are a tile's
+            left, top, right, bottom = self._tiles[0]
+            call_kwargs = {**call_kwargs, "width": right - left, "height": bottom - top}
+        return super()._latents_view(call_kwargs)
 
     def _size_kwargs(self) -> dict[str, Any]:
         """``width``/``height`` of the padded input, for the diffusers classes that take them (Flux's
@@ -184,6 +254,8 @@ class MaskedIm2ImPipe(Im2ImPipe):
     ROLE = Role.INPAINT
     #: the box generated at full resolution (``full_res``), None: the whole image
     _full_res_box: Box | None = None
+    #: the outpaint of the input (pipes/outpaint.py), None: none asked for
+    _outpaint: Outpaint | None = None
 
     def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
         self._check_strength(merged)
@@ -197,21 +269,31 @@ class MaskedIm2ImPipe(Im2ImPipe):
         elif mask_src is not None:
             mask = load_mask(mask_src, "mask")
             check_same_size(original, mask, "mask", "image")
+        elif self.SPEC.missing_images(given):  # no outpaint either (its new area is a mask)
+            raise MissingImageError(f"{type(self).__name__} needs image_painted or mask to know what to redraw "
+                                    "(or an outpaint)", "mask", "image_painted (the image with the mask painted), "
+                                    "mask, or outpaint/outpaint_<side>")
         else:
-            raise MissingImageError(f"{type(self).__name__} needs image_painted or mask to know what to redraw",
-                                    "mask", "image_painted (the image with the mask painted) or mask")
+            mask = None
         full_res = bool(merged.get("full_res"))
         # with full_res, width and height size the generation of the crop, not the input
         resize = {k: v for k, v in given.items() if k not in ("width", "height")} if full_res else given
         original = self._sized(original, merged, resize, "image")
         size = original.size
         painted = painted.resize(size, Image.LANCZOS) if painted is not None and painted.size != size else painted
-        if mask.size != size:
+        if mask is not None and mask.size != size:
             mask = mask.resize(size, Image.BILINEAR)
+        extension = self._outpaint = Outpaint.from_params(merged, size)
+        if extension is not None:  # the extended canvas, filled from the edges; the mask placed on it
+            original, mask = extension.extend(original), extension.place(mask)
+            painted = None if painted is None else extension.extend(painted)
+            size = original.size
         self._input_image = original
-        self._mask = mask
         denoise = blur_mask(mask, merged.get("blur", 0))
         self._compose_mask = blur_mask(mask, merged.get("blur_compose", merged.get("blur", 0)))
+        if extension is not None:  # the new area and its seam band join the (blurred) masks unblurred
+            mask, denoise, self._compose_mask = map(extension.join, (mask, denoise, self._compose_mask))
+        self._mask = mask
         start = painted if painted is not None else original
         self._full_res_box = None
         if full_res:
@@ -275,7 +357,13 @@ class MaskedIm2ImPipe(Im2ImPipe):
         out = super()._extra_config()
         if self._is_setup and self._full_res_box is not None:
             out["full_res_box"] = list(self._full_res_box)
+        if self._is_setup and self._outpaint is not None:
+            out.update(self._outpaint.describe())
         return out
+
+    def _prompt_kwargs(self, prompt: str, negative_prompt: str | None) -> dict[str, Any]:
+        # inpaint_prompt goes before the prompt (pipes/outpaint.py); the recorded prompt stays the job's
+        return super()._prompt_kwargs(inpaint_prompted(prompt, self.params.get("inpaint_prompt")), negative_prompt)
 
     @property
     def mask(self) -> Image.Image:
@@ -307,7 +395,7 @@ class InpaintingPipe(MaskedIm2ImPipe):
     SPEC = specs.INPAINTING
 
     def _setup_inputs(self, merged: dict[str, Any], given: dict[str, Any]) -> None:
-        if given.get("mask") is None:
-            raise MissingImageError("InpaintingPipe needs mask (white = redraw), the size of image", "mask",
-                                    "a PIL image, array or path the size of image")
+        if given.get("mask") is None and self.SPEC.missing_images(given):
+            raise MissingImageError("InpaintingPipe needs mask (white = redraw), the size of image, or an outpaint",
+                                    "mask", "a PIL image, array or path the size of image, or outpaint/outpaint_<side>")
         super()._setup_inputs(merged, given)

@@ -333,7 +333,9 @@ class PipeSpec(ParamSet):
         aliases: metafusion's other names, ``{alias: name}`` (``fimage`` -> ``image``).
         image_slots: the image parameters ``images=[...]`` fill, in order; when the first is a
             ``many`` parameter, the whole list goes to it.
-        required_images: groups of image parameters; at least one of each group must be given.
+        required_images: groups of parameters, each led by an image parameter; at least one of each group
+            must be given (a non-image member counts when its value asks for something: not 0, false or an
+            empty list; the inpaint pipes' outpaint distances stand in for the mask).
     """
 
     classname: str = ""
@@ -347,9 +349,12 @@ class PipeSpec(ParamSet):
         for alias, name in self.aliases.items():
             if name not in self or alias in self:
                 raise ValueError(f"{self.classname}: alias {alias} -> {name} does not name one parameter")
-        for name in self.image_slots + tuple(n for group in self.required_images for n in group):
+        for name in self.image_slots + tuple(group[0] for group in self.required_images):
             if name not in self or not self[name].image:
                 raise ValueError(f"{self.classname}: {name} is not an image parameter of the spec")
+        for name in (n for group in self.required_images for n in group):
+            if name not in self:
+                raise ValueError(f"{self.classname}: required {name} is not a parameter of the spec")
         if self.image_slots and self[self.image_slots[0]].many and not self[self.image_slots[0]].max_items:
             raise ValueError(f"{self.classname}: the list image parameter {self.image_slots[0]} needs max_items")
 
@@ -430,7 +435,13 @@ class PipeSpec(ParamSet):
 
     def missing_images(self, params: Mapping[str, Any]) -> list[tuple[str, ...]]:
         """The groups of ``required_images`` of which ``params`` gives none."""
-        return [g for g in self.required_images if all(self.given(params, n) is None for n in g)]
+        return [g for g in self.required_images if not any(self.fills(params, n) for n in g)]
+
+    def fills(self, params: Mapping[str, Any], name: str) -> bool:
+        """Whether ``params`` gives ``name`` for its group of ``required_images``: an image given, or another
+        parameter with a value that asks for something (an outpaint distance of 0 does not)."""
+        value = self.given(params, name)
+        return value is not None and (self[name].image or bool(value))
 
     def describe_images(self) -> dict[str, Any]:
         """How images reach this pipe, for ``GET /api/v1/models``."""

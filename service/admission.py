@@ -3,7 +3,10 @@
 Names, counts, seeds, prompts, priority and every setup parameter against the session's
 pipe (its parameter spec and the config's limits), what the model's family refuses (scheduler
 names of the other kind, other families' parameters), and the input images against what the
-pipe takes. Each error is an :class:`InvalidInput` naming the field.
+pipe takes. The job-level tools are resolved here, each by its own module: styles (styles.py),
+``<lora:...>`` tags, ``[[...]]`` arrays and wildcards (prompt_tools.py), performance presets and
+aspect ratios (presets.py), the webhook and grid (webhook_targets.py). Each error is an
+:class:`InvalidInput` naming the field.
 """
 from __future__ import annotations
 
@@ -15,13 +18,15 @@ from multigen.pipes.spec import STEPS
 
 from .budget import CostBudget, job_cost
 from .catalog import ModelCatalog
-from .config import Limits
+from .config import Config
 from .jobs import JobState
+from .presets import apply_job_presets
+from .prompt_tools import array_count, check_in_order, check_wildcards, take_lora_tags
 from .records import JobRecord, SessionRecord
-from .styles import StyleLibrary
 from .validation import (check_count_and_seeds, check_has_image, check_priority, check_prompt, check_setup_params,
                          images_to_params)
 from .views import now_iso
+from .webhook_targets import take_job_extras
 
 
 @dataclass(frozen=True)
@@ -47,25 +52,39 @@ class AdmittedJob:
                          created_at=now_iso())
 
 
-def admit_job(catalog: ModelCatalog, limits: Limits, budget: CostBudget, session: SessionRecord, *, images: Any,
+def admit_job(catalog: ModelCatalog, config: Config, budget: CostBudget, session: SessionRecord, *, images: Any,
               prompt: Any, count: Any, seeds: Any, negative_prompt: Any, priority: Any,
-              setup_params: dict[str, Any], styles: StyleLibrary | None = None) -> AdmittedJob:
+              setup_params: dict[str, Any]) -> AdmittedJob:
     """Check a job for ``session`` and charge its cost to the user's budget; seeds not given are drawn now.
 
-    ``setup_params`` may hold the job's ``styles`` (names of ``styles``, the config's library); they are
-    checked here and kept with the parameters.
+    ``setup_params`` holds the pipe's setup parameters and the job-level ones (``spec.JOB``) beyond the
+    arguments: ``styles`` (names of the config's library), checked here and kept with the parameters; the
+    prompt tools: ``<lora:...>`` tags leave the prompt for the params' ``job_loras``, ``[[...]]`` arrays
+    multiply the count, every ``__wildcard__`` must be in the config's wildcards (``wildcards_in_order`` is
+    kept); ``performance`` and ``aspect_ratio`` fill in setup parameters the job leaves out; ``webhook_url``
+    (a host the config allows) and ``grid`` are kept.
 
     Raises:
         InvalidInput: naming the offending field and what is allowed (a job over the per-job cost too).
         OverBudget: the user's hourly budget has no room for it now.
     """
     classname = catalog.pipe(session.pipe).classname
+    prompt, tag_loras = take_lora_tags(prompt, negative_prompt, catalog.models.lora, catalog.model_type(session.model))
+    limits = config.limits
+    count = array_count(prompt, count, seeds, limits.max_count)  # count images per combination of the arrays
     count, seeds = check_count_and_seeds(count, seeds, limits)
     prompt = check_prompt(prompt, "prompt")
     negative_prompt = check_prompt(negative_prompt, "negative_prompt") or None
+    for text, field in ((prompt, "prompt"), (negative_prompt, "negative_prompt")):
+        check_wildcards(text, config.wildcards, field)
+    in_order = check_in_order(setup_params.pop("wildcards_in_order", None))
     priority = check_priority(priority)
+    extras = take_job_extras(setup_params, config.webhooks)  # webhook_url, grid (webhooks.py)
     params = {k: v for k, v in setup_params.items() if v is not None and k != "styles"}
-    style_names = (styles if styles is not None else StyleLibrary()).check(setup_params.get("styles"))
+    style_names = config.styles.check(setup_params.get("styles"))
+    # `performance` and `aspect_ratio` (presets.py) fill in setup parameters the job leaves out, checked below
+    job_level = apply_job_presets(params, config.presets, catalog.family(session.model),
+                                  catalog.defaults(session.model), catalog.models.lora)
     check_setup_params(params, pipe_spec(classname), session.pipe, limits)
     # what the model's family refuses (its schedulers, its own parameters) fails now, not when the job runs
     catalog.check_job_params(session.model, params)
@@ -74,8 +93,14 @@ def admit_job(catalog: ModelCatalog, limits: Limits, budget: CostBudget, session
     steps, width, height = _expected_size(catalog, session.model, params)
     cost = job_cost(count, steps, width, height)
     budget.charge(session.user, cost, {"count": count, "steps": steps, "size": f"{width}x{height}"})
+    params.update(job_level)  # the preset's name, its LoRA as the job's own (job_loras), the aspect ratio
     if style_names:
         params["styles"] = style_names
+    if tag_loras:  # the job's own LoRAs, after any a preset gave (runner: on top of the session's)
+        params["job_loras"] = list(params.get("job_loras") or []) + tag_loras
+    if in_order:
+        params["wildcards_in_order"] = True
+    params.update(extras)
     return AdmittedJob(count, seeds, prompt, negative_prompt, priority, params, cost)
 
 

@@ -215,7 +215,9 @@ class ModelCache:
         with self._lock:
             return [{"model": e.model, "device": e.device, "dtype": e.dtype.replace("torch.", ""), "bytes": e.nbytes,
                      "total_bytes": e.total_bytes, "quantize": e.quantize, "offload": e.offload,
-                     "pipes": sorted(e.pipes), "in_use": e.in_use, "load_seconds": round(e.load_seconds, 3)}
+                     # pipe classes by name: their keys' constructor arguments hold server paths (ControlNets...)
+                     "pipes": sorted(k.split("{", 1)[0] for k in e.pipes), "in_use": e.in_use,
+                     "load_seconds": round(e.load_seconds, 3)}
                     for e in self._entries.values()]
 
     def clear(self) -> None:

@@ -15,8 +15,11 @@ from typing import Any, Callable
 
 from multigen.pipes import spec as specs
 from multigen.pipes.families import FAMILIES, Family, Role
+from multigen.pipes.ip_adapter import image_count
 from multigen.pipes.registry import pipe_names, pipe_role
+from multigen.pipes.errors import PipeError
 from multigen.pipes.schedulers import family_schedulers
+from multigen.pipes.upscale import check_uov
 
 from .config import ModelsConfig, PipeEntry
 from .errors import InvalidInput
@@ -112,7 +115,7 @@ class ModelCatalog:
         check_choice(pipe, models.pipes, "pipe", "pipe")
         check_choice(model, models.base, "model", "model")
         check_family_runs_pipe(self.family(model), self.model_roles(model), models.pipes[pipe].classname, pipe, model,
-                               self.usable_pipes(model))
+                               self.usable_pipes(model), models.base[model].config_folder)
         mtype = self.model_type(model)
         norm = normalize_loras(loras, models, mtype)
         if models.pipes[pipe].needs_cnet and not controlnet_paths(models, pipe, mtype):
@@ -152,21 +155,49 @@ class ModelCatalog:
         return self._once(self._roles, model, lambda: model_roles(self.models.base[model], self.family(model)))
 
     def check_job_params(self, model: str, params: dict[str, Any]) -> None:
-        """What the model's family refuses of a job's setup parameters (``validation.check_family_params``).
+        """What the model's family refuses of a job's setup parameters (``validation.check_family_params``),
+        and image prompts for a model no IP-Adapter is configured for.
 
         Raises:
-            InvalidInput: naming the parameter and the allowed values.
+            InvalidInput: naming the parameter and the allowed values (or what to configure).
         """
         check_family_params(params, self.family(model))
+        try:  # uov: no sizing parameter with an upscale mode, an upscaler models.yaml names
+            check_uov(params, upscalers=self.models.upscaler)
+        except PipeError as e:
+            raise InvalidInput(e.message, field=e.param) from None
+        if params.get("refiner_switch") is not None and self.models.base[model].refiner is None:
+            raise InvalidInput(f"refiner_switch {params['refiner_switch']!r}: model {model!r} has no refiner; allowed: "
+                               f"leave it out, or configure one: `refiner: <an SDXL base model>` under base.{model} "
+                               f"in {self.models.file.name}", field="refiner_switch")
+        if params.get("image_prompts") and self.ip_adapter(model) is None:
+            mtype = self.model_type(model) or "its type"
+            raise InvalidInput(f"image_prompts need an IP-Adapter and none is configured for model {model!r}: add an "
+                               f"entry of type {mtype} under `ip_adapter:` in {self.models.file.name} (id: the "
+                               "adapter file, image_encoder: its CLIP image encoder folder; `models:` to limit it), or "
+                               "leave image_prompts out", field="image_prompts", code="no_ip_adapter")
+        try:  # more images than allowed, weights or stop-at fractions that are not one or one per image
+            image_count(params)
+        except PipeError as e:
+            raise InvalidInput(e.message, field=e.param or "image_prompts") from None
+
+    def ip_adapter(self, model: str) -> Any:
+        """The models.yaml ``ip_adapter`` entry of ``model``: the first of its type that is not limited to other
+        models (None: none is configured)."""
+        mtype = self.model_type(model)
+        return next((e for e in self.models.ip_adapter.values()
+                     if e.type == mtype and (not e.extra.get("models") or model in e.extra["models"])), None)
 
     def describe_model(self, model: str) -> dict[str, Any]:
         """A base model as ``GET /api/v1/models`` lists it: name, declared type, family (declared or
-        detected; None when unknown), native size, ``defaults:``, and the models.yaml pipes it runs."""
+        detected; None when unknown), native size, ``defaults:``, the models.yaml pipes it runs and its IP-Adapter."""
         entry = self.models.base[model]
         size = self.native_size(model)
         return {"name": entry.name, "type": entry.type, "family": self.model_type(model),
-                "native_size": list(size) if size else None, "defaults": entry.defaults,
-                "pipes": self.usable_pipes(model)}
+                "native_size": list(size) if size else None, "defaults": entry.defaults, "refiner": entry.refiner,
+                "pipes": self.usable_pipes(model),
+                # the IP-Adapter its image_prompts use (None: image prompts are a 400 for it)
+                "ip_adapter": getattr(self.ip_adapter(model), "name", None)}
 
     def native_size(self, model: str) -> tuple[int, int] | None:
         """The model's native (width, height), read from its files once (None when unknown)."""
@@ -183,6 +214,16 @@ class ModelCatalog:
         """A session's LoRAs as ``(file, weight)`` for ``pipe.set_loras``."""
         return [(str(self.models.lora[x["name"]].path), float(x["weight"])) for x in loras]
 
+    def job_lora_files(self, session_loras: list[dict[str, Any]],
+                       job_loras: list[dict[str, Any]] | None) -> list[tuple[str, float]]:
+        """A job's LoRAs as ``(file, weight)``: the session's, then the job's own (params ``job_loras``,
+        ``[{"name", "weight"}]``: prompt ``<lora:...>`` tags, a performance preset's LoRA); a LoRA both
+        name keeps its place with the job's weight. Checked at admission (``validation.normalize_loras``)."""
+        merged = {x["name"]: x for x in session_loras}
+        for x in job_loras or ():
+            merged[x["name"]] = x
+        return self.lora_files(list(merged.values()))
+
     def defaults(self, model: str) -> dict[str, Any]:
         """The model's ``defaults:`` from models.yaml (what a job leaves out)."""
         return dict(self.models.base[model].defaults)
@@ -198,12 +239,21 @@ class ModelCatalog:
         return {**self._once(self._family_defaults, model, family_defaults), **self.defaults(model)}
 
     def pipe_kwargs(self, session: SessionRecord) -> dict[str, Any]:
-        """Constructor arguments of the session's pipe class beyond the shared base (ControlNets)."""
+        """Constructor arguments of the session's pipe class beyond the shared base (ControlNets, the model's
+        IP-Adapter for the classes that take image prompts)."""
         entry = self.models.pipes[session.pipe]
+        adapter = self.ip_adapter(session.model)
+        takes_image_prompts = "image_prompts" in getattr(self.pipe_class(session.pipe), "PARAMS", ())
+        kwargs: dict[str, Any] = {"ip_adapter": {"weights": str(adapter.path), "image_encoder": str(
+            adapter.extra["image_encoder"])}} if adapter is not None and takes_image_prompts else {}
+        refiner = self.models.base[session.model].refiner  # checked at start-up: a base model of its family
+        if refiner is not None and "refiner_switch" in getattr(self.pipe_class(session.pipe), "PARAMS", ()):
+            kwargs["refiner"] = str(self.models.base[refiner].path)  # loaded by the pipe on first use
+        if self.models.upscaler and "upscaler" in getattr(self.pipe_class(session.pipe), "PARAMS", ()):
+            kwargs["upscalers"] = {n: str(e.path) for n, e in self.models.upscaler.items()}  # uov's, by name
         if not entry.needs_cnet:
-            return {}
-        kwargs: dict[str, Any] = {
-            "controlnets": controlnet_paths(self.models, session.pipe, self.model_type(session.model))}
+            return kwargs
+        kwargs["controlnets"] = controlnet_paths(self.models, session.pipe, self.model_type(session.model))
         conditions = entry.extra.get("condition_models")
         computes_conditions = "ctypes" in getattr(self.pipe_class(session.pipe), "PARAMS", ())
         if computes_conditions and isinstance(conditions, dict):  # depth/pose models, under model_dir

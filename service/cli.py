@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     ua.add_argument("name")
     ua.add_argument("--config", help="config.yaml to add the user to")
     ua.set_defaults(func=_users_add)
+    uw = usub.add_parser("webhook-secret", help="print the secret a user's webhooks are signed with (without "
+                         "users: the server's)")
+    uw.add_argument("name")
+    uw.add_argument("--rotate", action="store_true", help="make a new one: deliveries from now on use it")
+    uw.add_argument("--config", help="the server's config.yaml")
+    uw.set_defaults(func=_users_webhook_secret)
     return p
 
 
@@ -146,6 +152,13 @@ def _users_add(args: argparse.Namespace) -> int:
     token = add_user(args.config, args.name)
     print(f"user {args.name} added; keep this token, it is shown only once:")
     print(token)
+    return 0
+
+
+def _users_webhook_secret(args: argparse.Namespace) -> int:
+    from .webhooks import admin_secret
+
+    print(admin_secret(load_config(args.config, check_models_exist=False), args.name, args.rotate))
     return 0
 
 

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .presets import PresetLibrary, load_presets
+from .prompt_tools import WildcardLibrary
 from .styles import StyleLibrary, load_styles
+from .webhook_targets import WebhookSettings, read_webhook_settings
 from .models_config import (BUILTIN_MODELS, DTYPE_NAMES, KNOWN_PIPE_CLASSES, MEMORY_OPTIONS, MODEL_DEFAULTS,  # noqa: F401
                             MODEL_TYPES, ModelEntry, ModelsConfig, PipeEntry, builtin_model_path, check_memory_devices,
                             check_model_files, load_models)
@@ -29,7 +32,7 @@ PACKAGED_CONFIG = Path(__file__).resolve().parent / "defaults" / "config.yaml"
 #: folders a config.yaml may leave out, relative to its own folder: everything a config does not
 #: place stays beside it (the repository's config/config.yaml names its ../ folders explicitly)
 FOLDER_DEFAULTS = {"model_dir": "models", "logging_folder": "logs", "data_dir": "data", "output_dir": "outputs",
-                   "styles_dir": "styles"}
+                   "styles_dir": "styles", "wildcards_dir": "wildcards"}
 
 
 @dataclass
@@ -95,6 +98,14 @@ class Config:
     styles_dir: Path | None = None
     #: the built-in styles with the users' on top, read at start-up
     styles: StyleLibrary = field(default_factory=lambda: load_styles(None))
+    #: the ``webhooks`` section: allowed targets, timeout, retries (webhooks.py)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    #: the users' wildcard files (prompt_tools.py), over the built-in ones; None: the built-in ones only
+    wildcards_dir: Path | None = None
+    #: the wildcard files jobs' prompts may name (read when used, so files may change while the server runs)
+    wildcards: WildcardLibrary = field(default_factory=WildcardLibrary)
+    #: the performance presets (presets.py): the built-in ones with config.yaml's ``presets:`` on top
+    presets: PresetLibrary = field(default_factory=load_presets)
 
 
 def _dataclass_section(cls, data: dict, key: str, file: Path):
@@ -184,7 +195,8 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     data = read_yaml(file, "config file")
     here = file.parent
     known = {"model_list", "model_dir", "logging_folder", "data_dir", "output_dir", "devices", "threads",
-             "cache", "server", "limits", "users", "dtype", "drain_on_exit", "styles_dir"}
+             "cache", "server", "limits", "users", "dtype", "drain_on_exit", "styles_dir",
+             "wildcards_dir", "presets", "webhooks"}
     for key in data:
         if key not in known:
             raise ConfigError(str(file), str(key), "unknown key", f"remove it or use one of: {', '.join(sorted(known))}")
@@ -219,9 +231,11 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     return Config(file=file, model_dir=model_dir, logging_folder=folder("logging_folder"),
                   data_dir=folder("data_dir"), output_dir=folder("output_dir"),
                   models=models, devices=devices, threads=threads, cache_budget_gb=float(budget),
-                  server=read_server(data, file),
+                  server=read_server(data, file), webhooks=read_webhook_settings(data, file),
                   limits=_dataclass_section(Limits, data, "limits", file), users=users, raw=data,
                   dtype=dtype, drain_on_exit=drain_on_exit, styles_dir=styles_dir,
-                  styles=load_styles(styles_dir))
+                  styles=load_styles(styles_dir), wildcards_dir=folder("wildcards_dir"),
+                  wildcards=WildcardLibrary(folder("wildcards_dir")),
+                  presets=load_presets(data.get("presets"), models.lora, file))
 
 

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from enum import Enum
 
+from multigen.pipes.spec import JOB
+
 from .errors import Conflict
+
+#: what admission stores in a job's params besides its job-level parameters: the job's own LoRAs (a preset's, the
+#: prompt's ``<lora:...>`` tags; ``[{"name", "weight"}]``) and why a preset's LoRA was not used
+STORED_JOB_EXTRAS = frozenset({"job_loras", "performance_note"})
+#: the entries of a job's stored params that are not the pipe's: taken out before ``pipe.setup``
+JOB_LEVEL_KEYS = frozenset(JOB.names) | STORED_JOB_EXTRAS
 
 
 class JobState(str, Enum):

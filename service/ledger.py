@@ -95,12 +95,16 @@ class JobLedger:
         self.events.publish("job.queued", {"job": event}, session_id=job.session_id)
         return position, view
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str, image_only: bool = False) -> dict[str, Any]:
         """Cancel a job: a queued one at once, a running one at its next step; returns its view.
+
+        Args:
+            image_only: skip only the image being made (it stops at its next step, unwritten, and the job goes on
+                with its next image; A1111's skip).
 
         Raises:
             NotFound: unknown job.
-            Conflict: the job has already finished.
+            Conflict: the job has already finished (or, for ``image_only``, is not running).
         """
         with self._cv:
             job = self.store.get_job(job_id)
@@ -109,7 +113,16 @@ class JobLedger:
             if JobState(job.state).finished:
                 raise Conflict(f"job {job_id} has already {job.state}: nothing to cancel", field="job_id",
                                code="job_finished")
-            self._cancel_locked(job)
+            if image_only:
+                running = self._running.get(job_id)
+                if running is None:
+                    raise Conflict(f"job {job_id} is {job.state}: no image is being made to skip", field="job_id",
+                                   code="job_not_running")
+                running.skip_event.set()
+                log.info("session=%s job=%s skip requested: the image being made stops at its next step",
+                         job.session_id, job_id)
+            else:
+                self._cancel_locked(job)
             return self._view_locked(job_id)
 
     def cancel_session(self, session_id: str) -> None:
@@ -139,8 +152,9 @@ class JobLedger:
         if job is None:
             raise NotFound(f"job {job_id} not found", field="job_id")
         images = self.store.list_images(job_id=job_id)
+        delivery = self.store.get_delivery(job_id) if job.params.get("webhook_url") else None
         with self._cv:
-            return job_view(job, images, self.queue.position(job_id), self._running.get(job_id))
+            return job_view(job, images, self.queue.position(job_id), self._running.get(job_id), delivery)
 
     def _view_locked(self, job_id: str) -> dict[str, Any]:
         job = self.store.get_job(job_id)

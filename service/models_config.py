@@ -34,7 +34,10 @@ BUILTIN_MODELS = {"demo": ("demo", "model")}
 
 #: what a model's ``defaults:`` may set: these parameters of the spec, checked by it (and by the model's family)
 MODEL_DEFAULTS = ("width", "height", "steps", "guidance_scale", "clip_skip", "scheduler", "timestep_spacing",
-                  "true_cfg_scale", "max_sequence_length")
+                  "true_cfg_scale", "max_sequence_length",
+                  # quality switches (pipes/quality.py); refiner_switch on a model with a `refiner:`
+                  "freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2", "sharpness", "guidance_rescale",
+                  "refiner_switch")
 
 
 #: a base model's memory options in models.yaml and the values each takes (``multigen.pipes.memory``)
@@ -62,6 +65,8 @@ class ModelEntry:
     quantize: str = "none"
     #: CPU offload to a GPU (base models only): ``none``, ``model`` or ``sequential``
     offload: str = "none"
+    #: the base model that refines this one (``refiner_switch``; base models of a family that can refine)
+    refiner: str | None = None
 
     @property
     def config_folder(self) -> Path | None:
@@ -101,11 +106,16 @@ class ModelsConfig:
     lora: dict[str, ModelEntry]
     controlnet: dict[str, ModelEntry]
     pipes: dict[str, PipeEntry]
+    #: IP-Adapters (image prompts): ``path`` the adapter file, ``extra["image_encoder"]`` its encoder's folder
+    #: (resolved), ``extra["models"]`` the base models it is limited to (empty: every model of its type)
+    ip_adapter: dict[str, ModelEntry] = field(default_factory=dict)
+    #: upscaler models (``uov`` upscale, pipes/upscale.py): ``path`` an ESRGAN-family file spandrel loads
+    upscaler: dict[str, ModelEntry] = field(default_factory=dict)
 
     @functools.cached_property
     def path_names(self) -> dict[str, str]:
         """Each listed model's resolved path -> its name (how image metadata names models)."""
-        return {str(e.path.resolve()): name for section in (self.controlnet, self.lora, self.base)
+        return {str(e.path.resolve()): name for section in (self.ip_adapter, self.controlnet, self.lora, self.base)
                 for name, e in section.items()}
 
 
@@ -130,11 +140,15 @@ def _model_entries(data: dict, section: str, file: Path, model_dir: Path,
         defaults = _model_defaults(entry.get("defaults"), file, f"{key}.defaults") if section == "base" else {}
         _check_family_defaults(mtype, path, defaults, file, f"{key}.defaults")
         memory = _memory_options(entry, section, file, key)
+        refiner = entry.get("refiner")
+        if refiner is not None and (section != "base" or not isinstance(refiner, str)):
+            raise ConfigError(str(file), f"{key}.refiner", f"bad refiner {refiner!r}",
+                              "name another base model (base models only): `refiner: <model name>`")
         out[str(name)] = ModelEntry(
             name=str(name), path=path, type=str(mtype).upper() if mtype else None,
-            config=(model_dir / str(cfg)).resolve() if cfg else None, defaults=defaults, **memory,
+            config=(model_dir / str(cfg)).resolve() if cfg else None, defaults=defaults, **memory, refiner=refiner,
             extra={k: v for k, v in entry.items()
-                   if k not in ("id", "type", "config", "defaults", "dtype", *MEMORY_OPTIONS)})
+                   if k not in ("id", "type", "config", "defaults", "dtype", "refiner", *MEMORY_OPTIONS)})
     return out
 
 
@@ -231,6 +245,50 @@ def _check_family_defaults(mtype: str | None, path: Path, defaults: dict[str, An
         raise ConfigError(str(file), f"{key}.{e.param}", str(e), f"give {e.param} {e.allowed}") from None
 
 
+def check_refiners(base: dict[str, ModelEntry], file: Path) -> None:
+    """A base model's ``refiner:`` names another base model of its family, a family whose pipes take
+    ``refiner_switch`` (``Family.quality_params``: SDXL), in a diffusers folder; ``defaults: {refiner_switch}``
+    needs one.
+
+    Raises:
+        ConfigError: naming ``base.<model>.refiner`` (or the default) and the fix.
+    """
+    from multigen.pipes.families import FAMILIES
+
+    takers = ", ".join(f.name for f in FAMILIES if "refiner_switch" in f.quality_params)
+    for entry in base.values():
+        key = f"base.{entry.name}.refiner"
+        if entry.refiner is None:
+            if entry.defaults.get("refiner_switch") is not None:
+                raise ConfigError(str(file), f"base.{entry.name}.defaults.refiner_switch", "the model has no refiner",
+                                  "add `refiner: <model name>` to the entry, or remove the default")
+            continue
+        other = base.get(entry.refiner)
+        if other is None or other is entry:
+            raise ConfigError(str(file), key, f"unknown refiner {entry.refiner!r}", "name another base model: "
+                              + ", ".join(n for n in base if n != entry.name))
+        fam, refiner_fam = _entry_family(entry), _entry_family(other)
+        if fam is None or "refiner_switch" not in fam.quality_params:
+            raise ConfigError(str(file), key, f"{entry.name} is a {fam.name if fam else 'model of unknown type'}"
+                              " model, which takes no refiner", f"remove it (model types that take one: {takers}; "
+                              "declare `type:` where it is not detected)")
+        if refiner_fam is not fam:
+            raise ConfigError(str(file), key, f"refiner {other.name} is a "
+                              f"{refiner_fam.name if refiner_fam else 'model of unknown type'} model, not {fam.name}",
+                              f"name a {fam.name} refiner (declare `type: {fam.name}` where it is not detected)")
+        if other.path.is_file():
+            raise ConfigError(str(file), key, f"refiner {other.name} is a single file",
+                              "give the refiner as a diffusers folder (its model_index.json names its pipeline)")
+
+
+def _entry_family(entry: ModelEntry) -> Any:
+    """The family of a base entry, declared or detected from its folder (None when unknown)."""
+    try:
+        return family(entry.type) if entry.type else family_of_folder(entry.path) if entry.path.is_dir() else None
+    except PipeError:
+        return None
+
+
 def _model_defaults(data: Any, file: Path, key: str) -> dict[str, Any]:
     if data is None:
         return {}
@@ -239,9 +297,9 @@ def _model_defaults(data: Any, file: Path, key: str) -> dict[str, Any]:
                           "write e.g. `defaults: {width: 512, height: 512, steps: 30}`")
     out = {}
     from multigen.pipes.errors import PipeError
-    from multigen.pipes.spec import COMMON
+    from multigen.pipes.spec import COMMON, CONFIGURED_PARAMS, QUALITY_PARAMS
 
-    params = {p.name: p for p in COMMON if p.name in MODEL_DEFAULTS}
+    params = {p.name: p for p in COMMON + QUALITY_PARAMS + CONFIGURED_PARAMS if p.name in MODEL_DEFAULTS}
     for name, value in data.items():
         param = params.get(str(name))
         if param is None:
@@ -262,6 +320,7 @@ def load_models(path: Path, model_dir: Path) -> ModelsConfig:
     if not base:
         raise ConfigError(str(path), "base", "no base model is listed",
                           "add at least one entry under `base:` (run `multigen models init` for the defaults)")
+    check_refiners(base, path)
     lora = _model_entries(data, "lora", path, model_dir, False)
     controlnet = _model_entries(data, "controlnet", path, model_dir, False)
     pipes = {}
@@ -280,12 +339,40 @@ def load_models(path: Path, model_dir: Path) -> ModelsConfig:
     if not pipes:
         raise ConfigError(str(path), "pipes", "no pipe is listed",
                           "add an entry such as `prompt2image: {classname: Prompt2ImPipe}` under `pipes:`")
-    return ModelsConfig(file=path, base=base, lora=lora, controlnet=controlnet, pipes=pipes)
+    ip_adapter = _ip_adapters(data, path, model_dir, base)
+    upscaler = _model_entries(data, "upscaler", path, model_dir, False)
+    return ModelsConfig(file=path, base=base, lora=lora, controlnet=controlnet, pipes=pipes, ip_adapter=ip_adapter,
+                        upscaler=upscaler)
+
+
+def _ip_adapters(data: dict, file: Path, model_dir: Path, base: dict[str, ModelEntry]) -> dict[str, ModelEntry]:
+    """The ``ip_adapter`` section: ``{name: {id: adapter file, image_encoder: folder, type: SD, models: [...]}}``,
+    each with its type (the family it fits), its image encoder and, optionally, the base models it is limited to."""
+    entries = _model_entries(data, "ip_adapter", file, model_dir, True)
+    for name, entry in entries.items():
+        key = f"ip_adapter.{name}"
+        if entry.type is None:
+            raise ConfigError(str(file), f"{key}.type", "an IP-Adapter needs its model type",
+                              f"set type to the family it was made for ({', '.join(MODEL_TYPES)})")
+        encoder = entry.extra.get("image_encoder")
+        if not isinstance(encoder, str) or not encoder:
+            raise ConfigError(str(file), f"{key}.image_encoder", "an IP-Adapter needs its image encoder",
+                              "set image_encoder to its CLIP image encoder's folder, relative to model_dir")
+        models = entry.extra.get("models") or []
+        if isinstance(models, str):
+            models = [models]
+        unknown = [m for m in models if m not in base]
+        if not isinstance(models, list) or unknown:
+            raise ConfigError(str(file), f"{key}.models", f"unknown base model {unknown[0] if unknown else models!r}",
+                              f"list base models of type {entry.type} ({', '.join(base)}), or leave it out for all")
+        entry.extra = {**entry.extra, "image_encoder": (model_dir / encoder).resolve(), "models": list(models)}
+    return entries
 
 
 def check_model_files(models: ModelsConfig) -> None:
     """Fail when a listed model's files are missing, naming the entry and how to get them."""
-    for section, entries in (("base", models.base), ("lora", models.lora), ("controlnet", models.controlnet)):
+    for section, entries in (("base", models.base), ("lora", models.lora), ("controlnet", models.controlnet),
+                             ("ip_adapter", models.ip_adapter), ("upscaler", models.upscaler)):
         for entry in entries.values():
             if not entry.path.exists():
                 raise ConfigError(str(models.file), f"{section}.{entry.name}.id", f"{entry.path} does not exist",
@@ -297,3 +384,12 @@ def check_model_files(models: ModelsConfig) -> None:
             if entry.config is not None and not entry.config.is_dir():
                 raise ConfigError(str(models.file), f"{section}.{entry.name}.config",
                                   f"{entry.config} is not a folder", "point config at a diffusers config folder")
+    if models.upscaler and importlib.util.find_spec("spandrel") is None:
+        raise ConfigError(str(models.file), "upscaler", "upscaler models need spandrel, which is not installed",
+                          "run `pip install --no-deps spandrel==0.4.2 einops==0.8.2` (scripts/_env.sh does), or "
+                          "remove the `upscaler:` section")
+    for entry in models.ip_adapter.values():
+        if not (entry.extra["image_encoder"] / "config.json").is_file():
+            raise ConfigError(str(models.file), f"ip_adapter.{entry.name}.image_encoder",
+                              f"{entry.extra['image_encoder']} is not an image encoder folder (no config.json)",
+                              "run `multigen models init` for the default models, or point it at a CLIP image encoder")

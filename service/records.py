@@ -57,6 +57,8 @@ class JobRecord:
     started_at: str | None = None
     finished_at: str | None = None
     timings: dict[str, Any] | None = None
+    #: the places in the job of the images skipped while it ran (none made for them; None: no skip)
+    skipped: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,3 +94,21 @@ class NewImage:
     height: int
     #: the session's folder: the file is ``folder/{index:05d}.png``
     folder: str
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """A job's webhook delivery (webhooks.py): ``pending`` until ``delivered`` or, after its last attempt,
+    ``failed``. Times are ISO 8601 UTC text (``next_try_at``: when the next attempt is due)."""
+
+    job_id: str
+    user: str
+    url: str
+    #: the job's end event (``job.succeeded``, ``job.failed``, ``job.cancelled``)
+    event: str
+    state: str
+    attempts: int
+    created_at: str
+    next_try_at: str | None = None
+    last_error: str | None = None
+    delivered_at: str | None = None

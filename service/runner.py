@@ -26,9 +26,11 @@ from .cache import ModelCache, ModelTooLarge
 from .catalog import ModelCatalog
 from .events import EventBus
 from .failures import job_error
+from .grid import write_grid
 from .inputs import load_params, public_params, public_pipe_config
-from .jobs import JobState
+from .jobs import JOB_LEVEL_KEYS, JobState
 from .ledger import JobLedger
+from .prompt_tools import WildcardLibrary, builtin_library, expand_image_prompt, has_tools
 from .records import JobRecord, NewImage, SessionRecord
 from .running import RunningJob
 from .stats import ServiceStats
@@ -82,12 +84,13 @@ class JobRunner:
         preview_fn: latents -> preview image (default: ``multigen.pipes.latents_to_rgb``).
         max_seconds_per_image: wall-clock seconds one image may take (0: no limit).
         styles: the style library jobs name (default: the built-in styles only).
+        wildcards: the wildcard files prompts name (default: the built-in ones only).
     """
 
     def __init__(self, *, store: Store, cache: ModelCache, catalog: ModelCatalog, writer: ImageWriter,
                  events: EventBus, counters: ServiceStats, ledger: JobLedger,
                  preview_fn: PreviewFn | None = None, max_seconds_per_image: float = 0,
-                 styles: StyleLibrary | None = None) -> None:
+                 styles: StyleLibrary | None = None, wildcards: WildcardLibrary | None = None) -> None:
         self.store = store
         self.cache = cache
         self.catalog = catalog
@@ -98,6 +101,7 @@ class JobRunner:
         self.preview_fn = preview_fn or default_preview
         self.max_seconds_per_image = max_seconds_per_image
         self.styles = styles if styles is not None else load_styles(None)
+        self.wildcards = wildcards if wildcards is not None else builtin_library()
 
     def held_models(self, device: str) -> Collection[str]:
         """The models loaded on ``device`` (a worker prefers jobs that use them)."""
@@ -118,21 +122,27 @@ class JobRunner:
                 job.timings["model_loaded"] = not lease.hit
                 device = replace(device, dtype=lease.entry.dtype)  # a models.yaml dtype replaces the worker's
                 pipe = lease.pipe
-                pipe.set_loras(self.catalog.lora_files(session.loras))  # exactly this job's LoRAs: nothing leaks
+                # exactly this job's LoRAs (the session's and the job's own): nothing leaks into the next job
+                pipe.set_loras(self.catalog.job_lora_files(session.loras, record.params.get("job_loras")))
                 # the model's defaults (models.yaml) under the job's own parameters
                 # the job's styles are applied to each image's prompt (_one_image), not set up
-                params = {k: v for k, v in load_params(record.params).items() if v is not None and k != "styles"}
+                params = {k: v for k, v in load_params(record.params).items()
+                          if v is not None and k not in JOB_LEVEL_KEYS}
                 job.model_defaults = {k: v for k, v in self.catalog.defaults(session.model).items()
                                       if k in pipe.PARAMS and k not in params}
                 pipe.setup(**job.model_defaults, **params)
                 # model load (if any) + LoRAs + setup: what a job pays before its first step
                 job.timings["prepare_seconds"] = round(time.perf_counter() - t0, 6)
-                done = {img.pos for img in self.store.list_images(job_id=job.job_id)}
+                # written images, and those skipped (a resumed job makes neither again)
+                done = {img.pos for img in self.store.list_images(job_id=job.job_id)} | set(record.skipped or ())
+                job.skipped = list(record.skipped or ())
                 for pos in range(record.count):
                     if pos in done:
                         continue
                     self._one_image(device, job, record, session, pipe, lease.model_type, pos, len(done))
                     done.add(pos)
+            if record.params.get("grid") and record.count > 1:  # the images side by side (grid.py)
+                write_grid(self.store, record, session, fsync=getattr(self.writer, "fsync", True))
         except Exception as e:  # the job boundary: a failing job never kills the loop
             self._record_times(job)
             if job.cancel_event.is_set():
@@ -166,6 +176,11 @@ class JobRunner:
         seed = int(record.seeds[pos])
         prompt = _expand(record.prompt, seed, "prompt")
         negative = _expand(record.negative_prompt, seed, "negative_prompt") if record.negative_prompt else ""
+        # the prompt tools (prompt_tools.py): arrays by the image's place in the job, wildcards by its seed
+        in_order = bool(record.params.get("wildcards_in_order"))
+        prompt = expand_image_prompt(prompt, self.wildcards, seed, pos, in_order, "prompt",
+                                     with_arrays=isinstance(record.prompt, str))
+        negative = expand_image_prompt(negative, self.wildcards, seed, pos, in_order, "negative_prompt")
         styles = record.params.get("styles")
         styled = self.styles.apply(styles, prompt, negative, seed) if styles else None
         count = record.count
@@ -200,17 +215,34 @@ class JobRunner:
                                                      "preview_url": f"/api/v1/jobs/{job.job_id}/preview"},
                                     session_id=job.session_id)
 
-        images = pipe.gen({"prompt": styled.prompt if styled else prompt,
-                           "negative_prompt": styled.negative_prompt if styled else negative, "seed": seed,
-                           "callback": on_step, "cancel": job.should_stop})
+        try:
+            images = pipe.gen({"prompt": styled.prompt if styled else prompt,
+                               "negative_prompt": styled.negative_prompt if styled else negative, "seed": seed,
+                               "callback": on_step, "cancel": job.should_stop_image})
+        except Exception:
+            if not self._skipped(job, pos):
+                raise
+            return
         job.gen_seconds = before + (time.perf_counter() - t0)
         self.counters.observe_image(time.perf_counter() - t0)
         if job.should_stop():  # a pipe that returned after an interrupt: discard the partial image
             raise StopJob("stopped")
+        if self._skipped(job, pos):  # ...or after a skip: discard it and go on with the next image
+            return
         if not images:
             raise RuntimeError(f"{type(pipe).__name__}.gen returned no image")
         config = pipe.get_config() if hasattr(pipe, "get_config") else {}
         self._save(device, job, record, session, GenOutput(images[0], pos, seed, prompt, negative, config, styled))
+
+    def _skipped(self, job: RunningJob, pos: int) -> bool:
+        """Whether image ``pos`` was skipped (and the job goes on): recorded on the job, the skip signal cleared."""
+        if not job.skip_event.is_set() or job.should_stop():
+            return False
+        job.skip_event.clear()
+        job.skipped.append(pos)
+        self.store.update_job(job.job_id, skipped=sorted(job.skipped))
+        log.info("session=%s job=%s image %d of %d skipped", job.session_id, job.job_id, pos + 1, job.count)
+        return True
 
     def _preview(self, job: RunningJob, latents: Any, model_type: Any) -> None:
         t0 = time.perf_counter()
@@ -245,6 +277,11 @@ class JobRunner:
         if out.styled:  # what the model got is `prompt`; what the user wrote (expanded) is kept too
             meta.update(styles=list(out.styled.styles), prompt_before_styles=out.prompt,
                         negative_prompt_before_styles=out.negative)
+        for key in ("performance", "performance_note", "aspect_ratio", "job_loras"):  # presets.py, at admission
+            if record.params.get(key):
+                meta[key] = record.params[key]
+        if has_tools(record.prompt) or has_tools(record.negative_prompt):  # the prompts as written, before expansion
+            meta.update(prompt_template=record.prompt, negative_prompt_template=record.negative_prompt)
         if "model_id" in meta["pipe_config"]:
             # the session's name: two models.yaml entries on one folder share a path (the path names only one)
             meta["pipe_config"]["model_id"] = session.model

@@ -26,6 +26,10 @@ class RunningJob:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     #: set by stop(): the job stops at its next step and goes back to ``queued``
     requeue_event: threading.Event = field(default_factory=threading.Event)
+    #: set by a skip: the image being made stops at its next step, unwritten, and the job goes on with the next
+    skip_event: threading.Event = field(default_factory=threading.Event)
+    #: the places of the job's images skipped so far
+    skipped: list[int] = field(default_factory=list)
     progress: dict[str, Any] = field(default_factory=lambda: {"step": 0, "steps": 0, "image": 0, "fraction": 0.0})
     eta_seconds: float | None = None
     preview: bytes | None = None
@@ -42,5 +46,9 @@ class RunningJob:
         return self.cancel_event.is_set()
 
     def should_stop(self) -> bool:
-        """The cancel check given to ``gen``: a cancel or a stop() that requeues."""
+        """A cancel or a stop() that requeues: the job stops."""
         return self.cancel_event.is_set() or self.requeue_event.is_set()
+
+    def should_stop_image(self) -> bool:
+        """The cancel check given to ``gen``: the job stops, or only the image being made is skipped."""
+        return self.should_stop() or self.skip_event.is_set()

@@ -3,9 +3,8 @@
 The path of a job runs one way: ``queue_gen`` checks it (admission.py) and hands it to the
 :class:`~multigen.service.ledger.JobLedger` (store, queue, transitions, callbacks); a
 :class:`~multigen.service.worker.DeviceWorker` per device takes it from there and a
-:class:`~multigen.service.runner.JobRunner` runs it (cache, pipes, writer, store, events).
-Jobs are stored before they are queued, so a restart loses none: running jobs resume at their
-first unwritten image with the same seeds. docs/service.md has metafusion's example.
+:class:`~multigen.service.runner.JobRunner` runs it (cache, pipes, writer, store, events). Jobs are stored before
+they are queued: a restart loses none (running jobs resume at their first unwritten image; docs/service.md).
 """
 from __future__ import annotations
 
@@ -38,6 +37,7 @@ from .stats import ServiceStats
 from .store import SQLiteStore
 from .views import metafusion_session_info, now_iso, session_view
 from .worker import DeviceWorker, WorkerPool
+from .webhooks import build_webhooks
 from .writer import ImageWriter
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,9 @@ STORE_FILE = "multigen.sqlite3"
 class ServiceThread:
     """The generation service: sessions, a fair job queue, one worker per device.
 
-    A facade: the :class:`JobLedger` holds the queue, the running jobs and their transitions;
-    each :class:`DeviceWorker` takes jobs from it and a :class:`JobRunner` runs them. The
-    service holds its data folder exclusively while it exists (until :meth:`stop`).
-    Collaborators are class attributes so tests (and embedders) can swap them.
+    A facade: the :class:`JobLedger` holds the queue, the running jobs and their transitions; each
+    :class:`DeviceWorker` takes jobs from it and a :class:`JobRunner` runs them. The service holds its data folder
+    exclusively while it exists (until :meth:`stop`); collaborators are class attributes tests can swap.
 
     Args:
         cfg: a :class:`Config` or the path of a config.yaml.
@@ -98,7 +97,7 @@ class ServiceThread:
         self.runner = self.runner_class(store=self.store, cache=self.cache, catalog=self.catalog, writer=self.writer,
                                         events=self.events, counters=self.counters, ledger=self.ledger,
                                         preview_fn=cls.preview_fn, max_seconds_per_image=limits.max_seconds_per_image,
-                                        styles=self.config.styles)
+                                        styles=self.config.styles, wildcards=self.config.wildcards)
         self.workers: list[DeviceWorker] = []
         self._pool: WorkerPool | None = None
         self._stopped = False
@@ -118,6 +117,7 @@ class ServiceThread:
                                 devices)
         self.workers = self._pool.workers
         self._pool.start()
+        self.webhooks = build_webhooks(self.config, self.store, self.events).start()  # deliveries (webhooks.py)
         self._exit_hook = register_exit_hook(self._at_exit)
         log.info("service started: %d worker(s) on %s, %d queued job(s)", len(self.workers),
                  ", ".join(devices), len(self.queue))
@@ -140,7 +140,7 @@ class ServiceThread:
         if finish_running:
             self.ledger.drain(timeout)
         self.ledger.close()
-        all_ended = self._pool.stop(timeout)
+        all_ended = self._pool.stop(timeout) & self.webhooks.stop(timeout)
         self.events.publish("service.stopped", {})
         self.events.close_all()
         self.cache.clear()  # the loaded models go (those still leased by a worker past the timeout stay)
@@ -258,9 +258,8 @@ class ServiceThread:
         """
         session = self._open_session_record(session_id)
         self.ledger.check_room(session.user)
-        ok = admit_job(self.catalog, self.config.limits, self.budget, session, images=images, prompt=prompt,
-                       count=count, seeds=seeds, negative_prompt=negative_prompt, priority=priority,
-                       setup_params=setup_params, styles=self.config.styles)
+        ok = admit_job(self.catalog, self.config, self.budget, session, images=images, prompt=prompt, count=count,
+                       seeds=seeds, negative_prompt=negative_prompt, priority=priority, setup_params=setup_params)
         job_id = secrets.token_hex(8)
         inputs_dir = job_inputs_dir(self.config.data_dir, job_id)
         try:
@@ -289,14 +288,10 @@ class ServiceThread:
         return [self.ledger.view(r.id, r) for r in self.store.list_jobs(session_id=session_id,
                                                                          states=[state] if state else None)]
 
-    def cancel_job(self, job_id: str) -> dict[str, Any]:
-        """Cancel a job: a queued one at once, a running one at its next step.
-
-        Raises:
-            NotFound: unknown job.
-            Conflict: the job has already finished.
-        """
-        return self.ledger.cancel(job_id)
+    def cancel_job(self, job_id: str, image_only: bool = False) -> dict[str, Any]:
+        """Cancel a job: a queued one at once, a running one at its next step; ``image_only``: skip only the image
+        being made, the job goes on with the next. Raises NotFound, Conflict (finished; not running to skip)."""
+        return self.ledger.cancel(job_id, image_only)
 
     def preview(self, job_id: str) -> bytes | None:
         """The latest preview (JPEG bytes) of a running job, or None."""

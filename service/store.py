@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Protocol, TypeVar
 
-from .records import ImageRecord, JobRecord, NewImage, SessionRecord
+from .records import DeliveryRecord, ImageRecord, JobRecord, NewImage, SessionRecord
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,28 @@ MIGRATIONS: list[str] = [
     """
     UPDATE jobs SET negative_prompt = json_quote(negative_prompt) WHERE negative_prompt IS NOT NULL;
     """,
+    # 4: webhook deliveries of ended jobs (webhooks.py)
+    """
+    CREATE TABLE webhook_deliveries (
+        job_id TEXT PRIMARY KEY REFERENCES jobs(id), user TEXT NOT NULL, url TEXT NOT NULL,
+        event TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL, next_try_at TEXT, last_error TEXT, delivered_at TEXT);
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries(state, next_try_at);
+    """,
+    # 5: the places of a job's images skipped while it ran (A1111's skip; a resumed job does not make them)
+    """
+    ALTER TABLE jobs ADD COLUMN skipped TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_JSON_COLUMNS = {"loras", "seeds", "prompt", "negative_prompt", "params", "error", "timings"}
+_JSON_COLUMNS = {"loras", "seeds", "prompt", "negative_prompt", "params", "error", "timings", "skipped"}
 #: seeds go up to 2**64-1 but SQLite integers are signed 64-bit: images.seed holds the two's complement
 #: (seeds are never negative, so a negative value read back is a seed of 2**63 or more)
 _U64 = 2**64
 
 
-R = TypeVar("R", SessionRecord, JobRecord, ImageRecord)
+R = TypeVar("R", SessionRecord, JobRecord, ImageRecord, DeliveryRecord)
 
 
 def _decode(row: sqlite3.Row | None, record: type[R]) -> R | None:
@@ -121,6 +133,12 @@ class Store(Protocol):
                     after: int | None = None, state: str | None = "done") -> list[ImageRecord]: ...
     def image_count(self, session_id: str) -> int: ...
     def image_by_index(self, session_id: str, index: int) -> ImageRecord | None: ...
+    def add_delivery(self, delivery: DeliveryRecord) -> bool: ...
+    def get_delivery(self, job_id: str) -> DeliveryRecord | None: ...
+    def update_delivery(self, job_id: str, **fields: Any) -> None: ...
+    def due_deliveries(self, now: str, limit: int = 20) -> list[DeliveryRecord]: ...
+    def next_delivery_at(self) -> str | None: ...
+    def jobs_awaiting_delivery(self) -> list[JobRecord]: ...
     def close(self) -> None: ...
 
 
@@ -294,6 +312,37 @@ class SQLiteStore(Store):
     def image_by_index(self, session_id: str, index: int) -> ImageRecord | None:
         return self._one(ImageRecord, "SELECT * FROM images WHERE session_id = ? AND idx = ? AND state = 'done'",
                          (session_id, index))
+
+    # -- webhook deliveries (webhooks.py) ----------------------------------------------
+    def add_delivery(self, delivery: DeliveryRecord) -> bool:
+        """Queue a job's delivery unless it has one; True when added now (idempotent per job)."""
+        f = dataclasses.asdict(delivery)
+        cur = self._write(f"INSERT INTO webhook_deliveries ({', '.join(f)}) VALUES ({', '.join('?' * len(f))}) "
+                          "ON CONFLICT (job_id) DO NOTHING", f.values())
+        return cur.rowcount == 1
+
+    def get_delivery(self, job_id: str) -> DeliveryRecord | None:
+        return self._one(DeliveryRecord, "SELECT * FROM webhook_deliveries WHERE job_id = ?", (job_id,))
+
+    def update_delivery(self, job_id: str, **fields: Any) -> None:
+        if fields:
+            self._write(f"UPDATE webhook_deliveries SET {', '.join(f'{k} = ?' for k in fields)} WHERE job_id = ?",
+                        [*fields.values(), job_id])
+
+    def due_deliveries(self, now: str, limit: int = 20) -> list[DeliveryRecord]:
+        """Pending deliveries whose next try is due at ``now`` (ISO text), the longest waiting first."""
+        return self._all_rows(DeliveryRecord, "SELECT * FROM webhook_deliveries WHERE state = 'pending' AND "
+                              "next_try_at <= ? ORDER BY next_try_at LIMIT ?", (now, limit))
+
+    def next_delivery_at(self) -> str | None:
+        return self._conn().execute("SELECT MIN(next_try_at) FROM webhook_deliveries "
+                                    "WHERE state = 'pending'").fetchone()[0]
+
+    def jobs_awaiting_delivery(self) -> list[JobRecord]:
+        """Ended jobs with a ``webhook_url`` and no delivery (their end was stored, the delivery not yet)."""
+        return self._all_rows(JobRecord, "SELECT * FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') "
+                              "AND params LIKE '%\"webhook_url\"%' AND id NOT IN "
+                              "(SELECT job_id FROM webhook_deliveries) ORDER BY seq")
 
     # -- helpers ----------------------------------------------------------------------
     @staticmethod

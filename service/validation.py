@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from pathlib import Path
 from typing import Any
 
 from multigen.pipes import spec as specs
@@ -27,7 +28,7 @@ from .errors import InvalidInput
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: parameters queue_gen takes itself (not passed to the pipe's setup)
-JOB_FIELDS = ("prompt", "negative_prompt", "count", "seeds", "priority", "styles", "images", "image_callback")
+JOB_FIELDS = specs.JOB.names + ("images", "image_callback")
 
 
 def _checked(param: specs.Param, value: Any, label: str, field: str | None = None) -> Any:
@@ -98,11 +99,12 @@ def runs_pipe(roles: tuple[Role, ...] | None, classname: str) -> bool:
 
 
 def check_family_runs_pipe(fam: Family | None, roles: tuple[Role, ...] | None, classname: str, pipe_name: str,
-                           model: str, usable: list[str]) -> None:
+                           model: str, usable: list[str], folder: Path | None = None) -> None:
     """A session's pipe class runs a task its model runs (``model_roles``).
 
     Args:
         usable: the models.yaml pipes the model runs, for the message.
+        folder: the model's (config) folder, to say what a model that runs no pipe is for.
 
     Raises:
         InvalidInput: naming ``pipe``, the task, and the pipes usable with the model.
@@ -110,6 +112,11 @@ def check_family_runs_pipe(fam: Family | None, roles: tuple[Role, ...] | None, c
     if fam is None or runs_pipe(roles, classname):
         return
     role = pipe_role(classname)
+    if roles == ():  # a model that runs no pipe of its own (an SDXL refiner): what it is for
+        variant = fam.folder_variant(folder) if folder is not None else None
+        why = f"it is an {variant.name}: {variant.note}" if variant is not None else "it runs none of its own"
+        raise InvalidInput(f"model {model!r} cannot run pipe {pipe_name!r} or any other: {why}", field="model",
+                           code="unsupported_pipe")
     kind = fam.name if not fam.runs(role) else f"these {fam.title}"
     raise InvalidInput(f"pipe {pipe_name!r} ({classname}) runs {role.value}, which {kind} models do not run (model "
                        f"{model!r} runs {', '.join(r.value for r in roles or ())}); pipes usable with model "
@@ -283,9 +290,11 @@ def check_has_image(classname: str, params: dict[str, Any], pipe_name: str) -> N
         if spec.image_slots and group[0] == spec.image_slots[0]:
             raise InvalidInput(f"pipe {pipe_name!r} ({classname}) needs an input image: pass images=[...] "
                                f"(or {group[0]}=)", field="images")
-        what = " or ".join(group)
+        images = [name for name in group if spec[name].image]
+        others = [name for name in group if not spec[name].image]  # say, outpaint distances for a mask
+        what = " or ".join(images) + (f" (or a value for one of {', '.join(others)})" if others else "")
         raise InvalidInput(f"pipe {pipe_name!r} ({classname}) needs {what}: " + "; ".join(
-            f"{name}: {spec[name].description}" for name in group), field=group[-1])
+            f"{name}: {spec[name].description}" for name in images), field=images[-1])
 
 
 def controlnet_paths(models: ModelsConfig, pipe: str, model_type: str | None) -> list[str] | dict[str, str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from .inputs import public_params
 from .jobs import JobState
-from .records import ImageRecord, JobRecord, SessionRecord
+from .records import DeliveryRecord, ImageRecord, JobRecord, SessionRecord
 from .running import RunningJob
 
 JOB_STATES = tuple(s.value for s in JobState)
@@ -65,9 +65,29 @@ def _progress(rec: JobRecord, done: int, live: RunningJob | None) -> tuple[dict[
     return progress, 0.0 if finished else None
 
 
+def webhook_view(rec: JobRecord, delivery: DeliveryRecord | None) -> dict[str, Any] | None:
+    """A job's ``webhook``: None without a ``webhook_url``; ``waiting`` until the job ends, then its delivery's
+    ``pending``/``delivered``/``failed``, attempts, last error and next try (webhooks.py)."""
+    url = rec.params.get("webhook_url")
+    if not url:
+        return None
+    if delivery is None:
+        return {"url": url, "state": "waiting", "attempts": 0, "last_error": None, "next_try_at": None,
+                "delivered_at": None}
+    return {"url": url, "state": delivery.state, "attempts": delivery.attempts, "last_error": delivery.last_error,
+            "next_try_at": delivery.next_try_at, "delivered_at": delivery.delivered_at}
+
+
+def grid_url(rec: JobRecord) -> str | None:
+    """Where a succeeded ``grid`` job of 2+ images serves its grid (grid.py), else None."""
+    grid = rec.params.get("grid") and rec.count > 1 and rec.state == JobState.SUCCEEDED
+    return f"/api/v1/jobs/{rec.id}/grid" if grid else None
+
+
 def job_view(rec: JobRecord, images: list[ImageRecord], position: int | None,
-             live: RunningJob | None = None) -> dict[str, Any]:
-    """API.md ``Job`` from its record, its written images and, while it runs, its live state."""
+             live: RunningJob | None = None, delivery: DeliveryRecord | None = None) -> dict[str, Any]:
+    """API.md ``Job`` from its record, its written images, while it runs its live state, and its webhook's
+    delivery."""
     state = rec.state
     count = rec.count
     done = len(images)
@@ -78,6 +98,8 @@ def job_view(rec: JobRecord, images: list[ImageRecord], position: int | None,
             "priority": rec.priority, "params": public_params(rec.params), "progress": progress,
             "eta_seconds": eta, "error": rec.error, "device": rec.device,
             "cancel_requested": bool(live is not None and live.cancel_requested),
+            "skip_requested": bool(live is not None and live.skip_event.is_set()), "skipped": list(rec.skipped or []),
             "timings": dict(live.timings) if live is not None else rec.timings,
             "images": [image_view(i) for i in images], "created_at": rec.created_at,
-            "started_at": rec.started_at, "finished_at": rec.finished_at}
+            "started_at": rec.started_at, "finished_at": rec.finished_at,
+            "grid_url": grid_url(rec), "webhook": webhook_view(rec, delivery)}

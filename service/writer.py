@@ -55,7 +55,9 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write, fsync: bool) -> None:
+def atomic_write(path: Path, write, fsync: bool) -> None:
+    """Write ``path`` through a temporary file beside it (``write(file)``), fsynced when asked, then renamed over
+    it: readers see the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
@@ -90,13 +92,13 @@ class ImageWriter:
         folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(meta, sort_keys=True, default=str)
         png = folder / image_name(index)
-        _atomic_write(folder / image_name(index, "json"), lambda f: f.write(text.encode()), self.fsync)
+        atomic_write(folder / image_name(index, "json"), lambda f: f.write(text.encode()), self.fsync)
         info = PngInfo()
         info.add_text("parameters", a1111_parameters(meta))
         info.add_text("multigen", text)
         if image.mode not in ("RGB", "RGBA", "L"):
             image = image.convert("RGB")
-        _atomic_write(png, lambda f: image.save(f, format="PNG", pnginfo=info,
+        atomic_write(png, lambda f: image.save(f, format="PNG", pnginfo=info,
                                                 compress_level=self.compress_level), self.fsync)
         return png
 

@@ -303,6 +303,23 @@ def api_app(config_file: Path, users: tuple[str, ...] = (), start: bool = True,
         svc.stop(timeout=10)
 
 
+@contextlib.contextmanager
+def real_api(config_file: Path) -> Iterator[tuple[Any, ServiceThread]]:
+    """A test client of the API over a started real ServiceThread (real pipes on the config's models), and
+    the service; both stopped after."""
+    from multigen.service.api import create_app
+
+    cfg = load_config(config_file)
+    svc = ServiceThread(cfg).start()
+    app = create_app(cfg, svc)
+    try:
+        yield app.test_client(), svc
+    finally:
+        app.extensions["multigen.stopping"].set()
+        svc.stop()
+        svc.store.close()
+
+
 def open_session(client: Any, pipe: str = "prompt2image", headers: dict[str, str] | None = None,
                  **body: Any) -> dict[str, Any]:
     """``POST /api/v1/sessions`` (project p1, tiny-sd unless given); returns the Session."""

@@ -228,7 +228,9 @@ def test_progress_and_interrupt_see_only_the_callers_job(make_api):
     assert api.svc.get_job(job["id"])["state"] == "queued"
     mine = client.get("/sdapi/v1/progress", headers=alice).get_json()
     assert mine["state"]["job_count"] == 1 and mine["textinfo"] == "queued"
-    assert client.post("/sdapi/v1/skip", headers=alice).get_json() == {}
+    assert client.post("/sdapi/v1/skip", headers=alice).get_json() == {}  # queued: no image is being made
+    assert api.svc.get_job(job["id"])["state"] == "queued"
+    assert client.post("/sdapi/v1/interrupt", headers=alice).get_json() == {}
     assert api.svc.get_job(job["id"])["state"] == "cancelled"
     # options are per user
     client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl"}, headers=alice)

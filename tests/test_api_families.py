@@ -25,7 +25,14 @@ from multigen.service.errors import InvalidInput
 
 ROOT = Path(__file__).resolve().parent.parent
 #: a value other than the default of each parameter a family may refuse (a default is never refused)
-NOT_DEFAULT = {"clip_skip": 1, "timestep_spacing": "trailing", "true_cfg_scale": 2.0, "max_sequence_length": 64}
+NOT_DEFAULT = {"clip_skip": 1, "timestep_spacing": "trailing", "true_cfg_scale": 2.0, "max_sequence_length": 64,
+               "freeu": True, "freeu_b1": 1.2, "freeu_b2": 1.3, "freeu_s1": 0.8, "freeu_s2": 0.3, "sharpness": 2.0,
+               "guidance_rescale": 0.7, "image_prompt_weights": 0.5, "image_prompt_stop_at": 0.5,
+               # a 1x1 PNG; the message counts images rather than quoting them (IMAGE_VALUES)
+               "image_prompts": ["data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGNgYGAA"
+                                 "AAAEAAH2FzhVAAAAAElFTkSuQmCC"]}
+#: refused parameters whose message shows how many images they hold, not their value
+IMAGE_VALUES = {"image_prompts": "(1 image)"}
 CONTROLNET_ROLES = ("controlnet", "controlnet_image2image")
 
 
@@ -196,7 +203,8 @@ def test_what_a_family_refuses_is_a_400_naming_the_field_and_nothing_is_queued(a
             status, err = _job(app, sid, **{name: NOT_DEFAULT[name]})
             assert status == 400 and err["error"]["field"] == name, (fam.name, name, err)
             message = err["error"]["message"]
-            assert fam.name in message and repr(NOT_DEFAULT[name]) in message and "allowed" in message, message
+            shown = IMAGE_VALUES.get(name, repr(NOT_DEFAULT[name]))
+            assert fam.name in message and shown in message and "allowed" in message, message
             if name in {p.name for p in specs.FAMILY_PARAMS}:  # names the model types that take it
                 assert all(f.name in message for f in FAMILIES if name in f.params), message
             e = _queue_gen(app, sid, **{name: NOT_DEFAULT[name]})

@@ -3,36 +3,23 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 
 import pytest
 from PIL import Image
 
-from multigen.service.api import create_app
-from multigen.service.config import load_config
-from multigen.service.serviceThread import ServiceThread
+from helpers_service import real_api, wait_job
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()
 def real(config_file):
-    cfg = load_config(config_file)
-    svc = ServiceThread(cfg).start()
-    app = create_app(cfg, svc)
-    yield app.test_client(), svc
-    app.extensions["multigen.stopping"].set()
-    svc.stop()
+    with real_api(config_file) as pair:
+        yield pair
 
 
 def wait(client, job_id, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = client.get(f"/api/v1/jobs/{job_id}").get_json()["job"]
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} still {job['state']}")
+    return wait_job(client, job_id, timeout=timeout)
 
 
 def jpeg(size, orientation=None) -> bytes:

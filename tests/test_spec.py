@@ -67,7 +67,7 @@ def test_unified_ranges_are_the_engines():
 def test_pipe_specs_name_their_images_and_aliases():
     masked = pipe_spec("MaskedIm2ImPipe")
     assert masked.image_slots == ("image", "image_painted")
-    assert masked.required_images == (("image",), ("image_painted", "mask"))
+    assert masked.required_images == (("image",), ("image_painted", "mask", *specs.OUTPAINT_REQUESTS))
     assert dict(masked.aliases) == {"fimage": "image", "original_image": "image"}
     inpaint = pipe_spec("InpaintingPipe")
     assert inpaint.image_slots == ("image", "mask") and dict(inpaint.aliases)["mask_image"] == "mask"
@@ -77,8 +77,11 @@ def test_pipe_specs_name_their_images_and_aliases():
     for name in ("Im2ImPipe", "CIm2ImPipe"):
         assert pipe_spec(name).image_slots == ("image",) and pipe_spec(name).max_images == 1
     prompt = pipe_spec("Prompt2ImPipe")
-    assert prompt.image_slots == () and not prompt.image_params and not prompt.required_images
-    assert specs.IMAGE_PARAM_NAMES == {"image", "fimage", "original_image", "image_painted", "mask", "mask_image"}
+    # its one image parameter is the image prompts' list (IP-Adapter), which `images` never fills
+    assert prompt.image_slots == () and not prompt.required_images
+    assert [p.name for p in prompt.image_params] == ["image_prompts"]
+    assert specs.IMAGE_PARAM_NAMES == {"image", "fimage", "original_image", "image_painted", "mask", "mask_image",
+                                       "image_prompts"}
 
 
 def test_condition_types_are_the_implemented_ones():
@@ -120,7 +123,12 @@ def test_cond2im_takes_the_whole_list():
 def test_missing_images():
     masked = pipe_spec("MaskedIm2ImPipe")
     assert masked.missing_images({"original_image": "a", "mask": "m"}) == []
-    assert masked.missing_images({"image": "a"}) == [("image_painted", "mask")]
+    assert masked.missing_images({"image": "a"}) == [("image_painted", "mask", *specs.OUTPAINT_REQUESTS)]
+    # an outpaint stands in for the mask; a distance of 0 asks for none
+    assert masked.missing_images({"image": "a", "outpaint_left": 8}) == []
+    assert masked.missing_images({"image": "a", "outpaint": ["top"]}) == []
+    assert masked.missing_images({"image": "a", "outpaint_left": 0}) == [("image_painted", "mask",
+                                                                          *specs.OUTPAINT_REQUESTS)]
     assert pipe_spec("InpaintingPipe").missing_images({"mask_image": "m"}) == [("image",)]
 
 
@@ -266,9 +274,19 @@ def _values() -> dict[str, Any]:
     return {"width": 64, "height": 64, "steps": 4, "guidance_scale": 5.0, "clip_skip": 1,
             "scheduler": "EulerDiscreteScheduler", "timestep_spacing": "trailing", "lpw": False, "vae_tiling": False,
             "image": image, "image_painted": painted, "mask": mask, "blur": 2, "blur_compose": 2, "full_res": True,
+            # outpaint and the inpaint prompt (tests/test_outpaint.py)
+            "outpaint": ["left"], "outpaint_left": 8, "outpaint_right": 0, "outpaint_top": 8, "outpaint_bottom": 0,
+            "outpaint_seam": 4, "inpaint_prompt": "a wall",
             "full_res_padding": 8, "strength": 0.5,
             "scale": 1.0, "cscales": [0.5], "guess_mode": True, "control_guidance_start": 0.1,
-            "control_guidance_end": 0.9, "ctypes": ["canny"], "true_cfg_scale": None, "max_sequence_length": None}
+            "control_guidance_end": 0.9, "ctypes": ["canny"], "true_cfg_scale": None, "max_sequence_length": None,
+            # quality switches (tests/test_quality.py); refiner_switch needs a refiner
+            "freeu": True, "freeu_b1": 1.2, "freeu_b2": 1.3, "freeu_s1": 0.8, "freeu_s2": 0.3, "sharpness": 2.0,
+            "guidance_rescale": 0.5, "refiner_switch": None,
+            # image prompts (tests/test_ip_adapter.py): these pipes have no IP-Adapter, so no images
+            "image_prompts": None, "image_prompt_weights": 0.5, "image_prompt_stop_at": 0.5,
+            # upscale or vary (tests/test_upscale.py): vary takes the sizing parameters, as image to image
+            "uov": "vary_subtle", "upscale_factor": 2.0, "upscaler": None}
 
 
 @pytest.mark.slow
@@ -392,7 +410,7 @@ def test_api_and_queue_gen_take_the_edges_and_refuse_one_step_past(edge_app, cla
     wrong: list[tuple] = []
     checked = 0
     for param in spec:
-        if param.type in NUMERIC and param not in specs.FAMILY_PARAMS:  # SD refuses those whatever their value:
+        if param.type in NUMERIC and param not in specs.FAMILY_PARAMS + specs.CONFIGURED_PARAMS:  # SD refuses:
             wrong += _disagreements(job, param.name, edges(param))  # their edges: tests/test_api_families.py
             checked += 1
         if param.sides:  # [width, height] in pixels

@@ -272,6 +272,11 @@ class Family:
     role_components: Callable[[Any, Role], dict[str, Any]] = no_components
     variants: tuple[Variant, ...] = ()
     variant_roles: frozenset[Role] = frozenset()
+    #: IP-Adapter image prompts (``spec.IMAGE_PROMPTING``, pipes/ip_adapter.py): its pipelines take them
+    image_prompts: bool = False
+    #: the quality switches its pipes apply (``spec.QUALITY_PARAMS``, ``refiner_switch``; pipes/quality.py), each
+    #: with the family's recommended value (None: the spec's default); the others are refused
+    quality_params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def model_type(self) -> Any:
@@ -300,10 +305,12 @@ class Family:
         them): ``clip_skip`` where prompts are not CLIP-encoded the A1111 way (``prompting.encode_prompts``),
         ``timestep_spacing`` where the family lists its own schedulers (flow matching: its pipelines set
         the sigmas themselves), and the family-only parameters (``spec.FAMILY_PARAMS``) it does not take."""
-        from ..spec import FAMILY_PARAMS
+        from ..spec import FAMILY_PARAMS, IMAGE_PROMPTING, QUALITY_PARAMS
 
         out = ["clip_skip"] if self.encode_prompt is not None or not self.weighted_prompts else []
         out += ["timestep_spacing"] if self.schedulers is not None else []
+        out += [] if self.image_prompts else [p.name for p in IMAGE_PROMPTING]
+        out += [p.name for p in QUALITY_PARAMS if p.name not in self.quality_params]
         return tuple(out + [p.name for p in FAMILY_PARAMS if p.name not in self.params])
 
     def check_params(self, params: Mapping[str, Any], base: Any = None) -> None:
@@ -318,7 +325,9 @@ class Family:
             UnknownSchedulerError: a scheduler name of no kind (listing the family's).
         """
         from ..schedulers import check_for_family
-        from ..spec import FAMILY_PARAMS
+        from ..spec import FAMILY_PARAMS, IMAGE_PROMPTING, QUALITY_PARAMS
+
+        quality_names = {p.name for p in QUALITY_PARAMS}
 
         refused = self.refused_params
         if "clip_skip" in refused and params.get("clip_skip"):
@@ -336,6 +345,27 @@ class Family:
             raise InvalidValueError(f"timestep_spacing {params['timestep_spacing']!r} is not supported for "
                                     f"{self.name} models (flow-matching); allowed: leave it out", "timestep_spacing",
                                     "leave it out")
+        # the pipes check their setup with the defaults filled in: weights and stop-at at 1 ask for nothing
+        given = [p.name for p in IMAGE_PROMPTING if params.get(p.name) is not None and not (
+            isinstance(params[p.name], (list, tuple, int, float)) and params[p.name] in ([], (), p.default))]
+        if given and not self.image_prompts:
+            from . import FAMILIES
+
+            takes = ", ".join(f.name for f in FAMILIES if f.image_prompts)
+            value = params[given[0]]  # the images as a count: their values are server paths or pixels
+            count = len(value) if isinstance(value, (list, tuple)) else 1
+            shown = f"({count} image{'s' if count != 1 else ''})" if given[0] == "image_prompts" else repr(value)
+            raise InvalidValueError(f"{given[0]} {shown} is not supported for {self.name} models (no IP-Adapter "
+                                    f"support yet); allowed: leave it out (model types that take image prompts: "
+                                    f"{takes})", given[0], "leave it out")
+        quality = [name for name in refused if name in quality_names and params.get(name) is not None]
+        if quality:
+            from . import FAMILIES
+
+            takes = ", ".join(f.name for f in FAMILIES if quality[0] in f.quality_params)
+            raise InvalidValueError(f"{quality[0]} {params[quality[0]]!r} is not supported for {self.name} models (it "
+                                    f"acts on a UNet); allowed: leave it out (model types that take it: {takes})",
+                                    quality[0], "leave it out")
         if params.get("scheduler") is not None:
             check_for_family(params["scheduler"], self.schedulers, self.name)
         variant = self.variant(base) if base is not None else None
@@ -351,14 +381,18 @@ class Family:
     def folder_defaults(self, folder: Path | None) -> dict[str, Any]:
         """The setup defaults of a model of this family in ``folder``, from its configs alone: its variant's
         over the family's (``model_defaults`` for a loaded model)."""
-        variant = next((v for v in self.variants if v.recognises_folder(Path(folder))), None) if folder else None
+        variant = self.folder_variant(folder) if folder else None
         return {**self.param_defaults, **(variant.param_defaults if variant is not None else {})}
+
+    def folder_variant(self, folder: Path) -> Variant | None:
+        """The :class:`Variant` the model in ``folder`` is, from its configs alone; None for a plain model."""
+        return next((v for v in self.variants if v.recognises_folder(Path(folder))), None)
 
     def folder_roles(self, folder: Path) -> tuple[Role, ...]:
         """The roles a model of this family in ``folder`` runs, from its configs alone (torch-free): its
         variant's (a Fill model inpaints only), else the family's but those only a variant runs (a plain
         Flux.1 does not edit)."""
-        variant = next((v for v in self.variants if v.recognises_folder(Path(folder))), None)
+        variant = self.folder_variant(folder)
         if variant is not None:
             return tuple(r for r in variant.pipelines if r in self.pipelines)
         return tuple(r for r in self.roles if r not in self.variant_roles)
@@ -439,5 +473,5 @@ class Family:
                 "param_defaults": dict(self.param_defaults), "loras": self.supports_loras,
                 "negative_prompt": self.negative_prompts, "prompt_weighting": self.weighted_prompts,
                 "schedulers": None if self.schedulers is None else list(self.schedulers),
-                "aspect_sizes": [list(s) for s in self.aspect_sizes],
+                "aspect_sizes": [list(s) for s in self.aspect_sizes], "quality_params": dict(self.quality_params),
                 "variants": [v.describe() for v in self.variants]}

@@ -63,4 +63,8 @@ FAMILY = Family(
     controlnet_scales=frozen(CSCALES),
     # SD 1.5's 512 px and the sizes of the same area people use with it
     aspect_sizes=((512, 512), (512, 768), (768, 512), (448, 576), (576, 448), (384, 640), (640, 384)),
+    image_prompts=True,  # IP-Adapter (pipes/ip_adapter.py)
+    # FreeU's recommended factors for SD 1.5 (its authors' README); no refiner
+    quality_params=frozen({"freeu": None, "freeu_b1": 1.5, "freeu_b2": 1.6, "freeu_s1": 0.9, "freeu_s2": 0.2,
+                           "sharpness": None, "guidance_rescale": None}),
 )

@@ -1,14 +1,51 @@
 """Stable Diffusion XL: a UNet with added time/text embeddings, two CLIP text encoders."""
 from __future__ import annotations
 
-from .base import Family, Role, frozen
+import json
+from pathlib import Path
+from typing import Any
+
+from .base import Family, Role, Variant, frozen
 from .sd import CSCALES, has_text_time, is_sdxl_folder, is_sdxl_pipeline
 
 #: SDXL's trained resolutions (its paper's bucket list, as Fooocus offers them), width x height
 SDXL_SIZES = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
               (1536, 640), (640, 1536), (1088, 960), (960, 1088), (1280, 768), (768, 1280), (1408, 704),
               (704, 1408), (1472, 704), (704, 1472), (1600, 640), (640, 1600), (1664, 576), (576, 1664),
-              (1728, 576), (576, 1728))
+              (1728, 576), (576, 1728),
+              # and the sizes of Fooocus' list (modules/flags.py sdxl_aspect_ratios) missing above
+              (1344, 704), (704, 1344), (1152, 832), (832, 1152), (1088, 896), (896, 1088), (1024, 960),
+              (960, 1024))
+
+
+
+def is_refiner(pipe: Any) -> bool:
+    """An SDXL refiner: one text encoder (the second) and aesthetic-score conditioning."""
+    config = getattr(pipe, "config", {}) or {}
+    return bool(config.get("requires_aesthetics_score")) or (
+        getattr(pipe, "text_encoder", None) is None and getattr(pipe, "text_encoder_2", None) is not None)
+
+
+def is_refiner_folder(folder: Path) -> bool:
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(index.get("requires_aesthetics_score")) or (
+        (index.get("text_encoder") or [None])[0] is None and (index.get("text_encoder_2") or [None])[0] is not None)
+
+
+#: an SDXL refiner (stable-diffusion-xl-refiner-1.0's shape) runs no session of its own: it finishes the last
+#: steps of a base model that names it (models.yaml `refiner:`, the `refiner_switch` parameter; pipes/refiner.py)
+REFINER = Variant(
+    name="SDXL refiner",
+    recognises=is_refiner,
+    pipelines=frozen({}),
+    looks_like="an SDXL refiner folder (model_index.json with requires_aesthetics_score, text_encoder_2 only)",
+    note="a refiner finishes another SDXL model's last steps: name it as that model's `refiner:` in models.yaml "
+         "and set `refiner_switch` in its jobs",
+    recognises_folder=is_refiner_folder,
+)
 
 FAMILY = Family(
     name="SDXL",
@@ -45,4 +82,9 @@ FAMILY = Family(
     }),
     controlnet_scales=frozen({**CSCALES, "qr": 0.5}),
     aspect_sizes=SDXL_SIZES,
+    image_prompts=True,  # IP-Adapter (pipes/ip_adapter.py)
+    variants=(REFINER,),
+    # FreeU's recommended factors for SDXL (its authors' README); the refiner: a models.yaml `refiner:`
+    quality_params=frozen({"freeu": None, "freeu_b1": 1.3, "freeu_b2": 1.4, "freeu_s1": 0.9, "freeu_s2": 0.2,
+                           "sharpness": None, "guidance_rescale": None, "refiner_switch": None}),
 )

@@ -11,7 +11,8 @@ import importlib
 from .common import TinyModel
 
 #: the tiny model modules, in build order
-_MODULES = ("flux", "flux_single", "flux_variants", "z_image", "qwen_image")
+_MODULES = ("flux", "flux_single", "flux_variants", "z_image", "qwen_image", "ip_adapter", "sdxl_refiner",
+            "upscaler")
 
 
 def _declared(name: str) -> tuple[TinyModel, ...]:

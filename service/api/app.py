@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from multigen.pipes import list_schedulers
@@ -20,6 +20,7 @@ from ..config import Config
 from ..errors import MultigenError
 from ..protocol import GenerationService, missing_methods
 from ..users import UserTable
+from ..webhooks import SIGNATURE_HEADER, WebhookSecrets
 from . import auth, context, events, guards, images, jobs, metrics, sessions, uploads
 from .docs_page import DOCS_HTML
 from .openapi import build_document
@@ -79,6 +80,7 @@ def models() -> dict[str, Any]:
         "loras": [{"name": e.name, "type": e.type} for e in cfg.models.lora.values()],
         "pipes": pipes,
         "controlnets": [{"name": e.name, "type": e.type} for e in cfg.models.controlnet.values()],
+        "upscalers": [{"name": e.name} for e in cfg.models.upscaler.values()],  # uov's (models.yaml `upscaler:`)
         "families": [describe_family(f) for f in FAMILIES[::-1]],
         "schedulers": list_schedulers(),
         "job_params": specs.apply_limits(specs.JOB, cfg.limits).describe(),
@@ -92,6 +94,43 @@ def styles() -> dict[str, Any]:
     with its ``source``; ``random`` (one drawn from each image's seed) is not listed."""
     cfg: Config = current_app.extensions["multigen.config"]
     return {"styles": cfg.styles.describe()}
+
+
+@bp.get("/users/me/webhook-secret")
+def webhook_secret() -> dict[str, Any]:
+    """The secret the user's webhooks are signed with (webhooks.py; the server's one without users)."""
+    return _webhook_secret(rotate=False)
+
+
+@bp.post("/users/me/webhook-secret/rotate")
+def rotate_webhook_secret() -> dict[str, Any]:
+    """A new secret for the user's webhooks; deliveries from now on are signed with it."""
+    return _webhook_secret(rotate=True)
+
+
+def _webhook_secret(rotate: bool) -> dict[str, Any]:
+    cfg: Config = current_app.extensions["multigen.config"]
+    user = g.get("user") or auth.ANONYMOUS_USER
+    secrets_ = WebhookSecrets(cfg.data_dir, per_user=bool(cfg.users))
+    secret = secrets_.rotate(user) if rotate else secrets_.get(user)
+    return {"user": user, "secret": secret, "per_user": secrets_.per_user, "header": SIGNATURE_HEADER,
+            "scheme": 'HMAC-SHA256 of "<t>.<body>", sent as t=<unix time>,v1=<hex>'}
+
+
+@bp.get("/presets")
+def presets() -> dict[str, Any]:
+    """The performance presets a job's ``performance`` may name, per model family: what each sets, its speed
+    LoRA (``configured``: whether models.yaml has it for the family) and its ``source``."""
+    cfg: Config = current_app.extensions["multigen.config"]
+    return {"presets": cfg.presets.describe(cfg.models.lora)}
+
+
+@bp.get("/wildcards")
+def wildcards() -> dict[str, Any]:
+    """The wildcards a prompt may name as ``__name__``: the built-in files and the users' (``wildcards_dir``,
+    replacing built-in ones of their name), each with its line count and ``source``."""
+    cfg: Config = current_app.extensions["multigen.config"]
+    return {"wildcards": cfg.wildcards.describe()}
 
 
 def _with_families(param: dict[str, Any]) -> dict[str, Any]:

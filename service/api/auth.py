@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 ANONYMOUS_USER = "local"
 PUBLIC_ENDPOINTS = frozenset({"service.health", "service.openapi", "service.docs"})
-QUERY_TOKEN_ENDPOINTS = frozenset({"images.image_file", "jobs.job_preview", "events.events"})
+QUERY_TOKEN_ENDPOINTS = frozenset({"images.image_file", "jobs.job_preview", "jobs.job_grid", "events.events"})
 
 
 def auth_enabled() -> bool:

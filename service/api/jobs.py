@@ -3,15 +3,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, g, request, send_file
 
+from multigen.pipes import spec as specs
+from multigen.pipes.registry import pipe_spec
 
 from ..errors import InvalidInput, NotFound
+from ..grid import grid_file
 from ..jobs import JobState
 from .auth import owned_job, owned_session
 from .context import config, json_body, service
 from .schemas import parse, pipe_params
-from .images import private_cache
+from .images import MAX_AGE, private_cache
 from .sessions import job_schema_for
 from .uploads import StagedImages, upload_store
 
@@ -19,7 +22,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/api/v1")
 
 JOB_STATES = tuple(state.value for state in JobState)
 #: job fields that are arguments of queue_gen rather than setup parameters
-QUEUE_ARGS = ("prompt", "negative_prompt", "count", "seeds", "priority", "styles")
+QUEUE_ARGS = specs.JOB.names
 
 
 def build_queue_args(session: dict[str, Any], body: dict[str, Any], staged: StagedImages) -> dict[str, Any]:
@@ -36,6 +39,11 @@ def build_queue_args(session: dict[str, Any], body: dict[str, Any], staged: Stag
     images = body.pop("images", None)
     if images:
         args["images"] = [staged.resolve(ref, f"images.{i}") for i, ref in enumerate(images)]
+    spec = pipe_spec(classname)
+    for param in spec.image_params:  # image_prompts: a list of references of its own, resolved as `images`
+        refs = body.pop(param.name, None) if param.many and param.name not in spec.image_slots else None
+        if refs:
+            args[param.name] = [staged.resolve(ref, f"{param.name}.{i}") for i, ref in enumerate(refs)]
     mask = body.pop("mask", None)
     if mask:
         args["mask" if "mask" in params else "image_painted"] = staged.resolve(mask, "mask")
@@ -91,6 +99,14 @@ def cancel_job(job_id: str):
     return {"job": service().cancel_job(job_id)}
 
 
+@bp.post("/jobs/<job_id>/skip")
+def skip_image(job_id: str):
+    """Skip the image a running job is making: it stops at its next step, unwritten, and the job goes on with its
+    next image (A1111's skip); not running -> 409."""
+    owned_job(job_id)
+    return {"job": service().cancel_job(job_id, image_only=True)}
+
+
 @bp.get("/jobs/<job_id>/preview")
 def job_preview(job_id: str):
     """The latest preview of a running job as JPEG; 404 when there is none."""
@@ -99,6 +115,18 @@ def job_preview(job_id: str):
     if not data:
         raise NotFound(f"job {job_id} has no preview yet", field="job_id", code="no_preview")
     return private_cache(Response(data, mimetype="image/jpeg"), max_age=None)
+
+
+@bp.get("/jobs/<job_id>/grid")
+def job_grid(job_id: str):
+    """The job's grid (``grid: true``, 2+ images; grid.py) as PNG; 404 when it has none (yet)."""
+    job = owned_job(job_id)
+    session = service().get_session(job["session_id"])
+    path = grid_file(config().output_dir / session["user"] / session["project"] / session["id"], job_id)
+    if not job.get("grid_url") or not path.is_file():
+        raise NotFound(f"job {job_id} has no grid: only a succeeded job queued with grid: true and 2 or more "
+                       "images has one", field="job_id", code="no_grid")
+    return private_cache(send_file(path, mimetype="image/png", conditional=True, etag=True, max_age=MAX_AGE))
 
 
 @bp.get("/queue")

@@ -64,6 +64,25 @@ class JobError(_Open):
     message: str
 
 
+class Webhook(_Open):
+    """A job's webhook (service/webhooks.py): ``waiting`` until the job ends, then its delivery's state."""
+
+    url: str
+    state: Literal["waiting", "pending", "delivered", "failed"]
+    attempts: int = Field(ge=0)
+    last_error: str | None = None
+    next_try_at: str | None = None
+    delivered_at: str | None = None
+
+
+class WebhookSecret(_Open):
+    user: str
+    secret: str = Field(description="the key of the X-Multigen-Signature HMAC (docs/features.md)")
+    per_user: bool = Field(description="false without users: one server-wide secret signs every delivery")
+    header: str
+    scheme: str
+
+
 class Job(_Open):
     id: str
     session_id: str
@@ -71,6 +90,8 @@ class Job(_Open):
     position: int | None = None
     count: int
     done: int
+    skipped: list[int] = Field([], description="the places in the job of the images skipped while it ran (POST "
+                                               "/api/v1/jobs/{id}/skip): none is made for them")
     seeds: list[int]
     params: dict[str, Any]
     progress: Progress | None = None
@@ -80,6 +101,8 @@ class Job(_Open):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    grid_url: str | None = Field(None, description="the grid of a succeeded `grid: true` job of 2+ images")
+    webhook: Webhook | None = Field(None, description="null without a `webhook_url`")
 
 
 class Upload(_Open):
@@ -94,6 +117,30 @@ class Style(BaseModel):
     prompt: str = Field(description="the template: `{prompt}` is replaced by the prompt, else the prompt comes "
                                     "first and the template after it, joined by \", \"")
     negative_prompt: str
+    source: Literal["builtin", "user"]
+
+
+class Wildcard(BaseModel):
+    name: str = Field(description="written `__name__` in a prompt (`a/b`: the file b.txt in subfolder a)")
+    lines: int = Field(description="its choices (0: a file that cannot be used, see `error`)")
+    source: Literal["builtin", "user"]
+    error: str | None = None
+
+
+class PresetLora(BaseModel):
+    name: str = Field(description="the LoRA's models.yaml name")
+    weight: float
+    configured: bool = Field(description="whether models.yaml has it for the family (else the preset's other "
+                                         "values apply alone)")
+    note: str | None = Field(None, description="why it is not used")
+
+
+class Preset(BaseModel):
+    family: str = Field(description="the model family it applies to (GET /api/v1/models `families`)")
+    name: str = Field(description="a job's `performance`")
+    description: str
+    sets: dict[str, Any] = Field(description="the setup parameters it fills in where a job gives none")
+    lora: PresetLora | None = Field(None, description="the speed LoRA it adds to the job's LoRAs")
     source: Literal["builtin", "user"]
 
 
@@ -136,6 +183,9 @@ RESPONSES: dict[str, type[BaseModel]] = {
     "UploadResponse": _wrap("UploadResponse", "upload", Upload),
     "Queue": Queue,
     "StyleList": _wrap("StyleList", "styles", Style, many=True),
+    "PresetList": _wrap("PresetList", "presets", Preset, many=True),
+    "WildcardList": _wrap("WildcardList", "wildcards", Wildcard, many=True),
+    "WebhookSecret": WebhookSecret,
     "Error": Error,
 }
 
@@ -153,6 +203,10 @@ ROUTES: list[tuple[str, str, str, str | None, str, str, list[str], list[str]]] =
      ["401"]),
     ("get", "/api/v1/styles", "Prompt styles a job's `styles` may name (`random` too: one drawn from each "
      "image's seed)", None, "200", "StyleList", [], ["401"]),
+    ("get", "/api/v1/presets", "Performance presets a job's `performance` may name, per model family, with what "
+     "each sets", None, "200", "PresetList", [], ["401"]),
+    ("get", "/api/v1/wildcards", "Wildcards a prompt may name as `__name__` (the built-in files and the users' "
+     "`wildcards_dir`), with their line counts", None, "200", "WildcardList", [], ["401"]),
     ("post", "/api/v1/sessions", "Open a session", "SessionCreate", "201", "SessionResponse", [],
      ["400", "401", "403", "413", "415", "429"]),
     ("get", "/api/v1/sessions", "The user's sessions", None, "200", "SessionList", ["project", "state", "user"],
@@ -167,9 +221,18 @@ ROUTES: list[tuple[str, str, str, str | None, str, str, list[str], list[str]]] =
     ("get", "/api/v1/jobs/{job_id}", "One job", None, "200", "JobResponse", [], ["401", "404"]),
     ("post", "/api/v1/jobs/{job_id}/cancel", "Cancel a job", None, "200", "JobResponse", [],
      ["401", "404", "409"]),
+    ("post", "/api/v1/jobs/{job_id}/skip", "Skip the image a running job is making (unwritten; the job goes on with "
+     "its next image, and succeeds with the others)", None, "200", "JobResponse", [], ["401", "404", "409"]),
     ("get", "/api/v1/jobs/{job_id}/preview", "Latest preview of a running job", None, "200", "image/jpeg",
      ["access_token"],
      ["401", "404"]),
+    ("get", "/api/v1/jobs/{job_id}/grid", "The job's images side by side (`grid: true`, 2+ images, succeeded)",
+     None, "200", "image/png", ["access_token"], ["401", "404"]),
+    ("get", "/api/v1/users/me/webhook-secret", "The secret the user's webhooks are signed with (the server's "
+     "without users): X-Multigen-Signature: t=<unix>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">", None, "200",
+     "WebhookSecret", [], ["401"]),
+    ("post", "/api/v1/users/me/webhook-secret/rotate", "A new webhook secret; deliveries from now on use it",
+     None, "200", "WebhookSecret", [], ["401"]),
     ("get", "/api/v1/queue", "Queue depth and workers", None, "200", "Queue", [], ["401"]),
     ("get", "/api/v1/sessions/{session_id}/images", "Images with an index above `after`, in index order", None,
      "200", "ImageList", ["after"], ["400", "401", "404"]),

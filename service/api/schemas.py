@@ -163,6 +163,19 @@ class JobBase(BaseModel):
     priority: _one(specs.PRIORITY) = Field(specs.PRIORITY.default,  # type: ignore[valid-type]
                                            description=specs.PRIORITY.description)
     styles: Optional[STYLE_NAMES] = Field(None, description=specs.STYLES.description)  # type: ignore[valid-type]
+    wildcards_in_order: _one(specs.WILDCARDS_IN_ORDER) = Field(  # type: ignore[valid-type]
+        specs.WILDCARDS_IN_ORDER.default, description=specs.WILDCARDS_IN_ORDER.description)
+    performance: Optional[_one(specs.PERFORMANCE)] = Field(  # type: ignore[valid-type]
+        None, description=specs.PERFORMANCE.description,
+        json_schema_extra={"examples": ["speed", "quality", "extreme_speed", "lightning", "hyper_sd"]})
+    # the pattern documents the form; the service checks it (and the range) with its own message
+    aspect_ratio: Optional[_one(specs.ASPECT_RATIO)] = Field(  # type: ignore[valid-type]
+        None, description=specs.ASPECT_RATIO.description,
+        json_schema_extra={"pattern": specs.ASPECT_RATIO_PATTERN, "examples": ["16:9", "1:1", "9:16"]})
+    # webhooks and the grid (service/webhooks.py, service/grid.py); the service checks the URL's host
+    webhook_url: Optional[_one(specs.WEBHOOK_URL)] = Field(  # type: ignore[valid-type]
+        None, max_length=specs.MAX_WEBHOOK_URL_CHARS, description=specs.WEBHOOK_URL.description)
+    grid: _one(specs.GRID) = Field(specs.GRID.default, description=specs.GRID.description)  # type: ignore[valid-type]
 
     @field_validator("prompt", "negative_prompt", mode="before")
     @classmethod
@@ -196,7 +209,12 @@ def job_model(cfg: Config, pipe_name: str, classname: str) -> type[BaseModel]:
     for param in spec:
         if not param.image:
             fields[param.name] = optional_field(param)
-    if spec.image_params:
+    for param in spec.image_params:  # a list of images of its own (image_prompts): references, as `images`
+        if param.many and param.name not in spec.image_slots:
+            fields[param.name] = (Optional[list[str]], Field(
+                None, min_length=1, max_length=param.max_items,
+                description=f"{field_doc(param)}: upload ids or data: URLs"))
+    if spec.image_slots:
         # each data: URL is decoded and stored before the job is queued: a long list of tiny ones
         # would fill the uploads folder from one request
         fields["images"] = (Optional[list[str]], Field(

@@ -25,7 +25,7 @@ FIELDS = {"guidance_scale": "cfg_scale", "strength": "denoising_strength", "sche
           "images.0": "init_images", "model": "override_settings.sd_model_checkpoint", "clip_skip":
           "override_settings.CLIP_stop_at_last_layers", "blur": "mask_blur", "full_res": "inpaint_full_res",
           "full_res_padding": "inpaint_full_res_padding", "loras": "prompt",
-          "Content-Type": "body"}
+          "Content-Type": "body", "refiner_switch": "refiner_switch_at"}
 
 
 class A1111Invalid(MultigenError):

@@ -17,8 +17,9 @@ from .errors import A1111Invalid
 from .infotext import parse_infotext
 from .models import ExtraSingleImageRequest, OptionsRequest, PngInfoRequest
 from .names import listed_samplers, listed_schedules
+from .upscalers import listed as listed_model_upscalers, model_upscalers, upscale_with_model
 
-#: upscalers this server has: plain resampling (no model upscalers yet)
+#: upscalers this server has without a model (models.yaml's `upscaler:` models come after: upscalers.py)
 UPSCALERS = {"None": None, "Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 
 
@@ -46,7 +47,7 @@ def schedulers() -> list[dict[str, Any]]:
 @bp.get("/upscalers")
 def upscalers() -> list[dict[str, Any]]:
     return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0 if f else 1.0}
-            for name, f in UPSCALERS.items()]
+            for name, f in UPSCALERS.items()] + listed_model_upscalers()
 
 
 @bp.get("/latent-upscale-modes")
@@ -195,12 +196,13 @@ def png_info() -> dict[str, Any]:
 
 @bp.post("/extra-single-image")
 def extra_single_image() -> dict[str, Any]:
-    """Resize by ``upscaling_resize`` (or to ``upscaling_resize_w/h``) with Lanczos or Nearest; model
-    upscalers (ESRGAN...) are not here: 422 naming ``upscaler_1``."""
+    """Resize by ``upscaling_resize`` (or to ``upscaling_resize_w/h``) with Lanczos or Nearest, or with a
+    models.yaml upscaler model (an ``uov`` upscale_fast job, upscalers.py); others: 422 naming ``upscaler_1``."""
     req = parse_body(ExtraSingleImageRequest)
-    if req.upscaler_1 not in UPSCALERS:
-        raise A1111Invalid(f"upscaler_1: {req.upscaler_1!r} is not on this server; it has: {', '.join(UPSCALERS)}",
-                           field="upscaler_1")
+    models = model_upscalers()
+    if req.upscaler_1 not in UPSCALERS and req.upscaler_1 not in models:
+        raise A1111Invalid(f"upscaler_1: {req.upscaler_1!r} is not on this server; it has: "
+                           f"{', '.join([*UPSCALERS, *models])}", field="upscaler_1")
     image = decode_image(req.image, "image")
     if req.resize_mode == 1:
         size = (req.upscaling_resize_w, req.upscaling_resize_h)
@@ -210,6 +212,8 @@ def extra_single_image() -> dict[str, Any]:
     if size[0] > limits.max_width or size[1] > limits.max_height or min(size) < 1:
         raise A1111Invalid(f"the result would be {size[0]}x{size[1]}; this server makes at most "
                            f"{limits.max_width}x{limits.max_height}", field="upscaling_resize")
+    if req.upscaler_1 in models:
+        return {"html_info": "", "image": encode_png(upscale_with_model(image, size, req.upscaler_1))}
     method = UPSCALERS[req.upscaler_1] or Image.Resampling.LANCZOS
     out = image.resize(size, method) if size != image.size else image
     return {"html_info": "", "image": encode_png(out)}

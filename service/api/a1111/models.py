@@ -64,6 +64,9 @@ class Txt2ImgRequest(GenerationRequest):
     hr_resize_y: int = 0
     firstphase_width: int = 0
     firstphase_height: int = 0
+    # SDXL refiner: the model's models.yaml `refiner:` (docs/features.md, "Quality switches")
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = Field(None, gt=0, lt=1)
 
 
 class Img2ImgRequest(GenerationRequest):

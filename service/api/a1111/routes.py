@@ -28,6 +28,7 @@ from ...errors import Conflict, MultigenError
 from ..context import config, service
 from ..waiting import current_job, implicit_session, job_images, wait_for_job
 from ...loratags import split_lora_tags
+from ...prompt_tools import escape_arrays
 from .blueprint import PROJECT, bp
 from .common import caller, decode_image, default_model, find_model, model_hash, options_store, parse_body
 from .errors import A1111Invalid, a1111_field
@@ -92,6 +93,7 @@ def _generate(req: GenerationRequest, pipe: str, images: list[Image.Image], extr
     # session opens (A1111 would skip it silently: a typo would go unnoticed)
     styles = config().styles.check(req.styles)
     prompt, loras = split_lora_tags(req.prompt, config().models.lora)
+    prompt = escape_arrays(prompt)  # A1111's [[a, b]] weakens "a, b"; it is no multigen array (prompt_tools.py)
     negative, negative_loras = split_lora_tags(req.negative_prompt, config().models.lora, "negative_prompt")
     if negative_loras:
         raise A1111Invalid("<lora:...> tags belong in the prompt, not in negative_prompt", field="negative_prompt")
@@ -103,6 +105,11 @@ def _generate(req: GenerationRequest, pipe: str, images: list[Image.Image], extr
     except UnknownName as e:
         raise A1111Invalid(str(e), field=e.field) from None
     count = _check_limits(req)
+    if "refiner_switch" in extra:
+        refiner = config().models.base[model].refiner
+        if find_model(getattr(req, "refiner_checkpoint", None), "refiner_checkpoint") != refiner:
+            raise A1111Invalid(f"refiner_checkpoint must be the refiner models.yaml configures for {model}: "
+                               f"{refiner or 'none (add `refiner:` to its entry)'}", field="refiner_checkpoint")
     clip_skip = overrides.get("CLIP_stop_at_last_layers", options_store().get(user).get("CLIP_stop_at_last_layers", 1))
     try:
         clip_skip = max(0, int(clip_skip) - 1)  # A1111 counts the last layer as 1; diffusers' clip_skip 0 = none
@@ -156,7 +163,10 @@ class JobFailed(MultigenError):
 @bp.post("/txt2img")
 def txt2img():
     req = parse_body(Txt2ImgRequest)
-    return _generate(req, _pipe_named("Prompt2ImPipe"), [], {}, img2img=False)
+    # A1111's refiner: only the model's configured one (models.yaml `refiner:`), checked in _generate
+    refine = req.refiner_checkpoint not in (None, "", "None") and req.refiner_switch_at is not None
+    extra = {"refiner_switch": req.refiner_switch_at} if refine else {}
+    return _generate(req, _pipe_named("Prompt2ImPipe"), [], extra, img2img=False)
 
 
 @bp.post("/img2img")
@@ -203,7 +213,7 @@ def progress():
     fraction = float(prog.get("fraction") or 0.0)
     state = {**IDLE_STATE, "job": f"job {job['id']}", "job_count": 1, "job_no": int(prog.get("image") or 0),
              "sampling_step": int(prog.get("step") or 0), "sampling_steps": int(prog.get("steps") or 0),
-             "interrupted": bool(job.get("cancel_requested")),
+             "interrupted": bool(job.get("cancel_requested")), "skipped": bool(job.get("skip_requested")),
              "job_timestamp": "".join(c for c in str(job.get("created_at") or "") if c.isdigit())[:14] or "0"}
     current = None
     if request.args.get("skip_current_image", "false").lower() not in ("true", "1"):
@@ -217,13 +227,13 @@ def progress():
             "current_image": current, "textinfo": textinfo}
 
 
-def _cancel_current() -> None:
+def _cancel_current(image_only: bool = False) -> None:
     svc = service()
     job = current_job(svc, caller(), PROJECT)
     if job is not None:
         try:
-            svc.cancel_job(job["id"])
-        except Conflict:  # it finished meanwhile
+            svc.cancel_job(job["id"], image_only=image_only)
+        except Conflict:  # it finished meanwhile (or, for a skip, is still queued: no image to skip)
             pass
 
 
@@ -236,7 +246,7 @@ def interrupt():
 
 @bp.post("/skip")
 def skip():
-    """A1111 skips the current image and goes on with the batch; a multigen job cannot drop one image and
-    go on, so skip stops the job like interrupt (the images already made are answered)."""
-    _cancel_current()
+    """Skip the image the caller's running job is making: it stops at its next step, unwritten, and the job goes on
+    with the next image of the batch (as A1111 does); the waiting call answers the images made."""
+    _cancel_current(image_only=True)
     return {}
