@@ -31,9 +31,10 @@ def test_queue_progress_cancel_and_gallery(server: Server, browser: Any):
     wait(d, lambda d: d.execute_script("return document.body.dataset.events") == "live", 20, "the event stream")
     assert server.api("GET", f"sessions/{sid}")["session"]["pipe"] == "prompt2image"
 
-    # a long job to watch and cancel
+    # a long job of two images to watch, skip one image of, and cancel
     set_value(d, "prompt", "a long job to cancel")
     set_value(d, "steps", "100")
+    set_value(d, "count", "2")
     d.find_element(By.ID, "queue-job").click()
     wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#job-list li")) == 1, 10, "job card")
     long_id = d.find_element(By.CSS_SELECTOR, "#job-list li").get_attribute("data-job")
@@ -63,6 +64,12 @@ def test_queue_progress_cancel_and_gallery(server: Server, browser: Any):
     shoot(d, "02-progress", WIDE)
     shoot(d, "02-progress", NARROW, scroll_to="#jobs-title")
     viewport(d, WIDE)
+
+    # skip the image it is making: the job goes on with its second image
+    d.find_element(By.CSS_SELECTOR, card + " .skip").send_keys(Keys.ENTER)
+    wait(d, lambda d: server.api("GET", f"jobs/{long_id}")["job"]["skipped"] == [0], 60, "the first image skipped")
+    job = server.api("GET", f"jobs/{long_id}")["job"]
+    assert job["state"] == "running" and job["done"] == 0, job
 
     # cancel the long one (keyboard: the button is focusable and Enter presses it)
     d.find_element(By.CSS_SELECTOR, card + " .cancel").send_keys(Keys.ENTER)

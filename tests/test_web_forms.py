@@ -50,9 +50,31 @@ def test_bad_values_show_their_errors(server: Server, browser: Any):
     assert not d.find_elements(By.CSS_SELECTOR, "#job-list li")
 
 
+GROUPS_JS = """
+return [...document.querySelectorAll('#advanced [data-group]')].filter(g => !g.hidden).map(g =>
+  [g.dataset.group, g.tagName + ':' + ((g.querySelector(':scope > legend') || {}).textContent || ''),
+   [...g.querySelectorAll('[data-param]')].filter(e => !e.hidden).map(e => e.dataset.param)]);
+"""
+
+
+def advanced_groups(d: Any) -> dict[str, list[str]]:
+    """The Advanced section's groups shown, in order, each with the fields it shows; each is a <fieldset> with a
+    <legend> (its accessible name), and a group shows only with a field to show."""
+    groups = d.execute_script(GROUPS_JS)
+    for name, legend, fields in groups:
+        assert legend.startswith("FIELDSET:") and legend.removeprefix("FIELDSET:").strip(), (name, legend)
+        assert fields, name
+    hidden = d.execute_script("return [...document.querySelectorAll('#advanced [data-group]')].filter(g => g.hidden)"
+                              ".flatMap(g => [...g.querySelectorAll('[data-param]')]).filter(e => !e.hidden)"
+                              ".map(e => e.dataset.param)")
+    assert hidden == [], f"fields shown in hidden groups: {hidden}"
+    return {name: fields for name, _, fields in groups}
+
+
 def test_advanced_parameters_reach_the_server(server: Server, browser: Any):
-    """The "Advanced" section: closed by default, opened with the keyboard, only the pipe's own
-    parameters; what is set there is in the job's params on the server, a bad value is named there."""
+    """The "Advanced" section: closed by default, opened with the keyboard, the pipe's own parameters in
+    labelled groups (those its model has nothing for left out); what is set there is in the job's params on
+    the server, a bad value is named there."""
     d = browser
     load_page(d, server)
     weight = d.find_element(By.CSS_SELECTOR, "#lora-list input.weight")  # the LoRA weight range is the server's
@@ -60,10 +82,14 @@ def test_advanced_parameters_reach_the_server(server: Server, browser: Any):
     sid = open_session(d, "web-advanced", "prompt2image")
     advanced = d.find_element(By.ID, "advanced")
     assert advanced.is_displayed() and advanced.get_attribute("open") is None
-    # prompt2image's job schema has clip_skip and timestep_spacing, none of the image or ControlNet ones
-    shown = d.execute_script("return [...document.querySelectorAll('#advanced [data-param]')]"
-                             ".filter(e => !e.hidden).map(e => e.dataset.param)")
-    assert shown == ["clip_skip", "timestep_spacing"], shown
+    # prompt2image on tiny-sd: sampling, quality (FreeU's factors only while it is on; no refiner switch: tiny-sd
+    # has no refiner), image prompts (tiny-sd has an IP-Adapter) and the job's own; no image, outpaint or ControlNet
+    groups = advanced_groups(d)
+    assert list(groups) == ["sampling", "quality", "image-prompts", "job"], groups
+    assert groups["sampling"] == ["clip_skip", "timestep_spacing", "lpw", "vae_tiling"], groups
+    assert groups["quality"] == ["freeu", "sharpness", "guidance_rescale"], groups
+    assert groups["image-prompts"] == ["image_prompt_weights", "image_prompt_stop_at"], groups
+    assert groups["job"] == ["priority", "wildcards_in_order", "grid", "webhook_url"], groups
     # ranges, defaults and help texts come from the server's parameter spec (GET /api/v1/models)
     from multigen.pipes import spec as specs
 
@@ -79,6 +105,10 @@ def test_advanced_parameters_reach_the_server(server: Server, browser: Any):
     summary.send_keys(Keys.ENTER)
     wait(d, lambda d: advanced.get_attribute("open") is not None, 5, "Advanced opened with Enter")
     assert d.execute_script(LABELS_JS) == []
+    Select(d.find_element(By.ID, "freeu")).select_by_value("true")
+    assert advanced_groups(d)["quality"] == ["freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2", "sharpness",
+                                             "guidance_rescale"]
+    Select(d.find_element(By.ID, "freeu")).select_by_value("")
     set_value(d, "prompt", "advanced settings")
     set_value(d, "steps", "2")
     set_value(d, "clip_skip", "1")
@@ -118,18 +148,31 @@ def test_advanced_parameters_reach_the_server(server: Server, browser: Any):
     assert d.switch_to.active_element.get_attribute("id") == "clip_skip"
     assert len(d.find_elements(By.CSS_SELECTOR, "#job-list li")) == 1, "the bad job is not queued"
 
+    # a model without an IP-Adapter (demo) shows no image prompts; one with a refiner (tiny-sdxl) its switch
+    open_session(d, "web-advanced-demo", "prompt2image", model="demo")
+    groups = advanced_groups(d)
+    assert "image-prompts" not in groups and "refiner_switch" not in groups["quality"], groups
+    assert not d.find_element(By.ID, "image_prompts").is_displayed()
+    open_session(d, "web-advanced-sdxl", "prompt2image", model="tiny-sdxl")
+    assert advanced_groups(d)["quality"][-1] == "refiner_switch"
+    # image to image: the input image's scale and upscale-or-vary with the configured upscalers
+    open_session(d, "web-advanced-im2im", "image2image")
+    groups = advanced_groups(d)
+    assert groups["input"] == ["scale", "uov", "upscale_factor", "upscaler"], groups
+    assert "outpaint" not in groups and "controlnet" not in groups, groups
     # a ControlNet pipe shows its own: the input scale, guess mode and the control guidance range
     open_session(d, "web-advanced-cn", "cimage2image")
-    shown = d.execute_script("return [...document.querySelectorAll('#advanced [data-param]')]"
-                             ".filter(e => !e.hidden).map(e => e.dataset.param)")
-    assert shown == ["clip_skip", "timestep_spacing", "scale", "guess_mode", "control_guidance_start",
-                     "control_guidance_end"], shown
+    groups = advanced_groups(d)
+    assert groups["controlnet"] == ["guess_mode", "control_guidance_start", "control_guidance_end"], groups
+    assert groups["input"] == ["scale"] and "outpaint" not in groups, groups
     assert d.find_element(By.ID, "control_guidance_end").get_attribute("max") == "1"
-    # the masked pipes show inpainting at full resolution (a flag and its padding)
+    # the masked pipes show the mask's blur and inpainting at full resolution (a flag and its padding), and outpaint
     open_session(d, "web-advanced-inpaint", "inpainting")
-    shown = d.execute_script("return [...document.querySelectorAll('#advanced [data-param]')]"
-                             ".filter(e => !e.hidden).map(e => e.dataset.param)")
-    assert {"blur", "full_res", "full_res_padding"} <= set(shown) and "guess_mode" not in shown, shown
+    groups = advanced_groups(d)
+    assert groups["input"] == ["scale", "blur", "full_res", "full_res_padding"], groups["input"]
+    assert groups["outpaint"] == ["outpaint", "outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom",
+                                  "outpaint_seam", "inpaint_prompt"], groups
+    assert "controlnet" not in groups, groups
     assert attr("full_res_padding", "max") == str(specs.FULL_RES_PADDING.maximum)
     assert attr("cscale", "max") == str(specs.CSCALES.maximum).removesuffix(".0")  # the page said 4
     options = d.execute_script("return [...document.getElementById('ctype').options].map(o => o.value)")

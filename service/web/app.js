@@ -5,6 +5,7 @@ import { api, ApiError, followEvents, getToken, setToken } from "./api.js";
 import { Gallery } from "./gallery.js";
 import { JobForm } from "./jobform.js";
 import { JobList } from "./jobs.js";
+import { PresetPicker } from "./presets.js";
 
 const SESSION_KEY = "multigen.session";
 const $ = (id) => document.getElementById(id);
@@ -16,11 +17,12 @@ const state = {
 };
 
 const form = new JobForm();
+const presets = new PresetPicker();  // the performance and aspect-ratio selects
 const jobs = new JobList((job) => {
   gallery.refresh().catch(() => null);
   if (!["queued", "running"].includes(job.state)) loadSessions().catch(() => null);  // image counts
 });
-const gallery = new Gallery((meta) => { form.fill(meta); $("prompt").focus(); announce("parameters copied into the job form"); });
+const gallery = new Gallery((meta) => { form.fill(meta); presets.fill(meta); $("prompt").focus(); announce("parameters copied into the job form"); });
 
 function announce(text) { $("announce").textContent = text; }
 
@@ -79,6 +81,8 @@ async function loadCatalog() {
   state.maxCount = (count && count.max) || m.max_count || (m.limits && m.limits.max_count) || null;
   state.openapi = await api("GET", "openapi.json").catch(() => null);
   form.setStyles(await api("GET", "styles").then((r) => r.styles, () => []));  // the job form's style picker
+  form.setUpscalers(m.upscalers);  // uov's upscaler models
+  presets.setPresets(await api("GET", "presets").then((r) => r.presets, () => []));
   fillSelect($("pipe"), state.pipes);
   fillSelect($("model"), state.models);
   renderLoras();
@@ -248,8 +252,10 @@ async function switchSession(id) {
   const pipe = state.pipes.find((p) => p.id === s.pipe) || { id: s.pipe };
   const model = state.models.find((m) => m.id === s.model) || { id: s.model };
   const family = familyOf(model);  // its fields, schedulers, sizes and defaults
-  form.configure(pipe, state.openapi, state.schedulers, state.maxCount, state.jobParams, family);
+  // the fields of its pipe, less those its family refuses and those its model has nothing for (IP-Adapter, refiner)
+  form.configure(pipe, state.openapi, state.schedulers, state.maxCount, state.jobParams, family, model);
   form.applyModel(model, family);
+  presets.applyFamily(model, family, state.jobParams);
   await Promise.all([jobs.switchTo(s.id), gallery.switchTo(s.id)]);
 }
 
@@ -261,7 +267,7 @@ $("job-form").addEventListener("submit", async (e) => {
   form.clearErrors();
   let body;
   try {
-    body = form.request();
+    body = presets.adjust(form.request());
   } catch (err) {
     form.showError(err);
     return;

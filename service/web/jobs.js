@@ -1,4 +1,4 @@
-// The jobs of the current session: state, queue position, progress bar, live preview, cancel.
+// The jobs of the current session: state, queue position, progress bar, live preview, cancel, skip.
 
 import { api, fetchBlob } from "./api.js";
 
@@ -16,6 +16,7 @@ export class JobList {
     this.jobs = new Map();      // id -> Job
     this.previewBusy = new Set();
     this.previewUrls = new Map();
+    this.gridUrls = new Map();  // id -> object URL of the job's grid (grid: true)
   }
 
   /** Show the jobs this page queued in a session (remembered across reloads). */
@@ -24,6 +25,8 @@ export class JobList {
     this.jobs.clear();
     for (const u of this.previewUrls.values()) URL.revokeObjectURL(u);
     this.previewUrls.clear();
+    for (const u of this.gridUrls.values()) if (u) URL.revokeObjectURL(u);
+    this.gridUrls.clear();
     $("job-list").replaceChildren();
     const ids = JSON.parse(localStorage.getItem(storeKey(sessionId)) || "[]");
     await Promise.all(ids.map((id) => this.refresh(id).catch(() => null)));
@@ -48,16 +51,30 @@ export class JobList {
     this.jobs.set(id, job);
     this.render();
     if (job.state === "running" && job.progress && job.progress.step > 0) this.loadPreview(job);
+    if (job.grid_url && !this.gridUrls.has(job.id)) this.loadGrid(job);
     if (before && (before.state !== job.state || before.done !== job.done)) this.onChange(job);
   }
 
   async refreshActive() {
-    await Promise.all(this.active().map((j) => this.refresh(j.id).catch(() => null)));
+    // a job's webhook is delivered after the job ends: its state is followed until it is settled
+    const hooked = [...this.jobs.values()].filter((j) => j.webhook && ["waiting", "pending"].includes(j.webhook.state));
+    const ids = new Set([...this.active(), ...hooked].map((j) => j.id));
+    await Promise.all([...ids].map((id) => this.refresh(id).catch(() => null)));
   }
 
-  async cancel(id) {
+  /** The job's grid (its images side by side), fetched once with the token. */
+  async loadGrid(job) {
+    this.gridUrls.set(job.id, "");
     try {
-      const { job } = await api("POST", "jobs/" + id + "/cancel");
+      const blob = await fetchBlob(job.grid_url);
+      if (blob) { this.gridUrls.set(job.id, URL.createObjectURL(blob)); this.render(); }
+    } catch (_) { this.gridUrls.delete(job.id); }
+  }
+
+  /** Cancel the job, or (`action` "skip") skip only the image it is making: the job goes on with the next. */
+  async cancel(id, action = "cancel") {
+    try {
+      const { job } = await api("POST", "jobs/" + id + "/" + action);
       this.jobs.set(id, job);
     } catch (err) {
       await this.refresh(id).catch(() => null);
@@ -98,8 +115,12 @@ export class JobList {
           <progress max="1" value="0"></progress></label>
           <img class="preview" alt="" hidden>
           <p class="job-error error" role="alert"></p>
-          <button type="button" class="cancel">Cancel</button>`;
+          <img class="grid" alt="" hidden>
+          <p class="job-webhook muted small" hidden></p>
+          <button type="button" class="cancel">Cancel</button>
+          <button type="button" class="skip">Skip image</button>`;
         li.querySelector(".cancel").addEventListener("click", () => this.cancel(job.id));
+        li.querySelector(".skip").addEventListener("click", () => this.cancel(job.id, "skip"));
         list.append(li);
       }
       this.fill(li, job);
@@ -131,7 +152,8 @@ export class JobList {
       if (job.eta_seconds != null) text += ` · about ${Math.ceil(job.eta_seconds)} s left`;
     } else if (job.state === "succeeded") {
       fraction = 1;
-      text = `done · ${job.done ?? count} of ${count} images`;
+      const skipped = (job.skipped || []).length;
+      text = `done · ${job.done ?? count} of ${count} images` + (skipped ? ` (${skipped} skipped)` : "");
     } else {
       text = `${job.state} · ${job.done || 0} of ${count} images written`;
     }
@@ -144,9 +166,26 @@ export class JobList {
     preview.hidden = !showPreview;
     if (showPreview && preview.src !== url) { preview.src = url; preview.alt = "live preview of " + shortPrompt(job); }
     li.querySelector(".job-error").textContent = job.error ? `${job.error.type}: ${job.error.message}` : "";
+    const grid = li.querySelector(".grid");
+    const gridUrl = this.gridUrls.get(job.id);
+    grid.hidden = !gridUrl;
+    if (gridUrl && grid.src !== gridUrl) { grid.src = gridUrl; grid.alt = "grid of the images of " + shortPrompt(job); }
+    const hook = li.querySelector(".job-webhook");
+    const w = job.webhook;
+    hook.hidden = !w;
+    if (w) {
+      hook.textContent = `webhook ${w.state}` + (w.attempts ? ` · ${w.attempts} attempt${w.attempts === 1 ? "" : "s"}` : "")
+        + (w.state === "pending" && w.next_try_at ? ` · next try ${new Date(w.next_try_at).toLocaleTimeString()}` : "")
+        + (w.last_error && w.state !== "delivered" ? ` · ${w.last_error}` : "");
+      hook.title = w.url;
+    }
     const cancel = li.querySelector(".cancel");
     cancel.hidden = !ACTIVE.has(job.state);
     cancel.setAttribute("aria-label", "Cancel job " + shortPrompt(job));
+    // skipping one image needs a running job with another image after it, and no skip already asked for
+    const skip = li.querySelector(".skip");
+    skip.hidden = job.state !== "running" || (job.count || 1) < 2 || Boolean(job.skip_requested || job.cancel_requested);
+    skip.setAttribute("aria-label", "Skip the image job " + shortPrompt(job) + " is making");
   }
 }
 
