@@ -106,6 +106,8 @@ class Config:
     wildcards: WildcardLibrary = field(default_factory=WildcardLibrary)
     #: the performance presets (presets.py): the built-in ones with config.yaml's ``presets:`` on top
     presets: PresetLibrary = field(default_factory=load_presets)
+    #: ``store``: a ``postgresql://`` URL (pgstore.py), or None for the embedded SQLite file in ``data_dir``
+    store: str | None = None
 
 
 def _dataclass_section(cls, data: dict, key: str, file: Path):
@@ -165,6 +167,23 @@ def read_server(data: dict[str, Any], file: Path) -> ServerConfig:
     return server
 
 
+#: overrides config.yaml's ``store`` (docs/service.md)
+STORE_ENV = "MULTIGEN_STORE"
+
+
+def read_store(data: dict[str, Any], file: Path) -> str | None:
+    """``store`` (or ``$MULTIGEN_STORE``, first): a postgresql:// URL, or None (also for ``sqlite``)."""
+    env = os.environ.get(STORE_ENV, "").strip()
+    value = env or typed(data, "store", str, file, None, "set store to a postgresql:// URL, or leave it out")
+    if value is None or value == "sqlite":
+        return None
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(str(file), STORE_ENV if env else "store",
+                          f"{value.split(':')[0]!r}... is not a postgresql:// URL",
+                          "use postgresql://user:password@host:5432/dbname, or sqlite (the default: data_dir's file)")
+    return value
+
+
 def load_users(file: Path) -> dict[str, dict[str, Any]]:
     """Only the ``users`` of a config file (a running server re-reads them when the file changes)."""
     return read_users(read_yaml(file, "config file"), file)
@@ -196,7 +215,7 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     here = file.parent
     known = {"model_list", "model_dir", "logging_folder", "data_dir", "output_dir", "devices", "threads",
              "cache", "server", "limits", "users", "dtype", "drain_on_exit", "styles_dir",
-             "wildcards_dir", "presets", "webhooks"}
+             "wildcards_dir", "presets", "webhooks", "store"}
     for key in data:
         if key not in known:
             raise ConfigError(str(file), str(key), "unknown key", f"remove it or use one of: {', '.join(sorted(known))}")
@@ -236,6 +255,6 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
                   dtype=dtype, drain_on_exit=drain_on_exit, styles_dir=styles_dir,
                   styles=load_styles(styles_dir), wildcards_dir=folder("wildcards_dir"),
                   wildcards=WildcardLibrary(folder("wildcards_dir")),
-                  presets=load_presets(data.get("presets"), models.lora, file))
+                  presets=load_presets(data.get("presets"), models.lora, file), store=read_store(data, file))
 
 

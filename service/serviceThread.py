@@ -35,14 +35,13 @@ from .runner import JobRunner
 from .scheduling import FairQueue
 from .stats import ServiceStats
 from .store import SQLiteStore
+from .stores import STORE_FILE, open_store  # noqa: F401 (STORE_FILE: kept importable here)
 from .views import metafusion_session_info, now_iso, session_view
 from .worker import DeviceWorker, WorkerPool
 from .webhooks import build_webhooks
 from .writer import ImageWriter
 
 log = logging.getLogger(__name__)
-
-STORE_FILE = "multigen.sqlite3"
 
 
 class ServiceThread:
@@ -83,7 +82,7 @@ class ServiceThread:
 
     def _build(self) -> None:
         cls, limits = type(self), self.config.limits
-        self.store = self.store_class(self.config.data_dir / STORE_FILE)
+        self.store = open_store(self.config, self.store_class)  # SQLite in data_dir, or `store:` (stores.py)
         self.events = EventBus()
         self.writer = self.writer_class()
         self.counters = ServiceStats()

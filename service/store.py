@@ -13,14 +13,15 @@ resumed after a crash writes that image under the same index again, never a seco
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Protocol, TypeVar
+from typing import Any, Iterable, Protocol
 
 from .records import DeliveryRecord, ImageRecord, JobRecord, NewImage, SessionRecord
+from .storerows import (JSON_COLUMNS, U64, R, decode_row, encode_fields, new_image_columns, record_columns,
+                        signed_seed)
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +71,8 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_JSON_COLUMNS = {"loras", "seeds", "prompt", "negative_prompt", "params", "error", "timings", "skipped"}
-#: seeds go up to 2**64-1 but SQLite integers are signed 64-bit: images.seed holds the two's complement
-#: (seeds are never negative, so a negative value read back is a seed of 2**63 or more)
-_U64 = 2**64
-
-
-R = TypeVar("R", SessionRecord, JobRecord, ImageRecord, DeliveryRecord)
-
-
-def _decode(row: sqlite3.Row | None, record: type[R]) -> R | None:
-    if row is None:
-        return None
-    out = dict(row)
-    if isinstance(out.get("seed"), int) and out["seed"] < 0:
-        out["seed"] += _U64
-    for k in _JSON_COLUMNS & out.keys():
-        if out[k] is not None:
-            out[k] = json.loads(out[k])
-    return record(**out)
+# the JSON columns, seeds as two's complement, rows <-> records: storerows.py (shared with pgstore.py)
+_JSON_COLUMNS, _U64, _decode, _encode, _columns = JSON_COLUMNS, U64, decode_row, encode_fields, record_columns
 
 
 def _close_all(conns: Iterable[sqlite3.Connection]) -> None:
@@ -97,15 +81,6 @@ def _close_all(conns: Iterable[sqlite3.Connection]) -> None:
             c.close()
         except sqlite3.Error:  # pragma: no cover
             pass
-
-
-def _encode(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: (json.dumps(v) if k in _JSON_COLUMNS and v is not None else v) for k, v in fields.items()}
-
-
-def _columns(record: SessionRecord | JobRecord) -> dict[str, Any]:
-    """A record's columns for an INSERT (``seq`` is the store's to give)."""
-    return _encode({k: v for k, v in dataclasses.asdict(record).items() if k != "seq"})
 
 
 class Store(Protocol):
@@ -277,11 +252,7 @@ class SQLiteStore(Store):
             if row is None:
                 index = conn.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM images WHERE session_id = ?",
                                      (image.session_id,)).fetchone()[0]
-                seed = int(image.seed)
-                fields = {"id": image.id, "session_id": image.session_id, "job_id": image.job_id, "idx": index,
-                          "pos": image.pos, "seed": seed - _U64 if seed >= 2**63 else seed, "width": image.width,
-                          "height": image.height, "path": str(Path(image.folder) / f"{index:05d}.png"),
-                          "state": "writing"}
+                fields = new_image_columns(image, index, signed_seed(image.seed))
                 conn.execute(f"INSERT INTO images ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
                              tuple(fields.values()))
                 row = conn.execute("SELECT * FROM images WHERE id = ?", (image.id,)).fetchone()

@@ -56,10 +56,14 @@ def require_browser() -> None:
     missing = missing_browser_parts()
     if not missing:
         return
-    message = f"{CANNOT_RUN}: missing {'; '.join(missing)}. {INSTALL}"
+    fail_in_ci_else_skip(f"{CANNOT_RUN}: missing {'; '.join(missing)}. {INSTALL}", "a missing browser",
+                         "the browser tests")
+
+
+def fail_in_ci_else_skip(message: str, what: str, tests: str) -> None:
+    """Fail with ``message`` under CI, skip with it elsewhere (also pg_check.py's rule for PostgreSQL)."""
     if in_ci():
-        pytest.fail(f"{message}. CI=true: a missing browser fails the run instead of skipping the browser tests",
-                    pytrace=False)
+        pytest.fail(f"{message}. CI=true: {what} fails the run instead of skipping {tests}", pytrace=False)
     pytest.skip(f"{message}. Skipped because CI is not set (under CI=true this fails the run)")
 
 

@@ -1,4 +1,7 @@
-"""The SQLite store: schema versioning, WAL, rows, image reservations, threads."""
+"""The SQLite store's own behaviour: WAL, its migration history, connections per thread.
+
+The Store contract both stores keep (sessions, jobs, images, seeds, deliveries, migrations) is
+tests/test_store_contract.py, one suite over SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import sqlite3
@@ -6,7 +9,7 @@ import threading
 
 import pytest
 
-from multigen.service.records import ImageRecord, JobRecord, NewImage, SessionRecord
+from multigen.service.records import JobRecord, SessionRecord
 from multigen.service.store import SCHEMA_VERSION, SQLiteStore
 
 
@@ -22,11 +25,6 @@ def _job(store: SQLiteStore, jid: str, sid: str = "s1", count: int = 2) -> JobRe
                                       negative_prompt=None, params={"steps": 3}, created_at="2026-01-01T00:00:00Z"))
 
 
-def _reserve(store: SQLiteStore, jid: str, pos: int, sid: str = "s1", iid: str | None = None) -> ImageRecord:
-    return store.reserve_image(NewImage(id=iid or f"{jid}-{pos}", session_id=sid, job_id=jid, pos=pos, seed=pos,
-                                        width=8, height=8, folder=f"/out/{sid}"))
-
-
 def test_schema_is_versioned_and_reopening_keeps_data(tmp_path):
     store = SQLiteStore(tmp_path / "db.sqlite3")
     assert store.schema_version == SCHEMA_VERSION
@@ -39,83 +37,6 @@ def test_schema_is_versioned_and_reopening_keeps_data(tmp_path):
     assert mode == "wal"
     rows = sqlite3.connect(tmp_path / "db.sqlite3").execute("SELECT version FROM schema_version").fetchall()
     assert rows == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
-
-
-def test_newer_schema_is_refused(tmp_path):
-    SQLiteStore(tmp_path / "db.sqlite3").close()
-    conn = sqlite3.connect(tmp_path / "db.sqlite3")
-    conn.execute("INSERT INTO schema_version VALUES (99)")
-    conn.commit()
-    with pytest.raises(RuntimeError, match="newer"):
-        SQLiteStore(tmp_path / "db.sqlite3")
-
-
-def test_jobs_keep_every_parameter_and_seed(tmp_path):
-    store = SQLiteStore(tmp_path / "db.sqlite3")
-    _session(store)
-    _job(store, "j1", count=3)
-    job = store.get_job("j1")
-    assert job.seeds == [0, 1, 2] and job.prompt == ["a", ["b", "c"]] and job.params == {"steps": 3}
-    store.update_job("j1", state="failed", error={"type": "X", "message": "m"})
-    assert store.get_job("j1").error == {"type": "X", "message": "m"}
-    assert store.job_counts("s1") == {"failed": 1}
-    assert [j.id for j in store.list_jobs(states=["failed"])] == ["j1"]
-    assert store.list_jobs(states=["queued"]) == []
-
-
-def test_image_reservations_are_idempotent_and_indices_grow(tmp_path):
-    store = SQLiteStore(tmp_path / "db.sqlite3")
-    _session(store)
-    _job(store, "j1")
-    _job(store, "j2")
-    a = _reserve(store, "j1", 0)
-    b = _reserve(store, "j2", 0)
-    again = _reserve(store, "j1", 0, iid="other-id")  # a resumed job asks again: same row, same index
-    assert (a.idx, b.idx, again.idx) == (0, 1, 0)
-    assert again.id == a.id and a.path == "/out/s1/00000.png"
-    assert store.image_count("s1") == 0  # reserved, not written yet
-    store.complete_image(a.id, "t")
-    assert store.image_count("s1") == 1
-    assert [i.idx for i in store.list_images(session_id="s1")] == [0]
-    assert [i.idx for i in store.list_images(session_id="s1", state="writing")] == [1]
-    assert store.image_by_index("s1", 0).id == a.id
-    assert store.get_image(b.id) is None  # not done
-    store.complete_image(b.id, "t")
-    assert [i.idx for i in store.list_images(session_id="s1", after=0)] == [1]
-
-
-def test_concurrent_reservations_from_threads_get_distinct_indices(tmp_path):
-    store = SQLiteStore(tmp_path / "db.sqlite3")
-    _session(store)
-    for t in range(4):
-        _job(store, f"j{t}", count=10)
-    errors = []
-
-    def worker(t: int) -> None:
-        try:
-            for pos in range(10):
-                _reserve(store, f"j{t}", pos)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors
-    idx = sorted(i.idx for i in store.list_images(session_id="s1", state=None))
-    assert idx == list(range(40))
-
-
-def test_session_filters_and_counts(tmp_path):
-    store = SQLiteStore(tmp_path / "db.sqlite3")
-    _session(store, "s1", "alice")
-    _session(store, "s2", "bob")
-    store.update_session("s2", state="closed")
-    assert [s.id for s in store.list_sessions(user="alice")] == ["s1"]
-    assert [s.id for s in store.list_sessions(state="closed")] == ["s2"]
-    assert store.count_sessions("alice", "open") == 1 and store.count_sessions("bob", "open") == 0
 
 
 def _open_db_fds(path) -> int:
@@ -184,17 +105,3 @@ def test_negative_prompts_are_grammars_too_and_old_rows_migrate(tmp_path):
     _job(store, "new")
     store.update_job("new", negative_prompt=["ugly", ["blurry", "dark"]])
     assert store.get_job("new").negative_prompt == ["ugly", ["blurry", "dark"]]
-
-
-def test_records_are_typed_and_create_job_gives_the_arrival_order(tmp_path):
-    store = SQLiteStore(tmp_path / "db.sqlite3")
-    _session(store)
-    first, second = _job(store, "j1"), _job(store, "j2")
-    assert isinstance(store.get_session("s1"), SessionRecord) and store.get_session("s1").is_open
-    assert isinstance(store.get_job("j1"), JobRecord) and 0 < first.seq < second.seq
-    assert store.get_job("j2").seq == second.seq
-    image = _reserve(store, "j1", 0)
-    assert isinstance(image, ImageRecord) and image.state == "writing" and image.seed == 0
-    big = store.reserve_image(NewImage(id="big", session_id="s1", job_id="j1", pos=1, seed=2**64 - 1, width=8,
-                                       height=8, folder="/out/s1"))
-    assert big.seed == 2**64 - 1  # SQLite's signed integers hold it as its two's complement
