@@ -7,22 +7,26 @@ hosts, may share one database (docs/deploy.md). The driver is psycopg 3 with a
 transaction (autocommit otherwise).
 
 The schema is versioned like the SQLite one's (``schema_version``) but with migrations of its own
-(:data:`PG_MIGRATIONS`; version 1 is the SQLite schema's version 5). Opening a store applies the
+(:data:`PG_MIGRATIONS`; version 1 is the SQLite schema's version 5, version 2 its version 6: claims). Opening a store applies the
 missing ones in one transaction under an advisory lock, so processes that start together migrate
 once; a database whose version is newer than this code's refuses to open.
 
 Types: the JSON columns (:data:`~multigen.service.storerows.JSON_COLUMNS`) are ``json`` (the text
 kept as written, so dicts keep their key order); times are ISO 8601 text as in SQLite (the ordering
 of ``next_try_at`` is the text's); ``images.seed`` is ``NUMERIC(20)``, the unsigned seed itself (0 to
-2**64-1; SQLite stores the two's complement). ``user`` is a reserved word in PostgreSQL: it is quoted.
+2**64-1; SQLite stores the two's complement); the lease times (``jobs.lease_until``, ``claimed_at``, the
+``workers`` table's) are ``TIMESTAMPTZ`` on the database's clock. ``user`` is a reserved word in PostgreSQL:
+it is quoted.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import json
 import logging
 import re
 import threading
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -30,8 +34,10 @@ from psycopg.rows import dict_row
 from psycopg.types.string import TextLoader
 from psycopg_pool import ConnectionPool
 
+from .claims import HEADS_SQL, Head, LeaseLost, WorkerRecord, choose, worker_record
 from .errors import MultigenError
 from .records import DeliveryRecord, ImageRecord, JobRecord, NewImage, SessionRecord
+from .scheduling import DEFAULT_MAX_AFFINITY_SKIPS
 from .store import Store
 from .storerows import R, decode_row, encode_fields, new_image_columns, record_columns
 
@@ -68,11 +74,46 @@ PG_MIGRATIONS: list[str] = [
         created_at TEXT NOT NULL, next_try_at TEXT, last_error TEXT, delivered_at TEXT);
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries(state, next_try_at);
     """,
+    # 2: the SQLite schema's version 6: claiming jobs under a lease (claims.py): who runs a job and until
+    # when (the database's clock: one clock for every host), the workers' heartbeats, the turn state
+    """
+    ALTER TABLE jobs ADD COLUMN worker TEXT, ADD COLUMN lease_until TIMESTAMPTZ, ADD COLUMN claimed_at TIMESTAMPTZ;
+    CREATE INDEX jobs_lease ON jobs(lease_until) WHERE state = 'running';
+    CREATE INDEX jobs_queued ON jobs("user", priority DESC, seq) WHERE state = 'queued';
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY, host TEXT NOT NULL, device TEXT NOT NULL, models JSON NOT NULL,
+        started_at TIMESTAMPTZ NOT NULL DEFAULT now(), heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now());
+    CREATE TABLE user_turns (
+        "user" TEXT PRIMARY KEY, served BIGINT NOT NULL DEFAULT 0, skips INTEGER NOT NULL DEFAULT 0);
+    """,
 ]
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
 #: the advisory lock the migrations run under (one key for every multigen database of a server)
 MIGRATION_LOCK = 0x6D756C7469676E  # "multign"
+#: the advisory lock around the fair queue's turn state: claims decide one at a time (claim_job)
+CLAIM_LOCK = 0x6D67636C61696D  # "mgclaim"
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+#: take a chosen job (unless another transaction holds its row) and move the turns, in one statement: the
+#: claimed user is served now (the next tick), the users passed over for model affinity skipped once more
+CLAIM_SQL = """
+WITH claimed AS (
+    UPDATE jobs SET state = 'running', worker = %s, claimed_at = now(),
+        lease_until = now() + make_interval(secs => %s),
+        started_at = to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+    WHERE id = (SELECT id FROM jobs WHERE id = %s AND state = 'queued' FOR UPDATE SKIP LOCKED)
+    RETURNING *),
+served AS (
+    INSERT INTO user_turns ("user", served, skips)
+    SELECT "user", (SELECT COALESCE(MAX(served), 0) + 1 FROM user_turns), 0 FROM claimed
+    ON CONFLICT ("user") DO UPDATE SET served = excluded.served, skips = 0),
+passed AS (
+    INSERT INTO user_turns ("user", served, skips)
+    SELECT p, 0, 1 FROM unnest(%s::text[]) AS p WHERE EXISTS (SELECT 1 FROM claimed)
+    ON CONFLICT ("user") DO UPDATE SET skips = user_turns.skips + 1)
+SELECT * FROM claimed
+"""
 
 
 class StoreUnavailable(MultigenError):
@@ -236,13 +277,15 @@ class PostgresStore(Store):
         return {r["state"]: int(r["n"]) for r in rows}
 
     # -- images -----------------------------------------------------------------------
-    def reserve_image(self, image: NewImage) -> ImageRecord:
+    def reserve_image(self, image: NewImage, worker: str | None = None) -> ImageRecord:
         """Reserve the next session index for a job's image ``pos``, or return the existing reservation.
 
         The file is ``image.folder/{index:05d}.png``. Idempotent per ``(job_id, pos)``. Reservations of
-        one session take turns on its row's lock, in every process that shares the database.
+        one session take turns on its row's lock, in every process that shares the database. With
+        ``worker``, only while that worker holds the job's lease (else :class:`~.claims.LeaseLost`).
         """
         with self._conn() as conn, conn.transaction():
+            self._check_lease(conn, image.job_id, worker)
             conn.execute("SELECT 1 FROM sessions WHERE id = %s FOR NO KEY UPDATE", (image.session_id,))
             row = conn.execute("SELECT * FROM images WHERE job_id = %s AND pos = %s",
                                (image.job_id, image.pos)).fetchone()
@@ -253,8 +296,13 @@ class PostgresStore(Store):
                 row = conn.execute(sql + " RETURNING *", args).fetchone()
         return decode_row(row, ImageRecord)  # type: ignore[return-value]
 
-    def complete_image(self, image_id: str, created_at: str) -> None:
-        self._exec("UPDATE images SET state = 'done', created_at = %s WHERE id = %s", (created_at, image_id))
+    def complete_image(self, image_id: str, created_at: str, worker: str | None = None) -> None:
+        """Mark a reserved image ``done``; with ``worker``, only while it holds the job's lease (else LeaseLost)."""
+        with self._conn() as conn, conn.transaction():
+            if worker is not None:
+                row = conn.execute("SELECT job_id FROM images WHERE id = %s", (image_id,)).fetchone()
+                self._check_lease(conn, row["job_id"] if row else "", worker)
+            conn.execute("UPDATE images SET state = 'done', created_at = %s WHERE id = %s", (created_at, image_id))
 
     def get_image(self, image_id: str) -> ImageRecord | None:
         return self._one(ImageRecord, "SELECT * FROM images WHERE id = %s AND state = 'done'", (image_id,))
@@ -299,6 +347,75 @@ class PostgresStore(Store):
         return self._all_rows(JobRecord, "SELECT * FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') "
                               "AND params::text LIKE '%%\"webhook_url\"%%' AND id NOT IN "
                               "(SELECT job_id FROM webhook_deliveries) ORDER BY seq")
+
+    # -- claiming jobs under a lease (claims.py) -----------------------------------------
+    def claim_job(self, worker: str, held_models: Collection[str], lease_seconds: float,
+                  max_affinity_skips: int = DEFAULT_MAX_AFFINITY_SKIPS) -> JobRecord | None:
+        """The next queued job by the fair rule (claims.py), now ``running`` under ``worker``'s lease of
+        ``lease_seconds`` (the database's clock); None when nothing is queued.
+
+        One transaction: the turn state is decided under an advisory lock (:data:`CLAIM_LOCK`: every claim
+        moves the turns, so two claims deciding at once would both pick the same user's turn), and the job
+        row is taken with ``FOR UPDATE SKIP LOCKED``: a job another transaction holds (a cancel being
+        written) is passed over, never waited for, and no two claimers ever get the same job.
+        """
+        held, skipped = set(held_models), []
+        with self._conn() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
+            while True:
+                sql = HEADS_SQL.format(skip_q=" AND NOT (q.id = ANY(%s))", skip_k=" AND NOT (k.id = ANY(%s))")
+                heads = [Head(r["id"], r["user"], r["model"], int(r["served"]), int(r["skips"])) for r in
+                         conn.execute(sql, (skipped, skipped)).fetchall()]
+                picked = choose(heads, held, max_affinity_skips)
+                if picked is None:
+                    return None
+                head, passed = picked
+                row = conn.execute(CLAIM_SQL, (worker, float(lease_seconds), head.id, passed)).fetchone()
+                if row is not None:
+                    break
+                skipped.append(head.id)
+        return decode_row(row, JobRecord)
+
+    def renew_lease(self, job_id: str, worker: str, lease_seconds: float) -> bool:
+        """Extend ``worker``'s lease on a running job; False when it lost it (expired and requeued, released)."""
+        return self._exec("UPDATE jobs SET lease_until = now() + make_interval(secs => %s) "
+                          "WHERE id = %s AND worker = %s AND state = 'running'",
+                          (float(lease_seconds), job_id, worker)) == 1
+
+    def release_job(self, job_id: str, worker: str, state: str = "queued", **fields: Any) -> bool:
+        """End ``worker``'s lease: the job goes to ``state`` (with ``fields``, as for update_job); False, and
+        nothing changed, when the worker no longer holds it."""
+        f = encode_fields({**fields, "state": str(state), "worker": None, "lease_until": None})
+        return self._exec(f"UPDATE jobs SET {', '.join(f'{_q(k)} = %s' for k in f)} "
+                          "WHERE id = %s AND worker = %s AND state = 'running'", [*f.values(), job_id, worker]) == 1
+
+    def expire_leases(self, now: dt.datetime | None = None) -> list[str]:
+        """Running jobs whose lease ended before ``now`` (default: the database's clock) back to ``queued``
+        (seq, seeds and reserved images kept); returns their ids. Jobs run without a lease are left alone."""
+        with self._conn() as conn:
+            rows = conn.execute("UPDATE jobs SET state = 'queued', worker = NULL, lease_until = NULL "
+                                "WHERE state = 'running' AND lease_until < COALESCE(%s, now()) RETURNING id, seq",
+                                (now,)).fetchall()
+        return [r["id"] for r in sorted(rows, key=lambda r: r["seq"])]
+
+    def heartbeat(self, worker: str, host: str, device: str, models: Collection[str]) -> None:
+        """Record that ``worker`` (on ``host``'s ``device``, holding ``models``) is alive now."""
+        self._exec("INSERT INTO workers (id, host, device, models) VALUES (%s, %s, %s, %s) "
+                   "ON CONFLICT (id) DO UPDATE SET host = excluded.host, device = excluded.device, "
+                   "models = excluded.models, heartbeat_at = now()",
+                   (worker, host, device, json.dumps(sorted(models))))
+
+    def list_workers(self) -> list[WorkerRecord]:
+        """Every worker that sent a heartbeat, by host and device."""
+        with self._conn() as conn:
+            return [worker_record(r) for r in conn.execute("SELECT * FROM workers ORDER BY host, device, id")]
+
+    @staticmethod
+    def _check_lease(conn: Any, job_id: str, worker: str | None) -> None:
+        # FOR SHARE: an expiry (or release) waits for this transaction, so the image is reserved under a live lease
+        if worker is not None and conn.execute("SELECT 1 FROM jobs WHERE id = %s AND worker = %s AND "
+                                               "state = 'running' FOR SHARE", (job_id, worker)).fetchone() is None:
+            raise LeaseLost(f"worker {worker} no longer holds the lease on job {job_id}")
 
     # -- helpers ----------------------------------------------------------------------
     @staticmethod

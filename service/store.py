@@ -12,14 +12,19 @@ resumed after a crash writes that image under the same index again, never a seco
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime as dt
+import json
 import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Collection, Iterable, Iterator, Protocol
 
+from .claims import HEADS_SQL, Head, LeaseLost, WorkerRecord, choose, iso, utc_now, worker_record
 from .records import DeliveryRecord, ImageRecord, JobRecord, NewImage, SessionRecord
+from .scheduling import DEFAULT_MAX_AFFINITY_SKIPS
 from .storerows import (JSON_COLUMNS, U64, R, decode_row, encode_fields, new_image_columns, record_columns,
                         signed_seed)
 
@@ -68,6 +73,21 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN skipped TEXT;
     """,
+    # 6: claiming jobs under a lease (claims.py): who runs a job and until when its lease holds, the
+    # workers' heartbeats, and the fair queue's turn state (when each user was last served, how often
+    # passed over for model affinity)
+    """
+    ALTER TABLE jobs ADD COLUMN worker TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_until TEXT;
+    ALTER TABLE jobs ADD COLUMN claimed_at TEXT;
+    CREATE INDEX jobs_lease ON jobs(state, lease_until);
+    CREATE INDEX jobs_queued ON jobs(user, priority DESC, seq) WHERE state = 'queued';
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY, host TEXT NOT NULL, device TEXT NOT NULL, models TEXT NOT NULL,
+        started_at TEXT NOT NULL, heartbeat_at TEXT NOT NULL);
+    CREATE TABLE user_turns (
+        user TEXT PRIMARY KEY, served INTEGER NOT NULL DEFAULT 0, skips INTEGER NOT NULL DEFAULT 0);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -101,8 +121,8 @@ class Store(Protocol):
     def update_job(self, job_id: str, **fields: Any) -> None: ...
     def list_jobs(self, session_id: str | None = None, states: Iterable[str] | None = None) -> list[JobRecord]: ...
     def job_counts(self, session_id: str) -> dict[str, int]: ...
-    def reserve_image(self, image: NewImage) -> ImageRecord: ...
-    def complete_image(self, image_id: str, created_at: str) -> None: ...
+    def reserve_image(self, image: NewImage, worker: str | None = None) -> ImageRecord: ...
+    def complete_image(self, image_id: str, created_at: str, worker: str | None = None) -> None: ...
     def get_image(self, image_id: str) -> ImageRecord | None: ...
     def list_images(self, session_id: str | None = None, job_id: str | None = None,
                     after: int | None = None, state: str | None = "done") -> list[ImageRecord]: ...
@@ -114,6 +134,14 @@ class Store(Protocol):
     def due_deliveries(self, now: str, limit: int = 20) -> list[DeliveryRecord]: ...
     def next_delivery_at(self) -> str | None: ...
     def jobs_awaiting_delivery(self) -> list[JobRecord]: ...
+    # claiming jobs under a lease, across processes and hosts (claims.py)
+    def claim_job(self, worker: str, held_models: Collection[str], lease_seconds: float,
+                  max_affinity_skips: int = DEFAULT_MAX_AFFINITY_SKIPS) -> JobRecord | None: ...
+    def renew_lease(self, job_id: str, worker: str, lease_seconds: float) -> bool: ...
+    def release_job(self, job_id: str, worker: str, state: str = "queued", **fields: Any) -> bool: ...
+    def expire_leases(self, now: dt.datetime | None = None) -> list[str]: ...
+    def heartbeat(self, worker: str, host: str, device: str, models: Collection[str]) -> None: ...
+    def list_workers(self) -> list[WorkerRecord]: ...
     def close(self) -> None: ...
 
 
@@ -238,15 +266,17 @@ class SQLiteStore(Store):
         return {r[0]: r[1] for r in rows}
 
     # -- images -----------------------------------------------------------------------
-    def reserve_image(self, image: NewImage) -> ImageRecord:
+    def reserve_image(self, image: NewImage, worker: str | None = None) -> ImageRecord:
         """Reserve the next session index for a job's image ``pos``, or return the existing reservation.
 
         The file is ``image.folder/{index:05d}.png``. Idempotent per ``(job_id, pos)``: a job
-        resumed after a crash writes its n-th image under the same index again.
+        resumed after a crash writes its n-th image under the same index again. With ``worker``, only
+        while that worker holds the job's lease (else :class:`~multigen.service.claims.LeaseLost`).
         """
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
+            self._check_lease(conn, image.job_id, worker)
             row = conn.execute("SELECT * FROM images WHERE job_id = ? AND pos = ?",
                                (image.job_id, image.pos)).fetchone()
             if row is None:
@@ -262,8 +292,15 @@ class SQLiteStore(Store):
             raise
         return _decode(row, ImageRecord)  # type: ignore[return-value]
 
-    def complete_image(self, image_id: str, created_at: str) -> None:
-        self._write("UPDATE images SET state = 'done', created_at = ? WHERE id = ?", (created_at, image_id))
+    def complete_image(self, image_id: str, created_at: str, worker: str | None = None) -> None:
+        """Mark a reserved image ``done``; with ``worker``, only while it holds the job's lease (else LeaseLost)."""
+        if worker is None:
+            self._write("UPDATE images SET state = 'done', created_at = ? WHERE id = ?", (created_at, image_id))
+            return
+        with self._immediate() as conn:
+            row = conn.execute("SELECT job_id FROM images WHERE id = ?", (image_id,)).fetchone()
+            self._check_lease(conn, row[0] if row else "", worker)
+            conn.execute("UPDATE images SET state = 'done', created_at = ? WHERE id = ?", (created_at, image_id))
 
     def get_image(self, image_id: str) -> ImageRecord | None:
         return self._one(ImageRecord, "SELECT * FROM images WHERE id = ? AND state = 'done'", (image_id,))
@@ -314,6 +351,84 @@ class SQLiteStore(Store):
         return self._all_rows(JobRecord, "SELECT * FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled') "
                               "AND params LIKE '%\"webhook_url\"%' AND id NOT IN "
                               "(SELECT job_id FROM webhook_deliveries) ORDER BY seq")
+
+    # -- claiming jobs under a lease (claims.py) -----------------------------------------
+    def claim_job(self, worker: str, held_models: Collection[str], lease_seconds: float,
+                  max_affinity_skips: int = DEFAULT_MAX_AFFINITY_SKIPS) -> JobRecord | None:
+        """The next queued job by the fair rule (claims.py), now ``running`` under ``worker``'s lease of
+        ``lease_seconds``; None when nothing is queued. One ``BEGIN IMMEDIATE`` transaction (one host)."""
+        with self._immediate() as conn:
+            heads = [Head(*r) for r in conn.execute(HEADS_SQL.format(skip_q="", skip_k="")).fetchall()]
+            picked = choose(heads, set(held_models), max_affinity_skips)
+            if picked is None:
+                return None
+            head, passed = picked
+            now = utc_now()
+            conn.execute("UPDATE jobs SET state = 'running', worker = ?, lease_until = ?, claimed_at = ?, "
+                         "started_at = ? WHERE id = ?", (worker, iso(now + dt.timedelta(seconds=lease_seconds)),
+                                                         iso(now), now.strftime("%Y-%m-%dT%H:%M:%SZ"), head.id))
+            tick = conn.execute("SELECT COALESCE(MAX(served), 0) + 1 FROM user_turns").fetchone()[0]
+            conn.execute("INSERT INTO user_turns (user, served, skips) VALUES (?, ?, 0) ON CONFLICT (user) "
+                         "DO UPDATE SET served = excluded.served, skips = 0", (head.user, tick))
+            for user in passed:
+                conn.execute("INSERT INTO user_turns (user, served, skips) VALUES (?, 0, 1) ON CONFLICT (user) "
+                             "DO UPDATE SET skips = skips + 1", (user,))
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (head.id,)).fetchone()
+        return _decode(row, JobRecord)
+
+    def renew_lease(self, job_id: str, worker: str, lease_seconds: float) -> bool:
+        """Extend ``worker``'s lease on a running job; False when it lost it (expired and requeued, released)."""
+        until = iso(utc_now() + dt.timedelta(seconds=lease_seconds))
+        return self._write("UPDATE jobs SET lease_until = ? WHERE id = ? AND worker = ? AND state = 'running'",
+                           (until, job_id, worker)).rowcount == 1
+
+    def release_job(self, job_id: str, worker: str, state: str = "queued", **fields: Any) -> bool:
+        """End ``worker``'s lease: the job goes to ``state`` (with ``fields``, as for update_job); False, and
+        nothing changed, when the worker no longer holds it."""
+        f = _encode({**fields, "state": str(state), "worker": None, "lease_until": None})
+        return self._write(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in f)} WHERE id = ? AND worker = ? AND "
+                           "state = 'running'", [*f.values(), job_id, worker]).rowcount == 1
+
+    def expire_leases(self, now: dt.datetime | None = None) -> list[str]:
+        """Running jobs whose lease ended before ``now`` (default: this clock) back to ``queued`` (seq,
+        seeds and reserved images kept); returns their ids. Jobs run without a lease are left alone."""
+        with self._immediate() as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM jobs WHERE state = 'running' AND lease_until < ? "
+                                              "ORDER BY seq", (iso(now or utc_now()),)).fetchall()]
+            conn.executemany("UPDATE jobs SET state = 'queued', worker = NULL, lease_until = NULL WHERE id = ?",
+                             [(i,) for i in ids])
+        return ids
+
+    def heartbeat(self, worker: str, host: str, device: str, models: Collection[str]) -> None:
+        """Record that ``worker`` (on ``host``'s ``device``, holding ``models``) is alive now."""
+        now = iso(utc_now())
+        self._write("INSERT INTO workers (id, host, device, models, started_at, heartbeat_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET host = excluded.host, device = excluded.device, "
+                    "models = excluded.models, heartbeat_at = excluded.heartbeat_at",
+                    (worker, host, device, json.dumps(sorted(models)), now, now))
+
+    def list_workers(self) -> list[WorkerRecord]:
+        """Every worker that sent a heartbeat, by host and device."""
+        return [worker_record(r) for r in self._conn().execute("SELECT * FROM workers ORDER BY host, device, id")]
+
+    @staticmethod
+    def _check_lease(conn: sqlite3.Connection, job_id: str, worker: str | None) -> None:
+        if worker is not None and conn.execute("SELECT 1 FROM jobs WHERE id = ? AND worker = ? AND state = 'running'",
+                                               (job_id, worker)).fetchone() is None:
+            raise LeaseLost(f"worker {worker} no longer holds the lease on job {job_id}")
+
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """``with self._immediate() as conn``: one ``BEGIN IMMEDIATE`` transaction (rolled back on an error)."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     # -- helpers ----------------------------------------------------------------------
     @staticmethod
