@@ -120,7 +120,8 @@ def _validate(node: Any, path: str, top: bool) -> None:
         if unknown or "w" not in node or "p" not in node:
             raise _shape_error(path, f"a dict with keys {sorted(node)}: it needs exactly 'w' and 'p'")
         p = node["p"]
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        # compared as given: float() of a huge JSON integer (10**400) overflows
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
             raise _shape_error(f"{path}.p", f"{p!r}: a probability must be a number from 0 to 1")
         _validate(node["w"], f"{path}.w", top=False)
         return

@@ -26,6 +26,7 @@ the embeddings of diffusers' own ``encode_prompt``.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,12 +154,16 @@ def _is_break(item: list[Any] | tuple[str, float]) -> bool:
 
 
 def _to_float(text: str) -> float:
-    """A weight such as ``1.3`` or ``.5``; a malformed one (``1.2.3``) counts as 1.0."""
+    """A weight such as ``1.3`` or ``.5``; a malformed one (``1.2.3``) or one too big for a float (400 digits:
+    inf, NaN embeddings) counts as 1.0."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
+        value = math.inf
+    if not math.isfinite(value):
         logger.warning("ignoring malformed prompt weight %r", text)
         return 1.0
+    return value
 
 
 @dataclass

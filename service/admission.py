@@ -92,7 +92,7 @@ def admit_job(catalog: ModelCatalog, config: Config, budget: CostBudget, session
     check_has_image(classname, params, session.pipe)
     steps, width, height = _expected_size(catalog, session.model, params)
     cost = job_cost(count, steps, width, height)
-    budget.charge(session.user, cost, {"count": count, "steps": steps, "size": f"{width}x{height}"})
+    budget.charge(session.user, cost, {"count": count, "steps": steps, "size": f"{width}x{height}"}, images=count)
     params.update(job_level)  # the preset's name, its LoRA as the job's own (job_loras), the aspect ratio
     if style_names:
         params["styles"] = style_names

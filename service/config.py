@@ -9,6 +9,7 @@ raised at start-up rather than at the first job.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ class ServerConfig:
     #: seconds a call of the waiting dialects (AUTOMATIC1111's /sdapi/v1, OpenAI's images) waits for its job;
     #: past it the job is cancelled and the call answers 504
     sync_call_timeout: float = 600.0
+    #: failed token checks one client address (or HTTP Basic user name) may make within a minute; past it
+    #: 429 with Retry-After (service/api/ratelimit.py); 0 = no limit
+    auth_failures_per_minute: int = 10
+    #: reverse proxies whose X-Forwarded-For names the client (docs/security.md); IP addresses
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +79,8 @@ class Limits:
     max_megapixel_steps_per_job: int = 20000
     #: megapixel-steps one user may queue within an hour; 0 = no budget
     max_megapixel_steps_per_user_hour: int = 100000
+    #: images one user may queue within a day (429 with Retry-After past it); 0 = no quota
+    max_images_per_user_day: int = 0
     #: wall-clock seconds one image may take before its job fails (a stuck or far too slow device); 0 = none
     max_seconds_per_image: int = 3600
 
@@ -129,6 +137,11 @@ def read_users(data: dict[str, Any], file: Path) -> dict[str, dict[str, Any]]:
     """The config's ``users`` section, each entry checked to carry a ``token_sha256``."""
     users = mapping_at(data, "users", file)
     for name, entry in users.items():
+        if isinstance(entry, dict) and "token" in entry:  # a plain token must never sit in a config file
+            raise ConfigError(str(file), f"users.{name}.token", "tokens are stored only as SHA-256 hashes, a plain "
+                              "`token` is not accepted", "remove the entry and run `multigen users add NAME` (it "
+                              "prints a new token once), or replace `token: T` with `token_sha256: <sha256 hex of T>`"
+                              " (printf %s T | sha256sum)")
         if not isinstance(entry, dict) or "token_sha256" not in entry:
             raise ConfigError(str(file), f"users.{name}", "user has no token_sha256",
                               "create users with `multigen users add NAME`")
@@ -152,6 +165,12 @@ def read_server(data: dict[str, Any], file: Path) -> ServerConfig:
             raise ConfigError(str(file), f"server.cors_origins.{i}", f"{origin!r}: {why}",
                               "list origins exactly as the browser sends them, e.g. http://localhost:3000")
     server.cors_origins = [o.lower() for o in server.cors_origins]
+    for i, proxy in enumerate(server.trusted_proxies):
+        try:
+            ipaddress.ip_address(str(proxy))
+        except ValueError:
+            raise ConfigError(str(file), f"server.trusted_proxies.{i}", f"{proxy!r} is not an IP address",
+                              "list the proxy's address as it connects, e.g. 127.0.0.1") from None
     token = server.metrics_token
     if token and (len(token) < METRICS_TOKEN_MIN_CHARS or token.strip() != token or " " in token):
         raise ConfigError(str(file), "server.metrics_token",

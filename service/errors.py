@@ -80,6 +80,15 @@ class UnsupportedMedia(MultigenError):
     http_status = 415
 
 
+#: seconds a client is told to wait after a 429 that names no time of its own (a full queue, too many sessions)
+QUEUE_FULL_RETRY_SECONDS = 10
+
+
 class QueueFull(MultigenError):
+    """A count limit (queued jobs, open sessions): retry once some have ended."""
+
     code = "queue_full"
     http_status = 429
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(QUEUE_FULL_RETRY_SECONDS)}

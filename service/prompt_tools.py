@@ -55,7 +55,9 @@ WILDCARD_RE = re.compile(r"__([A-Za-z0-9./\\][\w./\\:-]*?)__")
 #: a valid wildcard name: path segments of letters, digits, ``_`` and ``-``, starting with a letter or digit
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(?:/[A-Za-z0-9][A-Za-z0-9_-]*)*$")
 #: ``[[a, b]]``: at least one comma inside, no brackets
-ARRAY_RE = re.compile(r"\[\[([^\[\]]*,[^\[\]]*)\]\]")
+#: (the part before the first comma holds no comma: one way to match, linear time; ``[^\[\]]*,`` backtracked
+#: quadratically, seconds for ``[[`` and 20000 commas)
+ARRAY_RE = re.compile(r"\[\[([^\[\],]*,[^\[\]]*)\]\]")
 
 
 class WildcardError(InvalidValueError):
@@ -334,18 +336,27 @@ def expand_wildcards(text: str, library: WildcardLibrary, seed: int, index: int,
         return text
     # a string seed is hashed with SHA-512: the same draw in every process and Python run
     rng = random.Random(f"multigen-wildcards:{field}:{seed}")
+    too_long = WildcardError(f"{field}: the prompt's wildcards expand to more than {MAX_PROMPT_CHARS} characters",
+                             field)
+    size = [0, 0]  # the pass's text so far, its cap
 
     def pick(match: re.Match[str]) -> str:
         lines = library.lines(match.group(1), field)
-        return lines[index % len(lines)] if in_order else rng.choice(lines)
+        line = lines[index % len(lines)] if in_order else rng.choice(lines)
+        # counted as it grows: 4000 wildcards of a 1 MB line would build 4 GB before the check after the pass
+        # (the cap leaves room for later wildcards that shrink the text: past it the result is too long anyway)
+        size[0] += len(line) - len(match.group(0))
+        if size[0] > size[1]:
+            raise too_long
+        return line
 
     for _ in range(MAX_DEPTH + 1):
         if not WILDCARD_RE.search(text):
             return text
+        size[:] = [len(text), MAX_PROMPT_CHARS + len(text)]
         text = WILDCARD_RE.sub(pick, text)
         if len(text) > MAX_PROMPT_CHARS:
-            raise WildcardError(f"{field}: the prompt's wildcards expand to more than {MAX_PROMPT_CHARS} "
-                                "characters", field)
+            raise too_long
     raise WildcardError(f"{field}: wildcards nest deeper than {MAX_DEPTH}", field)
 
 

@@ -40,8 +40,8 @@ DRAIN_SECONDS = 10.0
 
 __all__ = ["check_bind_auth", "guarded_parser_class", "is_loopback", "make_server", "run_server"]
 
-#: ``check_head(method, path, query, header) -> (error or None, body limit)``: RequestGuard.check_head
-HeadCheck = Callable[[str, str, str, Callable[[str], "str | None"]], "tuple[MultigenError | None, int]"]
+#: ``check_head(method, path, query, header, peer) -> (error or None, body limit)``: RequestGuard.check_head
+HeadCheck = Callable[[str, str, str, Callable[[str], "str | None"], "str | None"], "tuple[MultigenError | None, int]"]
 
 
 def check_bind_auth(config: Config) -> str:
@@ -85,13 +85,16 @@ def guarded_parser_class(check_head: HeadCheck) -> type[HTTPRequestParser]:
 
     class GuardedParser(HTTPRequestParser):
         body_limit: int | None = None
+        #: the client's address (the channel's peer), for the auth failure limit
+        peer: str | None = None
 
         def received(self, data: bytes) -> int:
             in_head = not self.headers_finished
             consumed = super().received(data)
             if in_head and self.headers_finished and not self.empty and (self.content_length > 0 or self.chunked):
                 if self.error is None or isinstance(self.error, RequestEntityTooLarge):
-                    error, self.body_limit = check_head(self.command, self.path, self.query, self._header)
+                    error, self.body_limit = check_head(self.command, self.path, self.query, self._header,
+                                                           self.peer)
                     if error is not None:
                         return self._refuse(error, len(data))
             elif (self.chunked and not self.completed and self.body_limit is not None
@@ -127,7 +130,14 @@ def make_server(app: Any, config: Config) -> Any:
                            # reading ahead lets a request tell that its client disconnected
                            # (environ["waitress.client_disconnected"]): a waiting A1111/OpenAI call cancels its job
                            channel_request_lookahead=1)
-    channel = type("GuardedChannel", (HTTPChannel,), {"parser_class": guarded_parser_class(guard.check_head)})
+    parser_class = guarded_parser_class(guard.check_head)
+
+    def parser_of(channel: HTTPChannel, adj: Any) -> HTTPRequestParser:  # a channel's parser knows its peer
+        parser = parser_class(adj)
+        parser.peer = channel.addr[0] if isinstance(channel.addr, tuple) else None
+        return parser
+
+    channel = type("GuardedChannel", (HTTPChannel,), {"parser_class": parser_of})
     for dispatcher in list(server._map.values()):  # one listening server per address the host resolves to
         if isinstance(dispatcher, BaseWSGIServer):
             dispatcher.channel_class = channel

@@ -90,7 +90,7 @@ class ServiceThread:
         self.cache = self.cache_class(self.config.models.base, int(self.config.cache_budget_gb * GiB),
                                       loader=cls.loader, pipe_factory=self.catalog.pipe_factory)
         self.queue = FairQueue(limits.max_queued_jobs, limits.max_queued_jobs_per_user)
-        self.budget = CostBudget(limits.max_megapixel_steps_per_job, limits.max_megapixel_steps_per_user_hour)
+        self.budget = CostBudget.from_limits(limits)
         self.ledger = JobLedger(self.store, self.events, self.counters, self.queue, self.config.data_dir)
         self.gallery = Gallery(self.store)
         self.runner = self.runner_class(store=self.store, cache=self.cache, catalog=self.catalog, writer=self.writer,

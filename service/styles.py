@@ -224,7 +224,10 @@ def read_style_file(file: Path, source: str = "user") -> list[Style]:
         raise ConfigError(str(file), None, f"cannot read the style file ({type(e).__name__})",
                           "make it a readable UTF-8 file") from None
     if file.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        try:
+            rows = list(csv.DictReader(text.splitlines()))
+        except csv.Error as e:  # a field over csv's limit (128 KiB)...
+            raise ConfigError(str(file), None, f"not valid CSV ({e})", "fix the CSV") from None
         if rows and "name" not in rows[0]:
             raise ConfigError(str(file), "row 1", "no `name` column", "start the file with the header "
                               "name,prompt,negative_prompt")
@@ -232,7 +235,7 @@ def read_style_file(file: Path, source: str = "user") -> list[Style]:
                            source) for i, row in enumerate(rows) if (row.get("name") or "").strip()]
     try:
         data = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
         raise ConfigError(str(file), None, f"not valid JSON ({e})", "fix the JSON") from None
     if not isinstance(data, list):
         raise ConfigError(str(file), None, "expected a JSON list of styles",

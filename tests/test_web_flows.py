@@ -256,7 +256,7 @@ def test_sessions_loras_switch_and_close(server: Server, browser: Any, tmp_path:
 
 
 def test_polling_when_no_event_stream_is_free(browser: Any, tmp_path: Path, models_dir: Path):
-    """With every event-stream slot taken (503), the page says "polling" and still shows the job's
+    """With every event-stream slot taken (429 with Retry-After), the page says "polling" and still shows the job's
     progress and its images, from GET /jobs/{id} and images?after=."""
     config = write_config(tmp_path, models_dir)
     config.write_text(config.read_text().replace("max_event_streams: 4", "max_event_streams: 1"))

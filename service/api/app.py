@@ -237,7 +237,10 @@ def create_app(config: Config, service: GenerationService) -> Flask:
     app.extensions["multigen.event_streams"] = _stream_limiter(config)
     app.extensions["multigen.stopping"] = threading.Event()
     app.extensions["multigen.openapi"] = build_document(schemas, auth=bool(config.users),
-                                                        metrics_token=bool(config.server.metrics_token))
+                                                        metrics_token=bool(config.server.metrics_token),
+                                                        models=tuple(config.models.base),
+                                                        loras=tuple(config.models.lora),
+                                                        upload_max_bytes=config.limits.upload_max_bytes)
     # metrics first: its before_request times the whole request, auth failures included; then Host and
     # Origin (and preflights, which carry no token), the token, and last the route's body limit
     app.extensions["multigen.metrics"] = metrics.HttpMetrics(app)

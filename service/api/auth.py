@@ -94,14 +94,27 @@ def user_for_credentials(users: UserTable, method: str, endpoint: str | None, au
     return user, digest
 
 
+def failure_keys(client: str, authorization: str) -> list[str]:
+    """What a failed token check counts against (ratelimit.py): the client's address, and the user name
+    of HTTP Basic credentials (a guesser may spread over many addresses, never over many names)."""
+    keys = [f"address {client}"]
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "basic" and value.strip():
+        try:
+            keys.append(f"user {_basic_token(value)[0]}")
+        except Unauthorized:
+            pass
+    return keys
+
+
 def authenticate() -> None:
     """``before_request``: sets ``g.user`` (None in anonymous mode) and ``g.token_sha256``, or raises 401."""
     g.user = None
     if not auth_enabled() or not needs_token(request.path, request.endpoint):
         return
-    g.user, g.token_sha256 = user_for_credentials(
-        current_app.extensions["multigen.users"], request.method, request.endpoint,
-        request.headers.get("Authorization", ""), request.args.get("access_token"))
+    g.user, g.token_sha256 = current_app.extensions["multigen.guard"].user_of(
+        request.method, request.endpoint, request.headers.get("Authorization", ""),
+        request.args.get("access_token"), request.remote_addr, request.headers.get("X-Forwarded-For"))
 
 
 def request_user(body_user: str | None = None) -> str:

@@ -10,6 +10,8 @@
   request was sent by the token's holder and is served, without CORS headers (the page cannot
   read the answer) unless its origin is listed.
 - **CORS**: listed origins get ``Access-Control-Allow-Origin`` and answers to their preflights.
+- **Auth failures**: failed token checks per client address and HTTP Basic user name
+  (``server.auth_failures_per_minute``, ratelimit.py): past the limit, 429 with ``Retry-After``.
 - **Body sizes**: :data:`SMALL_BODY_BYTES` for every route but those carrying images
   (:data:`LARGE_BODY_ENDPOINTS`), which take the upload limit plus the envelope.
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Callable
+from typing import Callable, TypeVar
 from urllib.parse import parse_qs
 
 from flask import Response, request
@@ -32,8 +34,10 @@ from ..config import Config, Limits
 from ..errors import Forbidden, MultigenError, TooLarge, Unauthorized
 from ..users import UserTable
 from . import auth
+from .ratelimit import AuthFailures, TooManyAuthFailures, client_address, normalized_proxies
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: the body any route but uploads and jobs may have: a session or a cancel is a few hundred bytes, and
 #: without it every route would buffer the upload limit (tens of MB) for anyone who can reach the port
@@ -117,6 +121,9 @@ class RequestGuard:
         self.bound_port: int | None = config.server.port or None
         self.url_map = url_map
         self.users = users
+        #: failed token checks per client address and Basic user name (ratelimit.py)
+        self.auth_failures = AuthFailures(config.server.auth_failures_per_minute)
+        self.trusted_proxies = normalized_proxies(config.server.trusted_proxies)
         #: URL prefix -> how that dialect words a refusal made from a request's head (its error shape)
         self.dialect_errors: dict[str, Callable[[MultigenError], MultigenError]] = {}
 
@@ -171,6 +178,39 @@ class RequestGuard:
         return TooLarge(f"{what}; this route takes at most {limit} bytes (uploads and jobs, which carry images, "
                         f"up to {self.large_body})", field="body")
 
+    def user_of(self, method: str, endpoint: str | None, authorization: str, query_token: str | None,
+                peer: str | None, forwarded_for: str | None) -> tuple[str, str]:
+        """:func:`auth.user_for_credentials`, refused with 429 once the client (or the Basic user name) has
+        failed too often within a minute; a failure with credentials counts, one without any does not.
+
+        Raises:
+            TooManyAuthFailures: the client is over ``server.auth_failures_per_minute``.
+            Unauthorized: as :func:`auth.user_for_credentials`.
+        """
+        users = self.users
+        assert users is not None
+        return self.failure_limited(
+            lambda: auth.user_for_credentials(users, method, endpoint, authorization, query_token),
+            authorization, bool(authorization or query_token), peer, forwarded_for)
+
+    def failure_limited(self, check: Callable[[], T], authorization: str, sent: bool, peer: str | None,
+                        forwarded_for: str | None) -> T:
+        """``check()`` (a token check: the API's, or ``/metrics``'s), refused with 429 for a client over the
+        auth failure limit; an Unauthorized it raises counts when credentials were ``sent``.
+
+        Raises:
+            TooManyAuthFailures: the client is over ``server.auth_failures_per_minute``.
+            Unauthorized: from ``check``.
+        """
+        keys = auth.failure_keys(client_address(peer, forwarded_for, self.trusted_proxies), authorization)
+        self.auth_failures.check(keys)
+        try:
+            return check()
+        except Unauthorized:
+            if sent:
+                self.auth_failures.record(keys)
+            raise
+
     # ---- Flask hooks -----------------------------------------------------------------------------------
     def before_request(self) -> Response | None:
         """Before auth: refuse a foreign Host or Origin; answer preflights (they carry no token)."""
@@ -204,13 +244,14 @@ class RequestGuard:
         return response
 
     # ---- waitress: a request's head, before its body is read -------------------------------------------
-    def check_head(self, method: str, path: str, query: str,
-                   header: Callable[[str], str | None]) -> tuple[MultigenError | None, int]:
+    def check_head(self, method: str, path: str, query: str, header: Callable[[str], str | None],
+                   peer: str | None = None) -> tuple[MultigenError | None, int]:
         """The error to answer a request with before reading its body (None: read it), and its body limit.
 
         Args:
             method, path, query: of the request line (path unquoted).
             header: a request header by name, or None.
+            peer: the client's address (the TCP peer), for the auth failure limit.
         """
         endpoint = self._endpoint(path, method)
         limit = self.body_limit(endpoint)
@@ -220,8 +261,9 @@ class RequestGuard:
         if error is None and not preflight and self.users is not None and auth.needs_token(path, endpoint):
             query_token = (parse_qs(query).get("access_token") or [None])[0]
             try:
-                auth.user_for_credentials(self.users, method, endpoint, header("Authorization") or "", query_token)
-            except Unauthorized as e:
+                self.user_of(method, endpoint, header("Authorization") or "", query_token, peer,
+                             header("X-Forwarded-For"))
+            except (Unauthorized, TooManyAuthFailures) as e:
                 error = e
         length = header("Content-Length")
         if error is None and length is not None and length.isdigit() and int(length) > limit:

@@ -49,7 +49,7 @@ def build_queue_args(session: dict[str, Any], body: dict[str, Any], staged: Stag
         args["mask" if "mask" in params else "image_painted"] = staged.resolve(mask, "mask")
     control = body.pop("control", None)
     if control:
-        types = [c["type"] for c in control]
+        types = [c.get("type") for c in control]  # the body is dumped exclude_unset: a `type` left out is absent
         if "ctypes" in params:
             if any(t is None for t in types):
                 raise InvalidInput("control: every entry needs a `type` for this pipe", field="control")

@@ -185,13 +185,20 @@ def check_scraper() -> None:
     """Raises Unauthorized unless the request may read the metrics (see the module's docstring)."""
     token = current_app.extensions["multigen.config"].server.metrics_token
     header = request.headers.get("Authorization", "")
-    if token:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise Unauthorized("/metrics needs `Authorization: Bearer <server.metrics_token>`", field="Authorization")
-    elif auth.auth_enabled():
-        auth.user_for_credentials(current_app.extensions["multigen.users"], request.method, request.endpoint,
-                                  header, None)
+
+    def check() -> None:
+        if token:
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+                raise Unauthorized("/metrics needs `Authorization: Bearer <server.metrics_token>`",
+                                   field="Authorization")
+        elif auth.auth_enabled():
+            auth.user_for_credentials(current_app.extensions["multigen.users"], request.method, request.endpoint,
+                                      header, None)
+
+    # failures here count against the client like the API's: /metrics must not be a way around the limit
+    current_app.extensions["multigen.guard"].failure_limited(check, header, bool(header), request.remote_addr,
+                                                             request.headers.get("X-Forwarded-For"))
 
 
 @bp.get("/metrics")

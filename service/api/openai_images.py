@@ -34,7 +34,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from multigen.pipes.errors import PipeError
 
 from ..catalog import ModelCatalog
-from ..errors import Conflict, InvalidInput, MultigenError, NotFound, UnsupportedMedia
+from ..errors import QUEUE_FULL_RETRY_SECONDS, Conflict, InvalidInput, MultigenError, NotFound, UnsupportedMedia
 from .auth import auth_enabled, request_user
 from .context import config, json_body, service
 from .jobs import build_queue_args
@@ -65,8 +65,6 @@ OUTPUT_FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "
 RESPONSE_FORMATS = ("b64_json", "url")
 #: the models whose calls answer URLs unless ``response_format`` says otherwise (as OpenAI's do)
 URL_DEFAULT_MODELS = frozenset({"dall-e-2", "dall-e-3"})
-#: seconds a client is told to wait after a 429 that names no time of its own (a full queue)
-QUEUE_FULL_RETRY_SECONDS = 10
 #: an OpenAI ``type`` per HTTP status (anything else: invalid_request_error)
 ERROR_TYPES = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}
 #: the request parameter an error of the session API's checks names, as OpenAI's ``param``

@@ -11,7 +11,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
+from ..jobs import JobState
 from .schemas import Schemas, SessionCreate
+from .sessions import SESSION_STATES
 
 
 
@@ -192,7 +194,7 @@ RESPONSES: dict[str, type[BaseModel]] = {
 ERRORS = {"400": "malformed or invalid", "401": "no or bad token",
           "403": "not yours, or a foreign Host or Origin (see server.cors_origins)",
           "404": "unknown id (or not yours)", "409": "conflict", "413": "too large", "415": "wrong media type",
-          "429": "queue full, or too many event streams (with Retry-After)", "503": "unavailable"}
+          "429": "queue full, a quota, too many event streams or auth failures (with Retry-After)", "503": "unavailable"}
 
 #: (method, path, summary, request body schema or None, success status, response schema or media type,
 #:  query parameters, error statuses)
@@ -250,22 +252,27 @@ ROUTES: list[tuple[str, str, str, str | None, str, str, list[str], list[str]]] =
      "text/plain", [], ["401"]),
 ]
 
+#: what the server takes as an event id (events._last_event_id): a whole number that fits the store's 64 bits
+EVENT_ID = {"type": "string", "pattern": "^[0-9]{1,19}$"}
+#: the `state` filter of each list (the server answers 400 ``field: state`` to another value)
+STATE_FILTERS = {"/api/v1/sessions": SESSION_STATES,
+                 "/api/v1/sessions/{session_id}/jobs": tuple(state.value for state in JobState)}
 QUERY_PARAMS = {
     "project": {"schema": {"type": "string"}},
-    "state": {"schema": {"type": "string"}, "description": "sessions: open|closed; jobs: queued|running|succeeded|"
-                                                         "failed|cancelled"},
+    "state": {"schema": {"type": "string"}, "description": "only the sessions or jobs in this state"},
     "after": {"schema": {"type": "integer"}, "description": "last index seen; -1 or absent for all"},
     "format": {"schema": {"type": "string", "enum": ["png", "jpeg", "webp"]}},
     "session_id": {"schema": {"type": "string"}},
     "user": {"schema": {"type": "string"}, "description": "only without auth: whose sessions (else the token's)"},
-    "last_event_id": {"schema": {"type": "integer", "minimum": 0},
-                      "description": "resume after this event (as the `Last-Event-ID` header does)"},
+    "last_event_id": {"schema": EVENT_ID, "description": "resume after this event (as the `Last-Event-ID` header "
+                                                         "does; the header wins)"},
     "access_token": {"schema": {"type": "string"}, "description": "the bearer token, for an `<img>` or "
                                                                   "`EventSource` that cannot send a header"},
 }
 
 
-def _components(schemas: Schemas) -> dict[str, Any]:
+def _components(schemas: Schemas, model_names: tuple[str, ...] = (), lora_names: tuple[str, ...] = ()
+                ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     models: list[type[BaseModel]] = [SessionCreate, *schemas.jobs.values(), *RESPONSES.values()]
     for model in models:
@@ -273,53 +280,128 @@ def _components(schemas: Schemas) -> dict[str, Any]:
         for name, sub in doc.pop("$defs", {}).items():
             out.setdefault(name, sub)
         out[model.__name__ if model.__name__ in RESPONSES else doc.get("title", model.__name__)] = doc
+    session = out["SessionCreate"]["properties"]
+    session["pipe"] = {**session["pipe"], "enum": list(schemas.jobs)}  # else 400: the server knows no other
+    if model_names:
+        session["model"] = {**session["model"], "enum": list(model_names)}
+    if lora_names:  # a name, or {name, weight}: models.yaml's LoRAs (of the model's family, else 400 too)
+        session["loras"]["items"] = {"anyOf": [{"type": "string", "enum": list(lora_names)},
+                                               {"$ref": "#/components/schemas/LoraRef"}]}
+        out["LoraRef"]["properties"]["name"] = {"type": "string", "enum": list(lora_names)}
+    # anyOf, not oneOf: a body most pipes take ({"prompt": "x"}) matches several; the session's pipe decides
     out["JobCreate"] = {"description": "one of the per-pipe job bodies: the session's pipe decides",
-                        "oneOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in schemas.jobs.values()]}
+                        "anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in schemas.jobs.values()]}
     return out
 
 
+#: one message of an event stream (OpenAPI 3.1: the schema of a `text/event-stream` describes each event)
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the `Last-Event-ID` that resumes after it "
+                                                                  "(none on `stream.ended`)"},
+    "event": {"type": "string", "description": "job.queued, job.progress, image.created, job.succeeded... "
+                                             "(docs/api.md), stream.ended"},
+    "data": {"type": "string", "contentMediaType": "application/json"},
+    "retry": {"type": "integer", "minimum": 0}}}
+#: the image types an upload may be (its bytes decide, not the part's Content-Type: 415 otherwise)
+UPLOAD_TYPES = ("image/png", "image/jpeg", "image/webp")
+
+
 def _media(kind: str) -> dict[str, Any]:
+    if kind == "text/event-stream":
+        return {kind: {"schema": SSE_EVENT}}
     if "/" in kind:
         return {kind: {"schema": {"type": "string", "format": "binary"}}}
     ref = {"type": "object"} if kind == "object" else {"$ref": f"#/components/schemas/{kind}"}
     return {"application/json": {"schema": ref}}
 
 
-def build_document(schemas: Schemas, auth: bool, metrics_token: bool = False) -> dict[str, Any]:
+def operation_id(method: str, path: str) -> str:
+    """``get /api/v1/sessions/{session_id}/jobs`` -> ``get_sessions_session_id_jobs`` (what links name)."""
+    words = [w.strip("{}") for w in path.removeprefix("/api/v1").split("/") if w]
+    return "_".join([method, *words]).replace("-", "_")
+
+
+#: OpenAPI links: (method, path, the id's JSON pointer in its success response, [(method, path) that take it])
+_ID_LINKS = [("post", "/api/v1/sessions", "/session/id",
+              [("get", "/api/v1/sessions/{session_id}"), ("delete", "/api/v1/sessions/{session_id}"),
+               ("post", "/api/v1/sessions/{session_id}/jobs"), ("get", "/api/v1/sessions/{session_id}/jobs"),
+               ("get", "/api/v1/sessions/{session_id}/images"), ("get", "/api/v1/events")]),
+             ("post", "/api/v1/sessions/{session_id}/jobs", "/job/id",
+              [("get", "/api/v1/jobs/{job_id}"), ("post", "/api/v1/jobs/{job_id}/cancel"),
+               ("post", "/api/v1/jobs/{job_id}/skip"), ("get", "/api/v1/jobs/{job_id}/preview"),
+               ("get", "/api/v1/jobs/{job_id}/grid")]),
+             ("get", "/api/v1/jobs/{job_id}", "/job/images/0/id",
+              [("get", "/api/v1/images/{image_id}"), ("get", "/api/v1/images/{image_id}/metadata")]),
+             ("get", "/api/v1/sessions/{session_id}/images", "/images/0/id",
+              [("get", "/api/v1/images/{image_id}"), ("get", "/api/v1/images/{image_id}/metadata")]),
+             ("post", "/api/v1/uploads", "/upload/id", [("delete", "/api/v1/uploads/{upload_id}")])]
+#: the body a link sends (a job any prompt-only pipe takes: two images and their grid)
+_LINK_BODIES = {("post", "/api/v1/sessions/{session_id}/jobs"): {"prompt": "a lighthouse at dusk", "count": 2,
+                                                                  "grid": True}}
+
+
+def _links(paths: dict[str, Any]) -> None:
+    """Add the OpenAPI links that chain an id from the response that made it to the routes that take it."""
+    for method, path, pointer, targets in _ID_LINKS:
+        response = next(iter(paths[path][method]["responses"].values()))  # the success, first
+        links = response.setdefault("links", {})
+        for to_method, to_path in targets:
+            name = "session_id" if to_path == "/api/v1/events" else to_path.rsplit("{", 1)[1].split("}")[0]
+            link = links[operation_id(to_method, to_path)] = {"operationId": operation_id(to_method, to_path),
+                                                              "parameters": {name: f"$response.body#{pointer}"}}
+            if (to_method, to_path) in _LINK_BODIES:
+                link["requestBody"] = _LINK_BODIES[to_method, to_path]
+                link["x-schemathesis"] = {"merge_body": False}  # the whole body, not merged into a drawn one
+
+
+def build_document(schemas: Schemas, auth: bool, metrics_token: bool = False, models: tuple[str, ...] = (),
+                   loras: tuple[str, ...] = (), upload_max_bytes: int | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document of this app (its pipes decide the job schemas); ``/metrics`` needs a
-    bearer token with ``auth`` (a user's) or ``metrics_token`` (``server.metrics_token``)."""
+    bearer token with ``auth`` (a user's) or ``metrics_token`` (``server.metrics_token``). ``models``,
+    ``loras``: the names a session may open (models.yaml); ``upload_max_bytes``: the largest upload."""
     paths: dict[str, Any] = {}
     for method, path, summary, body, status, response, query, errors in ROUTES:
-        op: dict[str, Any] = {"summary": summary, "responses": {status: {"description": "success",
-                                                                         "content": _media(response)}}}
+        op: dict[str, Any] = {"operationId": operation_id(method, path), "summary": summary,
+                              "responses": {status: {"description": "success", "content": _media(response)}}}
         params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                   for p in ("session_id", "job_id", "image_id", "upload_id") if "{" + p + "}" in path]
         params += [{"name": q, "in": "query", "required": False, **QUERY_PARAMS[q]} for q in query]
+        for param in params:
+            if param["name"] == "state":
+                param["schema"] = {"type": "string", "enum": list(STATE_FILTERS[path])}
         if "last_event_id" in query:
-            params.append({"name": "Last-Event-ID", "in": "header", "required": False,
-                           "schema": {"type": "integer", "minimum": 0}})
+            params.append({"name": "Last-Event-ID", "in": "header", "required": False, "schema": EVENT_ID})
         if params:
             op["parameters"] = params
         if body == "multipart":
+            size = f"; at most {upload_max_bytes} bytes (413)" if upload_max_bytes else ""
             op["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
-                "type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
-                "required": ["file"]}}}}
+                "type": "object", "properties": {"file": {
+                    "type": "string", "format": "binary", "contentMediaType": UPLOAD_TYPES[0],
+                    "description": f"a PNG, JPEG or WebP image (its bytes decide: 415 otherwise){size}"}},
+                "required": ["file"]}, "encoding": {"file": {"contentType": ", ".join(UPLOAD_TYPES)}}}}}
         elif body:
             op["requestBody"] = {"required": True, "content": _media(body)}
+        if "401" in errors and "429" not in errors:  # repeated auth failures from a client (api/ratelimit.py)
+            errors = [*errors, "429"]
         for code in errors:
             op["responses"][code] = {"description": ERRORS[code], "content": _media("Error")}
+        if "429" in errors:  # every limit that passes with time says when to come back
+            op["responses"]["429"]["headers"] = {"Retry-After": {
+                "required": True, "description": "seconds to wait", "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
         if path == "/api/v1/health" or (path == "/metrics" and not metrics_token and not auth):
             op["security"] = []
         elif path == "/metrics" and metrics_token:
             op["security"] = [{"bearer": []}]
         paths.setdefault(path, {})[method] = op
+    _links(paths)
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "multigen", "version": __version__,
                  "description": "Session-based image generation server. Errors are "
                                 "`{\"error\": {\"code\", \"message\", \"field\"?}}`."},
         "paths": paths,
-        "components": {"schemas": _components(schemas),
+        "components": {"schemas": _components(schemas, models, loras),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "x-multigen-job-schemas": {pipe: f"#/components/schemas/{m.__name__}" for pipe, m in schemas.jobs.items()},
     }

@@ -246,7 +246,8 @@ def _is_union_tag(part: Any) -> bool:
     """pydantic names the alternatives of a union in error paths (``scale.tuple[int, int].0``); people
     and the web page's field lookup want the path of the value (``scale.0``)."""
     return isinstance(part, str) and ("[" in part or part.startswith("constrained-")
-                                      or part in ("str", "int", "float", "bool", "list", "tuple", "dict"))
+                                      or part in ("str", "int", "float", "bool", "list", "tuple", "dict")
+                                      or (part[:1].isupper() and part.isalnum()))  # a model: LoraRef, ControlRef
 
 
 def _telling_error(errors: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Uploads: images sent as multipart files or inline ``data:`` URLs.
 
 Every upload is checked before it is decoded in full (size in bytes, then the pixel count
-from the header: decompression bombs never reach ``load()``), must be PNG, JPEG or WebP,
-has its EXIF orientation applied, and is stored normalised as PNG under
+from the header: decompression bombs never reach ``load()``), must be PNG, JPEG or WebP of one
+frame (an animated PNG or WebP is a 400 ``animated_image``), has its EXIF orientation applied, and is stored normalised as PNG under
 ``<data_dir>/uploads/<id>.png`` with a JSON record of its owner. Jobs get file paths (and
 ``queue_gen`` copies the images into the job's own inputs), so a queued job that refers to an
 upload survives a restart and the upload's deletion.
@@ -219,6 +219,7 @@ class UploadStore:
         w, h = image.size
         if w * h > self.max_pixels:
             raise TooLarge(f"{field}: {w}x{h} = {w * h} pixels, at most {self.max_pixels} allowed", field=field)
+        check_single_frame(image, field)
         try:
             image.load()
             image = ImageOps.exif_transpose(image)
@@ -375,6 +376,19 @@ class StagedImages:
             except OSError as e:
                 log.warning("could not delete %s: %s", path.name, e)
         self.files.clear()
+
+
+def check_single_frame(image: Image.Image, field: str) -> None:
+    """Refuse an animated PNG or WebP (read from the header): only its first frame would be used, and
+    each further frame is more decoding for nothing.
+
+    Raises:
+        InvalidInput: ``animated_image``, naming ``field``.
+    """
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        raise InvalidInput(f"{field}: an animated image of {frames} frames; send one still image (PNG, JPEG or "
+                           "WebP)", field=field, code="animated_image")
 
 
 def decode_data_url(url: str, max_bytes: int, field: str) -> bytes:

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from ...config import Config
 from ..auth import request_user
 from ..context import MAX_CONTAINERS, config
+from ..uploads import FORMATS
 from .errors import A1111Invalid
 
 M = TypeVar("M", bound=BaseModel)
@@ -68,8 +69,17 @@ def decode_image(data: str, field: str) -> Image.Image:
         if image.width * image.height > limits.upload_max_pixels:
             raise A1111Invalid(f"{field}: {image.width}x{image.height} is more than limits.upload_max_pixels "
                                f"({limits.upload_max_pixels})", field=field)
+        if image.format not in FORMATS:
+            raise A1111Invalid(f"{field}: {image.format} images are not accepted; allowed: PNG, JPEG, WebP",
+                               field=field)
+        if getattr(image, "n_frames", 1) > 1:  # an animated PNG or WebP: one still image only
+            raise A1111Invalid(f"{field}: an animated image of {image.n_frames} frames; send one still image",
+                               field=field)
         image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
+    except Image.DecompressionBombError:  # the header declares billions of pixels
+        raise A1111Invalid(f"{field}: too many pixels, more than limits.upload_max_pixels "
+                           f"({limits.upload_max_pixels})", field=field) from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise A1111Invalid(f"{field}: not a PNG, JPEG or WebP image in base64", field=field) from None
     return image
 
