@@ -254,6 +254,7 @@ store.close()
 """
 
 
+@pytest.mark.slow
 def test_two_processes_claim_fifty_jobs_with_none_twice_and_none_lost(db):
     jobs = _fifty(db.open())
     where = db.url if db.kind == "postgresql" else str(db.open().path)  # SQLite: two processes of one host

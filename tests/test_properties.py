@@ -166,6 +166,7 @@ def tokenizers(models_dir):
             AutoTokenizer.from_pretrained(models_dir / "tiny-flux" / "tokenizer_2"))
 
 
+@pytest.mark.slow
 @props(60)
 @given(text=prompts, max_length=st.integers(0, 40), parse=st.booleans())
 def test_weighted_tokens_fill_the_sequence_with_finite_weights(tokenizers, text, max_length, parse):
@@ -184,6 +185,7 @@ def test_weighted_tokens_fill_the_sequence_with_finite_weights(tokenizers, text,
     assert len(inside.ids) == len(inside.weights) <= max_length and inside.dropped >= 0
 
 
+@pytest.mark.slow
 @props(60)
 @given(text=st.text(alphabet=string.ascii_letters + " ,.!'-" + "é", max_size=120), max_length=st.integers(2, 64))
 def test_a_prompt_without_weights_is_tokenized_as_the_pipeline_does(tokenizers, text, max_length):

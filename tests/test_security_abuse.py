@@ -496,6 +496,7 @@ def test_an_oversize_json_body_is_413_before_it_is_parsed(make_api, monkeypatch)
     assert error is not None and error.http_status == 413
 
 
+@pytest.mark.slow
 def test_on_waitress_failures_with_bodies_are_counted_from_the_head(make_api):
     """Over real HTTP: POSTs with a wrong token are refused from their heads (body unread) and counted
     against the client's address; past the limit the valid token from that address gets 429 too."""

@@ -326,6 +326,7 @@ def test_close_releases_connections_and_reads_reopen_them(store):
     store.close()  # twice is fine
 
 
+@pytest.mark.slow
 # ---- end to end -------------------------------------------------------------------------------------------
 def test_a_service_on_postgresql_runs_jobs_and_a_restart_resumes_one(tmp_path, postgres_url):  # noqa: F811
     """A ServiceThread on fake pipes with ``store: postgresql://...``: a job runs to success; a job stopped
@@ -408,6 +409,7 @@ def test_an_unreachable_postgresql_is_a_clear_error_without_the_password():
     assert "postgresql://multigen@127.0.0.1:1/multigen" in str(e.value) and "secret" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_the_cluster_script_starts_a_cluster_as_a_user_and_removes_it(postgres_url):  # noqa: F811
     """scripts/_postgres.sh (what scripts/test sources): a cluster on a free port, gone after ``stop``."""
     import psycopg
