@@ -5,7 +5,8 @@ pipe (its parameter spec and the config's limits), what the model's family refus
 names of the other kind, other families' parameters), and the input images against what the
 pipe takes. The job-level tools are resolved here, each by its own module: styles (styles.py),
 ``<lora:...>`` tags, ``[[...]]`` arrays and wildcards (prompt_tools.py), performance presets and
-aspect ratios (presets.py), the webhook and grid (webhook_targets.py). Each error is an
+aspect ratios (presets.py), the webhook and grid (webhook_targets.py), the output size of an upscale or an
+outpaint (grown.py: within ``limits.max_width``/``max_height``, charged at that size). Each error is an
 :class:`InvalidInput` naming the field.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from multigen.pipes.registry import pipe_spec
 from multigen.pipes.spec import STEPS
 
 from .budget import CostBudget, job_cost
+from .grown import grown_size
 from .catalog import ModelCatalog
 from .config import Config
 from .jobs import JobState
@@ -91,6 +93,10 @@ def admit_job(catalog: ModelCatalog, config: Config, budget: CostBudget, session
     images_to_params(classname, images, params, session.pipe)
     check_has_image(classname, params, session.pipe)
     steps, width, height = _expected_size(catalog, session.model, params)
+    grown = grown_size(params, limits)  # an upscale's or an outpaint's output: within the limits, charged at it
+    if grown is not None:
+        width, height = grown
+        steps = 1 if params.get("uov") == "upscale_fast" else steps  # the enlargement alone: no diffusion step
     cost = job_cost(count, steps, width, height)
     budget.charge(session.user, cost, {"count": count, "steps": steps, "size": f"{width}x{height}"}, images=count)
     params.update(job_level)  # the preset's name, its LoRA as the job's own (job_loras), the aspect ratio

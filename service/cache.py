@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from .config import ModelEntry
-from .errors import InvalidInput
+from .errors import InvalidInput, MultigenError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,18 @@ class ModelTooLarge(InvalidInput):
     def __init__(self, message: str) -> None:
         super().__init__(message, field="model")
         self.param = "model"  # the field a failed job's error names (like the pipes' errors)
+
+
+class ModelLoadFailed(Exception):
+    """A model's files could not be read (corrupt, truncated or missing since the server started): the
+    message names the model, its file and what to do; the job fails, the worker goes on."""
+
+    param = "model"
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is a device out-of-memory error (``torch.OutOfMemoryError``, or CUDA's RuntimeError text)."""
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
 def gib(nbytes: float) -> str:
@@ -163,8 +175,19 @@ class ModelCache:
         if loader is None:
             from multigen.pipes import load_base as loader
         memory = {k: v for k, v in (("quantize", entry.quantize), ("offload", entry.offload)) if v != "none"}
-        return loader(str(entry.path), model_type=entry.type, config_dir=str(entry.config) if entry.config else None,
-                      device=device, dtype=dtype, **memory)
+        try:
+            return loader(str(entry.path), model_type=entry.type,
+                          config_dir=str(entry.config) if entry.config else None, device=device, dtype=dtype, **memory)
+        except Exception as e:
+            from multigen.pipes.errors import PipeError
+
+            if is_out_of_memory(e) or isinstance(e, (PipeError, MultigenError)):  # the device, or a checked input
+                raise
+            log.exception("loading model %s from %s failed", entry.name, entry.path)
+            raise ModelLoadFailed(
+                f"model {entry.name!r} could not be loaded from {entry.path} ({type(e).__name__}: {str(e)[:200]}): "
+                "its files may be corrupt, truncated or missing; ask the admin to check or download the model "
+                "again, or use another model") from e
 
     def _pipe_class(self, classname: str) -> Any:
         if self._pipe_factory is not None:

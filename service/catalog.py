@@ -17,7 +17,7 @@ from multigen.pipes import spec as specs
 from multigen.pipes.families import FAMILIES, Family, Role
 from multigen.pipes.ip_adapter import image_count
 from multigen.pipes.registry import pipe_names, pipe_role
-from multigen.pipes.errors import PipeError
+from multigen.pipes.errors import InvalidValueError, PipeError
 from multigen.pipes.schedulers import family_schedulers
 from multigen.pipes.upscale import check_uov
 
@@ -210,8 +210,24 @@ class ModelCatalog:
         """The class of a models.yaml pipe (``Prompt2ImPipe``...)."""
         return self.pipe_factory(self.models.pipes[pipe].classname)
 
-    def lora_files(self, loras: list[dict[str, Any]]) -> list[tuple[str, float]]:
-        """A session's LoRAs as ``(file, weight)`` for ``pipe.set_loras``."""
+    def lora_files(self, loras: list[dict[str, Any]], field: str = "loras",
+                   job_own: frozenset[str] = frozenset()) -> list[tuple[str, float]]:
+        """A session's LoRAs as ``(file, weight)`` for ``pipe.set_loras``.
+
+        Raises:
+            InvalidValueError: a LoRA models.yaml no longer lists (removed since the session opened or the job
+                was queued), naming it, models.yaml and ``field`` (``job_loras`` for a name in ``job_own``).
+        """
+        for x in loras:
+            if x["name"] not in self.models.lora:
+                whose = "the job's own (a <lora:> tag or its performance preset)" if x["name"] in job_own \
+                    else "the session's"
+                known = ", ".join(self.models.lora) or "none"
+                raise InvalidValueError(
+                    f"LoRA {x['name']!r} ({whose}) is not in {self.models.file.name} any more: it was removed from "
+                    f"its `lora:` section since it was chosen; put it back, or queue the job again without it "
+                    f"(in a new session if it is the session's); LoRAs now listed: {known}",
+                    "job_loras" if x["name"] in job_own else field, known)
         return [(str(self.models.lora[x["name"]].path), float(x["weight"])) for x in loras]
 
     def job_lora_files(self, session_loras: list[dict[str, Any]],
@@ -222,7 +238,7 @@ class ModelCatalog:
         merged = {x["name"]: x for x in session_loras}
         for x in job_loras or ():
             merged[x["name"]] = x
-        return self.lora_files(list(merged.values()))
+        return self.lora_files(list(merged.values()), job_own=frozenset(x["name"] for x in job_loras or ()))
 
     def defaults(self, model: str) -> dict[str, Any]:
         """The model's ``defaults:`` from models.yaml (what a job leaves out)."""

@@ -8,6 +8,7 @@ details are (the server log, under the job's id), where the traceback is logged 
 """
 from __future__ import annotations
 
+import errno
 import re
 from typing import Any
 
@@ -20,6 +21,31 @@ _KNOWN = {
     "OutOfMemoryError": "the device ran out of memory: try a smaller size, fewer images at once "
                         "or another model",
 }
+
+
+#: OSError numbers of a disk the server cannot write, with what to say (an admin must act; the job can be
+#: queued again after)
+_DISK = {
+    errno.ENOSPC: "the server's disk is full while writing an image: ask the admin to free space, then queue "
+                  "the job again",
+    errno.EDQUOT: "the server's disk quota is used up while writing an image: ask the admin to free space, then "
+                  "queue the job again",
+    errno.EROFS: "the server's output or data folder is read-only: ask the admin to make it writable, then queue "
+                 "the job again",
+    errno.EACCES: "the server may not write its output or data folder: ask the admin to fix its permissions, "
+                  "then queue the job again",
+}
+
+
+def storage_error(exc: BaseException) -> str | None:
+    """What to say for a disk that is full or read-only, or a job store that is locked or read-only."""
+    if isinstance(exc, OSError) and exc.errno in _DISK:
+        return _DISK[exc.errno]
+    text = str(exc).lower()
+    if type(exc).__name__ == "OperationalError" and ("locked" in text or "readonly" in text or "read-only" in text):
+        return ("the job store is locked or read-only (another process holds it, or its folder is not writable): "
+                "ask the admin to check the data folder, then queue the job again")
+    return None
 
 
 def scrub_paths(text: str) -> str:
@@ -42,5 +68,5 @@ def job_error(exc: BaseException, job_id: str, *, bad_input: bool, field: str | 
         if field:
             error["field"] = field
         return error
-    what = _KNOWN.get(kind, "the job failed on the server")
+    what = _KNOWN.get(kind) or storage_error(exc) or "the job failed on the server"
     return {"type": kind, "message": f"{what} ({kind}); the server log has the details under job {job_id}"}

@@ -31,6 +31,7 @@ import yaml
 from multigen.pipes import spec as specs
 from multigen.pipes.errors import PipeError
 from multigen.pipes.families import FAMILIES, Family
+from multigen.pipes.upscale import UPSCALE_MODES
 
 from .errors import ConfigError, InvalidInput
 
@@ -361,6 +362,10 @@ def apply_job_presets(params: dict[str, Any], presets: PresetLibrary, fam: Famil
             out["job_loras"] = [dict(preset.lora)]
         elif problem is not None:
             out["performance_note"] = f"the preset's LoRA was not used: {problem}"
+    if ratio is not None and params.get("uov") in UPSCALE_MODES:
+        raise InvalidInput(f"aspect_ratio does not apply with uov {params['uov']}: an upscale's size is its input's x "
+                           "upscale_factor (its aspect ratio is the input's); leave aspect_ratio out, or crop the "
+                           "input to the ratio first", field="aspect_ratio")
     if ratio is not None:
         own = model_defaults.get("width"), model_defaults.get("height")
         text, width, height = resolve_size(ratio, fam, params.get("width"), params.get("height"),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from .cache import ModelCache, ModelTooLarge
+from .cache import ModelCache, ModelLoadFailed, ModelTooLarge, is_out_of_memory
 from .catalog import ModelCatalog
 from .events import EventBus
 from .failures import job_error
@@ -69,6 +69,20 @@ class ImageTimeLimit(Exception):
     """An image took longer than ``limits.max_seconds_per_image``: its job fails (the message says so)."""
 
     param = None
+
+
+class LoraLoadFailed(Exception):
+    """A LoRA file of the job is missing or unreadable at run time (deleted or corrupt since the server
+    started): the message names the file and what to do."""
+
+    param = "loras"
+
+
+class DeviceOutOfMemory(Exception):
+    """An image ran out of device memory twice (the second time with VAE tiling): the message names the
+    size and what to lower."""
+
+    param = "width"
 
 
 class StopJob(Exception):
@@ -123,14 +137,15 @@ class JobRunner:
                 device = replace(device, dtype=lease.entry.dtype)  # a models.yaml dtype replaces the worker's
                 pipe = lease.pipe
                 # exactly this job's LoRAs (the session's and the job's own): nothing leaks into the next job
-                pipe.set_loras(self.catalog.job_lora_files(session.loras, record.params.get("job_loras")))
+                self._set_loras(pipe, self.catalog.job_lora_files(session.loras, record.params.get("job_loras")))
                 # the model's defaults (models.yaml) under the job's own parameters
                 # the job's styles are applied to each image's prompt (_one_image), not set up
                 params = {k: v for k, v in load_params(record.params).items()
                           if v is not None and k not in JOB_LEVEL_KEYS}
                 job.model_defaults = {k: v for k, v in self.catalog.defaults(session.model).items()
                                       if k in pipe.PARAMS and k not in params}
-                pipe.setup(**job.model_defaults, **params)
+                job.setup_params = {**job.model_defaults, **params}
+                pipe.setup(**job.setup_params)
                 # model load (if any) + LoRAs + setup: what a job pays before its first step
                 job.timings["prepare_seconds"] = round(time.perf_counter() - t0, 6)
                 # written images, and those skipped (a resumed job makes neither again)
@@ -156,13 +171,38 @@ class JobRunner:
         self.ledger.finish(job, JobState.SUCCEEDED)  # every image written: a cancel after the last step is moot
 
     @staticmethod
+    def _set_loras(pipe: Any, files: list[tuple[str, float]]) -> None:
+        """``pipe.set_loras(files)``; a LoRA file gone or unreadable since the start fails the job, naming it."""
+        try:
+            pipe.set_loras(files)
+        except Exception as e:
+            from multigen.pipes.errors import PipeError
+
+            missing = [Path(f).name for f, _ in files if not Path(f).is_file()]
+            if not missing and (is_out_of_memory(e) or isinstance(e, PipeError)):  # the device, or the pipe's refusal
+                raise
+            try:
+                pipe.set_loras([])  # no half-applied LoRA stays on the cached pipe for the next job
+            except Exception:
+                log.debug("clearing the LoRAs after a failed load failed too", exc_info=True)
+            if missing:
+                raise LoraLoadFailed(f"LoRA file {', '.join(missing)} is missing on the server (deleted or moved "
+                                     "since it started): ask the admin to restore it or fix models.yaml, or run "
+                                     "the job without that LoRA") from e
+            names = ", ".join(Path(f).name for f, _ in files)
+            raise LoraLoadFailed(f"the LoRA file(s) {names} could not be loaded ({type(e).__name__}: "
+                                 f"{str(e)[:200]}): a file may be corrupt or not a LoRA for this model; ask the "
+                                 "admin to check it, or run the job without it") from e
+
+    @staticmethod
     def _record_times(job: RunningJob) -> None:
         job.timings.update(gen_seconds=round(job.gen_seconds, 6), preview_seconds=round(job.preview_seconds, 6))
 
     def _fail(self, job: RunningJob, e: Exception) -> None:
         from multigen.pipes.errors import PipeError
 
-        bad_input = isinstance(e, (PipeError, ImageTimeLimit, ModelTooLarge))
+        bad_input = isinstance(e, (PipeError, ImageTimeLimit, ModelTooLarge, ModelLoadFailed, LoraLoadFailed,
+                                      DeviceOutOfMemory))
         if bad_input:
             log.warning("session=%s job=%s: refused: %s", job.session_id, job.job_id, e)
         else:  # the whole story for the admin; the job's error says where to find it
@@ -215,10 +255,16 @@ class JobRunner:
                                                      "preview_url": f"/api/v1/jobs/{job.job_id}/preview"},
                                     session_id=job.session_id)
 
+        inputs = {"prompt": styled.prompt if styled else prompt,
+                  "negative_prompt": styled.negative_prompt if styled else negative, "seed": seed,
+                  "callback": on_step, "cancel": job.should_stop_image}
         try:
-            images = pipe.gen({"prompt": styled.prompt if styled else prompt,
-                               "negative_prompt": styled.negative_prompt if styled else negative, "seed": seed,
-                               "callback": on_step, "cancel": job.should_stop_image})
+            try:
+                images = pipe.gen(dict(inputs))
+            except Exception as e:
+                if not is_out_of_memory(e) or job.should_stop():
+                    raise
+                images = self._retry_after_oom(job, pipe, inputs, pos, count, e)
         except Exception:
             if not self._skipped(job, pos):
                 raise
@@ -233,6 +279,32 @@ class JobRunner:
             raise RuntimeError(f"{type(pipe).__name__}.gen returned no image")
         config = pipe.get_config() if hasattr(pipe, "get_config") else {}
         self._save(device, job, record, session, GenOutput(images[0], pos, seed, prompt, negative, config, styled))
+
+    def _retry_after_oom(self, job: RunningJob, pipe: Any, inputs: dict[str, Any], pos: int, count: int,
+                         first: Exception) -> Any:
+        """Image ``pos`` ran out of device memory: free the device's cache and try it once more with VAE
+        tiling on (decoding in tiles needs less memory); a second OOM fails the job, naming the size."""
+        config = pipe.get_config() if hasattr(pipe, "get_config") else {}
+        size = "x".join(str(config.get(k, job.setup_params.get(k, "?"))) for k in ("width", "height"))
+        log.warning("session=%s job=%s image %d of %d (%s) ran out of device memory; retrying once with VAE "
+                    "tiling: %s", job.session_id, job.job_id, pos + 1, count, size, first)
+        _free_device_memory()
+        tiled = "vae_tiling" in getattr(pipe, "PARAMS", ())
+        if tiled:  # the same setup with tiling on; the job's own setup is restored after
+            pipe.setup(**{**job.setup_params, "vae_tiling": True})
+        try:
+            return pipe.gen(dict(inputs))
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            _free_device_memory()
+            raise DeviceOutOfMemory(
+                f"image {pos + 1} of {count} ({size}) ran out of device memory twice"
+                f"{', the second time with VAE tiling' if tiled else ''}: lower width and height (or the upscale "
+                "factor), or use a smaller model or quantize/offload in models.yaml") from e
+        finally:
+            if tiled:
+                pipe.setup(**job.setup_params)
 
     def _skipped(self, job: RunningJob, pos: int) -> bool:
         """Whether image ``pos`` was skipped (and the job goes on): recorded on the job, the skip signal cleared."""
@@ -307,6 +379,20 @@ class GenOutput:
     negative: str
     config: dict[str, Any]
     styled: StyledPrompt | None = None
+
+
+def _free_device_memory() -> None:
+    """Return cached device memory after an out-of-memory error (nothing to do without CUDA)."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - a broken CUDA state must not hide the OOM
+        log.debug("emptying the CUDA cache failed", exc_info=True)
 
 
 def _expand(prompt: Any, seed: int, param: str) -> str:

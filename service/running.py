@@ -40,6 +40,7 @@ class RunningJob:
     preview_seconds: float = 0.0
     timings: dict[str, Any] = field(default_factory=dict)  # prepare/gen/preview seconds, model_loaded
     model_defaults: dict[str, Any] = field(default_factory=dict)  # what models.yaml filled in for this job
+    setup_params: dict[str, Any] = field(default_factory=dict)  # what the pipe was set up with for this job
 
     @property
     def cancel_requested(self) -> bool:

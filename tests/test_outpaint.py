@@ -256,6 +256,30 @@ def test_http_takes_an_outpaint_without_a_mask(client, pipe):
     assert params["outpaint"] == ["left"] and params["outpaint_top"] == 24 and params["inpaint_prompt"] == "a wall"
 
 
+def test_an_outpaint_past_the_config_limits_is_refused_when_queued_and_charged_at_its_output_size(make_api):
+    api = make_api(**{"max_count: 100": "max_count: 100\n  max_width: 200\n  max_height: 160",
+                      "max_megapixel_steps_per_job: 20000": "max_megapixel_steps_per_job: 1"})
+    client = api.client()
+    s = open_session(client, pipe="inpainting")
+
+    def post(**body):
+        r = client.post(f"/api/v1/sessions/{s['id']}/jobs",
+                        json={"prompt": "x", "images": [data_url(noise_image(64, 64))], "steps": 5, **body})
+        return r.status_code, r.get_json()
+
+    for body, field, key in (({"outpaint_right": 150}, "outpaint_right", "limits.max_width"),  # 64 + 150 = 214
+                             ({"outpaint_top": 100}, "outpaint_top", "limits.max_height"),  # 64 + 100 = 164
+                             ({"outpaint": ["left", "right"], "scale": 2}, "outpaint", "limits.max_width")):  # 128+76
+        status, out = post(**body)
+        assert status == 400 and out["error"]["field"] == field, out
+        assert key in out["error"]["message"], out
+    status, out = post(outpaint_right=136)  # 200x64 fits
+    assert status == 202, out
+    status, out = post(outpaint_right=136, outpaint_bottom=96, steps=40)  # charged at 200x160: 1.28 > 1
+    assert status == 400 and "200x160" in out["error"]["message"], out
+    assert len(api.svc.list_jobs(s["id"])) == 1
+
+
 def test_models_list_the_new_parameters_with_their_ranges(client):
     pipes = {p["name"]: p for p in client.get("/api/v1/models").get_json()["pipes"]}
     params = {p["name"]: p for p in pipes["inpainting"]["params"]}

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers_service import fake_config, open_session, queue_job
+from helpers_service import fake_config, open_session, queue_job, wait_job
 from multigen.pipes import spec as specs
 from multigen.pipes.families import FAMILIES
 from multigen.pipes.families.flux import FAMILY as FLUX
@@ -252,6 +252,22 @@ def test_job_loras_come_on_top_of_the_sessions_and_replace_a_weight(admission):
     files = cat.job_lora_files([{"name": "tiny-sd-lora", "weight": 0.5}], [{"name": "tiny-sd-lora", "weight": 0.9}])
     assert files == [(str(cat.models.lora["tiny-sd-lora"].path), 0.9)]
     assert cat.job_lora_files([], None) == []
+
+
+@pytest.mark.parametrize("where, field", [("tag", "job_loras"), ("session", "loras")])
+def test_a_lora_removed_from_models_yaml_before_the_job_runs_fails_it_naming_the_lora(make_api, where, field):
+    api = make_api(start=False)
+    client = api.client()
+    session = open_session(client, loras=[{"name": "tiny-sd-lora"}] if where == "session" else [])
+    prompt = "x <lora:tiny-sd-lora:0.5>" if where == "tag" else "x"
+    job = queue_job(client, session["id"], prompt=prompt, steps=2)
+    del api.svc.catalog.models.lora["tiny-sd-lora"]  # as a restart with an edited models.yaml leaves it
+    api.svc.start()
+    done = wait_job(client, job["id"])
+    assert done["state"] == "failed", done
+    error = done["error"]
+    assert error["field"] == field, error
+    assert "'tiny-sd-lora'" in error["message"] and "models.yaml" in error["message"], error
 
 
 # ---- a real job on the tiny models -------------------------------------------------------------------------

@@ -227,6 +227,39 @@ def test_http_refuses_bad_uov_values_before_queueing(client, body, field):
     assert "upscaler" not in body or "tiny-esrgan" in error["message"]
 
 
+LIMITS = {"max_count: 100": "max_count: 100\n  max_width: 200\n  max_height: 160",
+          "max_megapixel_steps_per_job: 20000": "max_megapixel_steps_per_job: 1"}
+
+
+def test_an_upscale_past_the_config_limits_is_refused_when_queued_and_charged_at_its_output_size(make_api):
+    api = make_api(**LIMITS)
+    client = api.client()
+    s = open_session(client, pipe="image2image")
+
+    def post(**body):
+        r = client.post(f"/api/v1/sessions/{s['id']}/jobs", json={"prompt": "x", "images": [data_url(shapes())],
+                                                                  "uov": "upscale", **body})
+        return r.status_code, r.get_json()
+
+    status, body = post(upscale_factor=4, steps=5)  # 64 px x 4 = 256 > limits.max_width 200
+    assert status == 400 and body["error"]["field"] == "upscale_factor", body
+    assert "limits.max_width" in body["error"]["message"] and "256x256" in body["error"]["message"]
+    status, body = post(upscale_factor=3, steps=5)  # 192 wide fits, but 192 tall > limits.max_height 160
+    assert status == 400 and body["error"]["field"] == "upscale_factor", body
+    assert "limits.max_height" in body["error"]["message"] and "up to 2.5" in body["error"]["message"]
+    status, body = post(upscale_factor=2.5, steps=20)  # 160x160 x 20 steps = 0.51 megapixel-steps: within 1
+    assert status == 202, body
+    status, body = post(upscale_factor=2.5, steps=40)  # charged at the output: 160x160 x 40 = 1.02 > 1
+    assert status == 400 and "160x160" in body["error"]["message"], body
+    status, body = post(upscale_factor=2.5, steps=40, uov="upscale_fast")  # no diffusion: one step's worth
+    assert status == 202, body
+    # aspect_ratio with an upscale names aspect_ratio (not the width it would have filled in)
+    status, body = post(aspect_ratio="16:9")
+    assert status == 400 and body["error"]["field"] == "aspect_ratio", body
+    assert "input's x upscale_factor" in body["error"]["message"]
+    assert len(api.svc.list_jobs(s["id"])) == 2
+
+
 def test_models_and_openapi_list_the_upscalers_and_the_parameters_with_their_ranges(client):
     models = client.get("/api/v1/models").get_json()
     assert models["upscalers"] == [{"name": "tiny-esrgan"}]

@@ -187,6 +187,13 @@ def _register_errors(app: Flask) -> None:
         # the path only, never the query string: it may carry an ?access_token=
         # %r: a path is the client's text, and quoted it cannot forge log lines
         log.exception("unexpected error in %s %r", request.method, request.path)
+        from ..failures import storage_error
+
+        busy = storage_error(e)  # a locked or read-only store, a full disk: the admin's to fix, try later
+        if busy:
+            response, status = error_response("service_unavailable", busy.replace("queue the job again", "try again"), 503)
+            response.headers["Retry-After"] = "5"
+            return response, status
         return error_response("internal_error", "internal server error (logged)", 500)
 
 
