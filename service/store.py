@@ -25,7 +25,7 @@ from typing import Any, Collection, Iterable, Iterator, Protocol
 from .claims import HEADS_SQL, Head, LeaseLost, WorkerRecord, choose, iso, utc_now, worker_record
 from .records import DeliveryRecord, ImageRecord, JobRecord, NewImage, SessionRecord
 from .scheduling import DEFAULT_MAX_AFFINITY_SKIPS
-from .storerows import (JSON_COLUMNS, U64, R, decode_row, encode_fields, new_image_columns, record_columns,
+from .storerows import (R, decode_row, encode_fields, new_image_columns, record_columns,
                         signed_seed)
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,6 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # the JSON columns, seeds as two's complement, rows <-> records: storerows.py (shared with pgstore.py)
-_JSON_COLUMNS, _U64, _decode, _encode, _columns = JSON_COLUMNS, U64, decode_row, encode_fields, record_columns
 
 
 def _close_all(conns: Iterable[sqlite3.Connection]) -> None:
@@ -183,10 +182,10 @@ class SQLiteStore(Store):
         return self._conn().execute(sql, tuple(args))
 
     def _one(self, record: type[R], sql: str, args: Iterable[Any] = ()) -> R | None:
-        return _decode(self._conn().execute(sql, tuple(args)).fetchone(), record)
+        return decode_row(self._conn().execute(sql, tuple(args)).fetchone(), record)
 
     def _all_rows(self, record: type[R], sql: str, args: Iterable[Any] = ()) -> list[R]:
-        return [_decode(r, record) for r in self._conn().execute(sql, tuple(args)).fetchall()]  # type: ignore[misc]
+        return [decode_row(r, record) for r in self._conn().execute(sql, tuple(args)).fetchall()]  # type: ignore[misc]
 
     def _migrate(self) -> None:
         conn = self._conn()
@@ -221,7 +220,7 @@ class SQLiteStore(Store):
 
     # -- sessions ---------------------------------------------------------------------
     def create_session(self, session: SessionRecord) -> None:
-        f = _columns(session)
+        f = record_columns(session)
         self._write(f"INSERT INTO sessions ({', '.join(f)}) VALUES ({', '.join('?' * len(f))})", f.values())
 
     def get_session(self, session_id: str) -> SessionRecord | None:
@@ -242,7 +241,7 @@ class SQLiteStore(Store):
     # -- jobs -------------------------------------------------------------------------
     def create_job(self, job: JobRecord) -> JobRecord:
         """Store a new job; returns it with its arrival order (``seq``)."""
-        f = _columns(job)
+        f = record_columns(job)
         cur = self._write(f"INSERT INTO jobs ({', '.join(f)}) VALUES ({', '.join('?' * len(f))})", f.values())
         return dataclasses.replace(job, seq=int(cur.lastrowid or 0))
 
@@ -290,7 +289,7 @@ class SQLiteStore(Store):
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return _decode(row, ImageRecord)  # type: ignore[return-value]
+        return decode_row(row, ImageRecord)  # type: ignore[return-value]
 
     def complete_image(self, image_id: str, created_at: str, worker: str | None = None) -> None:
         """Mark a reserved image ``done``; with ``worker``, only while it holds the job's lease (else LeaseLost)."""
@@ -374,7 +373,7 @@ class SQLiteStore(Store):
                 conn.execute("INSERT INTO user_turns (user, served, skips) VALUES (?, 0, 1) ON CONFLICT (user) "
                              "DO UPDATE SET skips = skips + 1", (user,))
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (head.id,)).fetchone()
-        return _decode(row, JobRecord)
+        return decode_row(row, JobRecord)
 
     def renew_lease(self, job_id: str, worker: str, lease_seconds: float) -> bool:
         """Extend ``worker``'s lease on a running job; False when it lost it (expired and requeued, released)."""
@@ -385,7 +384,7 @@ class SQLiteStore(Store):
     def release_job(self, job_id: str, worker: str, state: str = "queued", **fields: Any) -> bool:
         """End ``worker``'s lease: the job goes to ``state`` (with ``fields``, as for update_job); False, and
         nothing changed, when the worker no longer holds it."""
-        f = _encode({**fields, "state": str(state), "worker": None, "lease_until": None})
+        f = encode_fields({**fields, "state": str(state), "worker": None, "lease_until": None})
         return self._write(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in f)} WHERE id = ? AND worker = ? AND "
                            "state = 'running'", [*f.values(), job_id, worker]).rowcount == 1
 
@@ -441,5 +440,5 @@ class SQLiteStore(Store):
     def _update(self, table: str, row_id: str, fields: dict[str, Any]) -> None:
         if not fields:
             return
-        f = _encode(fields)
+        f = encode_fields(fields)
         self._write(f"UPDATE {table} SET {', '.join(f'{k} = ?' for k in f)} WHERE id = ?", [*f.values(), row_id])
