@@ -58,9 +58,12 @@ def test_queue_progress_cancel_and_gallery(server: Server, browser: Any):
     pair = f'#job-list li[data-job="{pair_id}"]'
     assert d.find_element(By.CSS_SELECTOR, pair).get_attribute("data-state") == "queued"
     assert "next in the queue" in d.find_element(By.CSS_SELECTOR, pair + " .progress-text").text
-    wait(d, lambda d: d.find_element(By.CSS_SELECTOR, card + " .preview").is_displayed(), 60, "live preview")
-    preview_size = d.execute_script(f"return document.querySelector('{card} .preview').naturalWidth")
-    assert preview_size > 0
+    # displayed first, decoded a moment later: wait for both (a broken image never gets a width)
+    def preview_decoded(d: Any) -> bool:
+        shown = d.find_element(By.CSS_SELECTOR, card + " .preview").is_displayed()
+        return shown and d.execute_script(f"return document.querySelector('{card} .preview').naturalWidth") > 0
+
+    wait(d, preview_decoded, 60, "live preview shown and decoded")
     shoot(d, "02-progress", WIDE)
     shoot(d, "02-progress", NARROW, scroll_to="#jobs-title")
     viewport(d, WIDE)
