@@ -1,4 +1,4 @@
-"""The ``multigen`` command: ``serve``, ``models init``, ``users add``."""
+"""The ``multigen`` command: ``serve``, ``worker``, ``models init``, ``users add``."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,16 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(config)
 
 
+def _worker(args: argparse.Namespace) -> int:
+    config = load_config(args.config, check_models_exist=False)
+    logfile = setup_logging(config.logging_folder)
+    ensure_models(config)
+    from .workerproc import run_worker
+
+    log.info("logging to %s", logfile)
+    return run_worker(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multigen", description="Session-based image generation server.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="port (default from config: 8000; 0 picks a free one)")
     s.add_argument("--threads", type=int, help="waitress worker threads")
     s.set_defaults(func=_serve)
+
+    w = sub.add_parser("worker", help="run device workers only (no HTTP) on a host sharing the API host's "
+                                      "PostgreSQL store (docs/deploy.md)")
+    w.add_argument("--config", help="this host's config.yaml (its `store:` is the API host's database)")
+    w.set_defaults(func=_worker)
 
     m = sub.add_parser("models", help="manage models")
     msub = m.add_subparsers(dest="models_command", required=True)

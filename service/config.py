@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,34 @@ class Limits:
 
 
 @dataclass
+class ClusterSettings:
+    """The ``cluster`` section: how processes sharing a PostgreSQL store work together (cluster.py,
+    docs/deploy.md). With the embedded SQLite store only ``host`` is used (recorded with each image)."""
+
+    #: the name this process's workers show (GET /api/v1/queue, /metrics, image metadata); "" = the hostname
+    host: str = ""
+    #: seconds a worker's claim on a job holds without renewal: past it the job goes back to the queue
+    lease_seconds: float = 60.0
+    #: seconds between lease renewals, worker heartbeats and checks for expired leases
+    heartbeat_seconds: float = 15.0
+    #: how often a user's turn may go to a job of a model a worker holds (0: no model affinity)
+    max_affinity_skips: int = 2
+
+
+def read_cluster(data: dict[str, Any], file: Path) -> ClusterSettings:
+    """The ``cluster`` section, checked: a lease must outlive a few heartbeats."""
+    cluster = _dataclass_section(ClusterSettings, data, "cluster", file)
+    if not 0 < cluster.heartbeat_seconds <= cluster.lease_seconds / 2:
+        raise ConfigError(str(file), "cluster.heartbeat_seconds", f"{cluster.heartbeat_seconds} is not above 0 "
+                          f"and at most half of cluster.lease_seconds ({cluster.lease_seconds})",
+                          "renew leases a few times per lease, e.g. lease_seconds: 60, heartbeat_seconds: 15")
+    if cluster.max_affinity_skips < 0:
+        raise ConfigError(str(file), "cluster.max_affinity_skips", "is below 0", "use 0 (no affinity) or more")
+    cluster.host = cluster.host.strip() or socket.gethostname()
+    return cluster
+
+
+@dataclass
 class Config:
     file: Path
     model_dir: Path
@@ -116,6 +145,16 @@ class Config:
     presets: PresetLibrary = field(default_factory=load_presets)
     #: ``store``: a ``postgresql://`` URL (pgstore.py), or None for the embedded SQLite file in ``data_dir``
     store: str | None = None
+    #: ``workers``: 0 = `multigen serve` runs no device worker (an API host of a cluster); None = one per device
+    workers: int | None = None
+    #: the ``cluster`` section
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
+
+    @property
+    def inputs_root(self) -> Path:
+        """Where jobs' input images are kept (``<it>/inputs/<job>``): the data folder, or with a PostgreSQL store
+        (processes on several hosts run the jobs) ``<output_dir>/.multigen``, the shared storage (docs/deploy.md)."""
+        return self.data_dir if self.store is None else self.output_dir / ".multigen"
 
 
 def _dataclass_section(cls, data: dict, key: str, file: Path):
@@ -234,7 +273,7 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
     here = file.parent
     known = {"model_list", "model_dir", "logging_folder", "data_dir", "output_dir", "devices", "threads",
              "cache", "server", "limits", "users", "dtype", "drain_on_exit", "styles_dir",
-             "wildcards_dir", "presets", "webhooks", "store"}
+             "wildcards_dir", "presets", "webhooks", "store", "workers", "cluster"}
     for key in data:
         if key not in known:
             raise ConfigError(str(file), str(key), "unknown key", f"remove it or use one of: {', '.join(sorted(known))}")
@@ -266,6 +305,10 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
         raise ConfigError(str(file), "dtype", f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPE_NAMES)}")
     drain_on_exit = typed(data, "drain_on_exit", bool, file, True, "set drain_on_exit to true or false")
     styles_dir = folder("styles_dir")
+    workers = typed(data, "workers", int, file, None, "set workers to 0 (no local workers) or leave it out")
+    if workers is not None and workers != 0:
+        raise ConfigError(str(file), "workers", f"{workers}: only 0 is meaningful (no device workers in this process)",
+                          "leave workers out for one worker per device (`devices`), or set 0 on an API-only host")
     return Config(file=file, model_dir=model_dir, logging_folder=folder("logging_folder"),
                   data_dir=folder("data_dir"), output_dir=folder("output_dir"),
                   models=models, devices=devices, threads=threads, cache_budget_gb=float(budget),
@@ -274,6 +317,7 @@ def load_config(path: str | os.PathLike | None = None, check_models_exist: bool 
                   dtype=dtype, drain_on_exit=drain_on_exit, styles_dir=styles_dir,
                   styles=load_styles(styles_dir), wildcards_dir=folder("wildcards_dir"),
                   wildcards=WildcardLibrary(folder("wildcards_dir")),
-                  presets=load_presets(data.get("presets"), models.lora, file), store=read_store(data, file))
+                  presets=load_presets(data.get("presets"), models.lora, file), store=read_store(data, file),
+                  workers=workers, cluster=read_cluster(data, file))
 
 

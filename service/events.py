@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,24 @@ class EventBus:
         self._ids = itertools.count(1)
         self._history: collections.deque[dict[str, Any]] = collections.deque(maxlen=history)
         self._subscriber_queue = subscriber_queue
+        #: ``forward(type, data, session_id)`` for each event published here with ``forward=True`` (the
+        #: cluster's bridge sends them to the other processes sharing the store: cluster.py)
+        self.forwarders: list[Callable[[str, dict[str, Any], str | None], None]] = []
 
-    def publish(self, type: str, data: dict[str, Any], session_id: str | None = None) -> dict[str, Any]:
-        """Send an event to every subscriber that wants it; returns the event."""
+    def publish(self, type: str, data: dict[str, Any], session_id: str | None = None,
+                forward: bool = True) -> dict[str, Any]:
+        """Send an event to every subscriber that wants it; returns the event.
+
+        Args:
+            forward: also hand it to the :attr:`forwarders` (False: an event that came from another process,
+                or one that only concerns this one).
+        """
+        if forward:
+            for fn in self.forwarders:
+                try:
+                    fn(type, data, session_id)
+                except Exception:  # another process missing an event must not fail this one's caller
+                    log.exception("forwarding the %s event failed", type)
         with self._lock:
             event = {"id": next(self._ids), "type": type, "data": data,
                      "session_id": session_id, "time": time.time()}

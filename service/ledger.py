@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator
@@ -54,6 +56,8 @@ class JobLedger:
         self._running: dict[str, RunningJob] = {}
         self._callbacks: dict[str, ImageCallback] = {}
         self._closed = threading.Event()  # stop(): workers take nothing more
+        #: the machine's name, recorded with each image (cluster.host in config.yaml)
+        self.host = socket.gethostname()
         self._draining = False  # stop(finish_running=True): running jobs finish, nothing new starts
 
     @contextlib.contextmanager
@@ -137,6 +141,10 @@ class JobLedger:
             running.cancel_event.set()
             log.info("session=%s job=%s cancel requested: stops at the next step", job.session_id, job.id)
             return
+        self._cancel_elsewhere(job)
+
+    def _cancel_elsewhere(self, job: JobRecord) -> None:
+        """Cancel a job no worker of this process runs: here, a queued one (cancelled at once)."""
         self.queue.remove(job.id)
         self._callbacks.pop(job.id, None)
         self.transition(job, JobState.CANCELLED, finished_at=now_iso())
@@ -154,14 +162,14 @@ class JobLedger:
         images = self.store.list_images(job_id=job_id)
         delivery = self.store.get_delivery(job_id) if job.params.get("webhook_url") else None
         with self._cv:
-            return job_view(job, images, self.queue.position(job_id), self._running.get(job_id), delivery)
+            return job_view(job, images, self.queue.position(job_id), self._live(job_id), delivery)
 
     def _view_locked(self, job_id: str) -> dict[str, Any]:
         job = self.store.get_job(job_id)
         if job is None:  # pragma: no cover - only ever called for a job just read or written
             raise NotFound(f"job {job_id} not found", field="job_id")
         return job_view(job, self.store.list_images(job_id=job_id), self.queue.position(job_id),
-                        self._running.get(job_id))
+                        self._live(job_id))
 
     def preview(self, job_id: str) -> bytes | None:
         """The latest preview (JPEG bytes) of a running job, or None."""
@@ -196,6 +204,13 @@ class JobLedger:
             return self._cv.wait_for(lambda: not len(self.queue) and not self._running, timeout)
 
     # ---- life cycle ----------------------------------------------------------------------------
+    def start(self) -> JobLedger:
+        """Nothing to start for a ledger of one process (cluster.SharedLedger listens to the others)."""
+        return self
+
+    def shutdown(self, timeout: float | None = 5.0) -> None:
+        """Nothing to stop (see :meth:`start`)."""
+
     def drain(self, timeout: float | None) -> None:
         """Start nothing new and wait (up to ``timeout``) for the running jobs to end."""
         with self._cv:
@@ -237,7 +252,8 @@ class JobLedger:
                 log.error("job=%s was queued but is not in the store: dropped", queued.job_id)
                 return None
             job = RunningJob(job_id=record.id, session_id=record.session_id, user=record.user, model=record.model,
-                             priority=record.priority, seq=record.seq, count=record.count, device=device)
+                             priority=record.priority, seq=record.seq, count=record.count, device=device,
+                             host=self.host)
             self._running[job.job_id] = job
             try:
                 self.transition(record, JobState.RUNNING, started_at=now_iso(), device=device)
@@ -252,6 +268,17 @@ class JobLedger:
 
     def running(self, job_id: str) -> RunningJob | None:
         return self._running.get(job_id)
+
+    def worker_id(self, device: str) -> str:
+        """The id of this process's worker on ``device``: ``<host>:<pid>:<device>``."""
+        return f"{self.host}:{os.getpid()}:{device}"
+
+    def workers_view(self, local: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The workers for GET /api/v1/queue and /metrics: here, this process's (``local``: their info())."""
+        return [{**w, "id": self.worker_id(w["device"]), "host": self.host} for w in local]
+
+    def preview_ready(self, job: RunningJob) -> None:
+        """The runner made a new preview of ``job`` (``job.preview``): kept in memory here, where views read it."""
 
     def image_written(self, job: RunningJob, path: str) -> None:
         """Call the job's ``image_callback`` (the user's code: its exceptions are logged, never raised)."""
@@ -343,6 +370,10 @@ class JobLedger:
         """
         new = check_transition(job.id, job.state, new)
         self.store.update_job(job.id, state=new.value, **fields)
+        self.announce(job, new, **fields)
+
+    def announce(self, job: JobRecord, new: JobState, **fields: Any) -> None:
+        """What follows a state change once it is stored: a finished job's inputs go, one log line, the event."""
         if new.finished:  # it can never run again: its input images go (the metadata names them by file name)
             remove_job_inputs(self.data_dir, job.id)
             self.counters.job_finished(new.value)
@@ -356,4 +387,8 @@ class JobLedger:
         if job is None:  # pragma: no cover - only ever called for a job just written
             raise NotFound(f"job {job_id} not found", field="job_id")
         return job_event_view(job, len(self.store.list_images(job_id=job_id)), self.queue.position(job_id),
-                              self._running.get(job_id))
+                              self._live(job_id))
+
+    def _live(self, job_id: str) -> RunningJob | None:
+        """The progress of a running job, for views (here: the jobs this process runs)."""
+        return self._running.get(job_id)

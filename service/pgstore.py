@@ -7,7 +7,7 @@ hosts, may share one database (docs/deploy.md). The driver is psycopg 3 with a
 transaction (autocommit otherwise).
 
 The schema is versioned like the SQLite one's (``schema_version``) but with migrations of its own
-(:data:`PG_MIGRATIONS`; version 1 is the SQLite schema's version 5, version 2 its version 6: claims). Opening a store applies the
+(:data:`PG_MIGRATIONS`; version 1 is the SQLite schema's version 5, version 2 its version 6: claims, 3 its 7). Opening a store applies the
 missing ones in one transaction under an advisory lock, so processes that start together migrate
 once; a database whose version is newer than this code's refuses to open.
 
@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import threading
-from typing import Any, Collection, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -37,7 +37,7 @@ from psycopg_pool import ConnectionPool
 from .claims import HEADS_SQL, Head, LeaseLost, WorkerRecord, choose, worker_record
 from .errors import MultigenError
 from .records import DeliveryRecord, ImageRecord, JobRecord, NewImage, SessionRecord
-from .scheduling import DEFAULT_MAX_AFFINITY_SKIPS
+from .scheduling import DEFAULT_MAX_AFFINITY_SKIPS, QueuedJob
 from .store import Store
 from .storerows import R, decode_row, encode_fields, new_image_columns, record_columns
 
@@ -85,6 +85,13 @@ PG_MIGRATIONS: list[str] = [
         started_at TIMESTAMPTZ NOT NULL DEFAULT now(), heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now());
     CREATE TABLE user_turns (
         "user" TEXT PRIMARY KEY, served BIGINT NOT NULL DEFAULT 0, skips INTEGER NOT NULL DEFAULT 0);
+    """,
+    # 3: the SQLite schema's version 7: cancels and skips asked of a job another process runs, previews
+    """
+    ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0,
+        ADD COLUMN skip_requests INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE job_previews (job_id TEXT PRIMARY KEY REFERENCES jobs(id), data BYTEA NOT NULL,
+        at TIMESTAMPTZ NOT NULL DEFAULT now());
     """,
 ]
 PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
@@ -270,11 +277,43 @@ class PostgresStore(Store):
             args.append([str(s) for s in states])
         return self._all_rows(JobRecord, f"SELECT * FROM jobs{where} ORDER BY seq", args)
 
-    def job_counts(self, session_id: str) -> dict[str, int]:
+    def job_counts(self, session_id: str | None = None) -> dict[str, int]:
+        """Jobs by state, of one session or (None) of every session."""
+        where, args = self._where(session_id=session_id)
         with self._conn() as conn:
-            rows = conn.execute("SELECT state, COUNT(*) AS n FROM jobs WHERE session_id = %s GROUP BY state",
-                                (session_id,)).fetchall()
+            rows = conn.execute(f"SELECT state, COUNT(*) AS n FROM jobs{where} GROUP BY state", args).fetchall()
         return {r["state"]: int(r["n"]) for r in rows}
+
+    def update_job_if(self, job_id: str, expect: str, **fields: Any) -> bool:
+        """update_job, only while the job is in state ``expect`` (compare and set); False (nothing changed) if not."""
+        f = encode_fields(fields)
+        return self._exec(f"UPDATE jobs SET {', '.join(f'{_q(k)} = %s' for k in f)} WHERE id = %s AND state = %s",
+                          [*f.values(), job_id, str(expect)]) == 1
+
+    def request_stop(self, job_id: str, skip: bool = False) -> bool:
+        """Ask whoever runs the job to cancel it (or skip its image being made); False when it is not running."""
+        change = "skip_requests = skip_requests + 1" if skip else "cancel_requested = 1"
+        return self._exec(f"UPDATE jobs SET {change} WHERE id = %s AND state = 'running'", (job_id,)) == 1
+
+    def set_preview(self, job_id: str, data: bytes | None) -> None:
+        """Keep the latest preview of a running job (JPEG bytes); None deletes it."""
+        if data is None:
+            self._exec("DELETE FROM job_previews WHERE job_id = %s", (job_id,))
+        else:
+            self._exec("INSERT INTO job_previews (job_id, data) VALUES (%s, %s) ON CONFLICT (job_id) DO UPDATE "
+                       "SET data = excluded.data, at = now()", (job_id, data))
+
+    def get_preview(self, job_id: str) -> bytes | None:
+        row = self._value("SELECT data FROM job_previews WHERE job_id = %s", (job_id,))
+        return bytes(row) if row is not None else None
+
+    def queue_snapshot(self) -> tuple[list[QueuedJob], dict[str, int]]:
+        """The queued jobs (in arrival order) and the users' turns: see SQLiteStore.queue_snapshot."""
+        with self._conn() as conn:
+            jobs = [QueuedJob(r["id"], r["user"], r["model"], int(r["priority"]), int(r["seq"])) for r in conn.execute(
+                'SELECT id, "user", model, priority, seq FROM jobs WHERE state = \'queued\' ORDER BY seq')]
+            turns = {r["user"]: int(r["served"]) for r in conn.execute('SELECT "user", served FROM user_turns')}
+        return jobs, turns
 
     # -- images -----------------------------------------------------------------------
     def reserve_image(self, image: NewImage, worker: str | None = None) -> ImageRecord:
@@ -296,12 +335,17 @@ class PostgresStore(Store):
                 row = conn.execute(sql + " RETURNING *", args).fetchone()
         return decode_row(row, ImageRecord)  # type: ignore[return-value]
 
-    def complete_image(self, image_id: str, created_at: str, worker: str | None = None) -> None:
-        """Mark a reserved image ``done``; with ``worker``, only while it holds the job's lease (else LeaseLost)."""
+    def complete_image(self, image_id: str, created_at: str, worker: str | None = None,
+                       publish: Callable[[], Any] | None = None) -> None:
+        """Mark a reserved image ``done``; with ``worker``, only while it holds the job's lease (else LeaseLost).
+        ``publish()`` (the files' last rename) runs inside the transaction, after the lease check, whose row lock
+        holds an expiry off until the commit: a worker whose lease was lost never puts a file in place."""
         with self._conn() as conn, conn.transaction():
             if worker is not None:
                 row = conn.execute("SELECT job_id FROM images WHERE id = %s", (image_id,)).fetchone()
                 self._check_lease(conn, row["job_id"] if row else "", worker)
+            if publish is not None:
+                publish()
             conn.execute("UPDATE images SET state = 'done', created_at = %s WHERE id = %s", (created_at, image_id))
 
     def get_image(self, image_id: str) -> ImageRecord | None:

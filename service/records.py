@@ -59,6 +59,12 @@ class JobRecord:
     timings: dict[str, Any] | None = None
     #: the places in the job of the images skipped while it ran (none made for them; None: no skip)
     skipped: list[int] | None = None
+    #: the worker holding the job's lease while it runs (claims.py); None otherwise
+    worker: str | None = None
+    #: 1 once a cancel was asked of the job while a worker (of any process) ran it
+    cancel_requested: int = 0
+    #: how many skips were asked of the job while it ran (the worker skips one image per new request)
+    skip_requests: int = 0
 
 
 @dataclass(frozen=True)

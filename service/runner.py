@@ -323,6 +323,7 @@ class JobRunner:
             buf = io.BytesIO()
             image.convert("RGB").save(buf, format="JPEG", quality=80)
             job.preview = buf.getvalue()
+            self.ledger.preview_ready(job)
         except Exception:  # a preview is a nicety: never fail a job for it
             log.debug("session=%s job=%s: preview failed", job.session_id, job.job_id, exc_info=True)
         job.preview_seconds += time.perf_counter() - t0
@@ -333,7 +334,7 @@ class JobRunner:
         width, height = out.image.size
         image = self.store.reserve_image(NewImage(id=secrets.token_hex(8), session_id=job.session_id,
                                                   job_id=job.job_id, pos=out.pos, seed=out.seed, width=width,
-                                                  height=height, folder=session.folder))
+                                                  height=height, folder=session.folder), worker=job.worker)
         created = now_iso()
         meta = {
             "image_id": image.id, "session_id": job.session_id, "job_id": job.job_id, "index": image.idx,
@@ -344,6 +345,7 @@ class JobRunner:
             "seed": out.seed, "width": width, "height": height, "batch_size": 1,
             "params": public_params({**job.model_defaults, **record.params}),
             "threads": device.threads, "device": device.name, "dtype": str(device.dtype).replace("torch.", ""),
+            "host": job.host, "worker": job.worker,
             "created_at": created, "pipe_config": public_pipe_config(out.config, self.catalog.path_names()),
         }
         if out.styled:  # what the model got is `prompt`; what the user wrote (expanded) is kept too
@@ -357,8 +359,14 @@ class JobRunner:
         if "model_id" in meta["pipe_config"]:
             # the session's name: two models.yaml entries on one folder share a path (the path names only one)
             meta["pipe_config"]["model_id"] = session.model
-        path = self.writer.write(Path(session.folder), image.idx, out.image, meta)
-        self.store.complete_image(image.id, created)
+        # the files are renamed into place inside the store's transaction, under the job's lease (when it has one)
+        pending = self.writer.prepare(Path(session.folder), image.idx, out.image, meta)
+        try:
+            self.store.complete_image(image.id, created, worker=job.worker, publish=pending.publish)
+        except BaseException:
+            pending.discard()
+            raise
+        path = pending.path
         self.counters.images_written += 1
         log.info("session=%s job=%s image %d/%d written: %s (seed %d)", job.session_id, job.job_id,
                  out.pos + 1, record.count, path.name, out.seed)

@@ -22,10 +22,17 @@ class RunningJob:
     seq: int
     count: int
     device: str | None = None
+    #: the host the job runs on, and the worker holding its lease (claims.py; None: run without a lease)
+    host: str | None = None
+    worker: str | None = None
     #: set by a cancel: the job stops at its next step and ends ``cancelled``
     cancel_event: threading.Event = field(default_factory=threading.Event)
     #: set by stop(): the job stops at its next step and goes back to ``queued``
     requeue_event: threading.Event = field(default_factory=threading.Event)
+    #: set when the worker's lease on the job was lost (with requeue_event): another worker has or gets it
+    lease_lost: threading.Event = field(default_factory=threading.Event)
+    #: the store's ``skip_requests`` already acted on (a job run by another process is skipped through the store)
+    skips_seen: int = 0
     #: set by a skip: the image being made stops at its next step, unwritten, and the job goes on with the next
     skip_event: threading.Event = field(default_factory=threading.Event)
     #: the places of the job's images skipped so far

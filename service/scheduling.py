@@ -185,6 +185,22 @@ class FairQueue:
             self._order_cache = {j: i for i, j in enumerate(self.order())}
         return self._order_cache.get(job_id)
 
+    def reset(self, jobs: list[QueuedJob], served: dict[str, int]) -> None:
+        """Become a mirror of a queue kept elsewhere (the shared store: cluster.py): ``jobs`` in arrival order,
+        ``served`` each user's last turn (a tick, as the store's ``user_turns``); a user joins at the
+        arrival of their oldest queued job, as claims.HEADS_SQL orders them."""
+        self._by_user, self._jobs, self._skips = {}, {}, collections.defaultdict(int)
+        self._served, self._joined = dict(served), {}
+        for job in jobs:
+            self._by_user.setdefault(job.user, []).append(job)
+            self._jobs[job.job_id] = job
+            self._joined.setdefault(job.user, job.seq)
+        for user_jobs in self._by_user.values():
+            user_jobs.sort(key=QueuedJob.sort_key)
+        top = max([0, *self._served.values(), *self._joined.values()])
+        self._ticks, self._seq = itertools.count(top + 1), itertools.count(top + 1)
+        self._order_cache = None
+
     def models(self) -> set[str]:
         """Models of the queued jobs (a worker may preload or keep them)."""
         return {j.model for j in self._jobs.values()}

@@ -28,9 +28,8 @@ from .folderlock import DataFolderLock
 from .gallery import Gallery
 from .inputs import job_inputs_dir, save_params
 from .logs import ensure_logging
-from .ledger import JobLedger
+from .cluster import build_ledger
 from .records import SessionRecord
-from .recovery import recover
 from .runner import JobRunner
 from .scheduling import FairQueue
 from .stats import ServiceStats
@@ -69,6 +68,8 @@ class ServiceThread:
     pipe_factory: Callable[[str], Any] | None = None
     #: ``preview_fn(latents, model_type) -> PIL image``; None: ``multigen.pipes.latents_to_rgb``
     preview_fn: Callable[..., Any] | None = None
+    #: False in a `multigen worker` process: the API processes deliver the webhooks
+    send_webhooks: bool = True
 
     def __init__(self, cfg: Config | str | os.PathLike) -> None:
         self.config = cfg if isinstance(cfg, Config) else load_config(cfg)
@@ -91,7 +92,8 @@ class ServiceThread:
                                       loader=cls.loader, pipe_factory=self.catalog.pipe_factory)
         self.queue = FairQueue(limits.max_queued_jobs, limits.max_queued_jobs_per_user)
         self.budget = CostBudget.from_limits(limits)
-        self.ledger = JobLedger(self.store, self.events, self.counters, self.queue, self.config.data_dir)
+        # jobs stored by an earlier run are queued again, or (PostgreSQL) claimed from the store (cluster.py)
+        self.ledger = build_ledger(self.config, self.store, self.events, self.counters, self.queue, self.writer)
         self.gallery = Gallery(self.store)
         self.runner = self.runner_class(store=self.store, cache=self.cache, catalog=self.catalog, writer=self.writer,
                                         events=self.events, counters=self.counters, ledger=self.ledger,
@@ -101,8 +103,6 @@ class ServiceThread:
         self._pool: WorkerPool | None = None
         self._stopped = False
         self._exit_hook: Callable[[], None] | None = None
-        # jobs stored by an earlier run are queued again (queue_gen works before start())
-        recover(self.store, self.queue, self.writer)
 
     # ---- life cycle -------------------------------------------------------------------------
     def start(self) -> ServiceThread:
@@ -110,13 +110,16 @@ class ServiceThread:
         if self._pool is not None:
             return self
         self.folder_lock.acquire()  # again, if stop() gave it up before a start
-        devices = self.worker_devices()
-        threads = worker_threads(self.config.threads, devices)
+        self.ledger.start()
+        devices = self.worker_devices() if self.config.workers != 0 else []  # `workers: 0`: an API-only process
+        threads = worker_threads(self.config.threads, devices) if devices else 0
         self._pool = WorkerPool(lambda d: self.worker_class(self.ledger, self.runner, d, threads, self.dtype_for(d)),
                                 devices)
         self.workers = self._pool.workers
         self._pool.start()
-        self.webhooks = build_webhooks(self.config, self.store, self.events).start()  # deliveries (webhooks.py)
+        self.webhooks = build_webhooks(self.config, self.store, self.events)  # deliveries (webhooks.py)
+        if self.send_webhooks:
+            self.webhooks.start()
         self._exit_hook = register_exit_hook(self._at_exit)
         log.info("service started: %d worker(s) on %s, %d queued job(s)", len(self.workers),
                  ", ".join(devices), len(self.queue))
@@ -140,7 +143,8 @@ class ServiceThread:
             self.ledger.drain(timeout)
         self.ledger.close()
         all_ended = self._pool.stop(timeout) & self.webhooks.stop(timeout)
-        self.events.publish("service.stopped", {})
+        self.ledger.shutdown()
+        self.events.publish("service.stopped", {}, forward=False)
         self.events.close_all()
         self.cache.clear()  # the loaded models go (those still leased by a worker past the timeout stay)
         if all_ended:  # a worker still busy past the timeout keeps using the store and the folder
@@ -260,7 +264,7 @@ class ServiceThread:
         ok = admit_job(self.catalog, self.config, self.budget, session, images=images, prompt=prompt, count=count,
                        seeds=seeds, negative_prompt=negative_prompt, priority=priority, setup_params=setup_params)
         job_id = secrets.token_hex(8)
-        inputs_dir = job_inputs_dir(self.config.data_dir, job_id)
+        inputs_dir = job_inputs_dir(self.config.inputs_root, job_id)
         try:
             job = ok.record(job_id, session, save_params(ok.params, inputs_dir))
             position, view = self.ledger.add(job, image_callback, guard=lambda: self._open_session_record(session_id))
@@ -321,7 +325,8 @@ class ServiceThread:
     # ---- service ---------------------------------------------------------------------------------
     def queue_info(self) -> dict[str, Any]:
         queued, running = self.ledger.counts()
-        return {"queued": queued, "running": running, "workers": [w.info() for w in self.workers]}
+        workers = self.ledger.workers_view([w.info() for w in self.workers])  # (PostgreSQL: the whole cluster's)
+        return {"queued": queued, "running": running, "workers": workers}
 
     def devices(self) -> list[dict[str, Any]]:
         """The workers' devices, thread counts and dtypes."""

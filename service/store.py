@@ -20,76 +20,15 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Protocol
+from typing import Any, Callable, Collection, Iterable, Iterator, Protocol
 
 from .claims import HEADS_SQL, Head, LeaseLost, WorkerRecord, choose, iso, utc_now, worker_record
 from .records import DeliveryRecord, ImageRecord, JobRecord, NewImage, SessionRecord
-from .scheduling import DEFAULT_MAX_AFFINITY_SKIPS
-from .storerows import (R, decode_row, encode_fields, new_image_columns, record_columns,
-                        signed_seed)
+from .scheduling import DEFAULT_MAX_AFFINITY_SKIPS, QueuedJob
+from .sqlite_schema import MIGRATIONS, SCHEMA_VERSION  # noqa: F401 (importable from here too)
+from .storerows import R, decode_row, encode_fields, new_image_columns, record_columns, signed_seed
 
 log = logging.getLogger(__name__)
-
-MIGRATIONS: list[str] = [
-    # 1: sessions, jobs, images
-    """
-    CREATE TABLE sessions (
-        id TEXT PRIMARY KEY, user TEXT NOT NULL, project TEXT NOT NULL, pipe TEXT NOT NULL,
-        model TEXT NOT NULL, loras TEXT NOT NULL, state TEXT NOT NULL, folder TEXT NOT NULL,
-        created_at TEXT NOT NULL, closed_at TEXT);
-    CREATE INDEX sessions_user ON sessions(user, project);
-    CREATE TABLE jobs (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
-        session_id TEXT NOT NULL REFERENCES sessions(id), user TEXT NOT NULL, model TEXT NOT NULL,
-        state TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, count INTEGER NOT NULL,
-        seeds TEXT NOT NULL, prompt TEXT NOT NULL, negative_prompt TEXT, params TEXT NOT NULL,
-        error TEXT, device TEXT, created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT);
-    CREATE INDEX jobs_state ON jobs(state);
-    CREATE INDEX jobs_session ON jobs(session_id);
-    CREATE TABLE images (
-        id TEXT PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
-        job_id TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL, pos INTEGER NOT NULL,
-        seed INTEGER NOT NULL, width INTEGER, height INTEGER, path TEXT NOT NULL,
-        state TEXT NOT NULL, created_at TEXT,
-        UNIQUE (session_id, idx), UNIQUE (job_id, pos));
-    """,
-    # 2: where a job's time went (model load/setup vs generation)
-    """
-    ALTER TABLE jobs ADD COLUMN timings TEXT;
-    """,
-    # 3: negative prompts may be Cfgen grammars (lists, dicts) like prompts: stored as JSON
-    """
-    UPDATE jobs SET negative_prompt = json_quote(negative_prompt) WHERE negative_prompt IS NOT NULL;
-    """,
-    # 4: webhook deliveries of ended jobs (webhooks.py)
-    """
-    CREATE TABLE webhook_deliveries (
-        job_id TEXT PRIMARY KEY REFERENCES jobs(id), user TEXT NOT NULL, url TEXT NOT NULL,
-        event TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-        created_at TEXT NOT NULL, next_try_at TEXT, last_error TEXT, delivered_at TEXT);
-    CREATE INDEX webhook_deliveries_due ON webhook_deliveries(state, next_try_at);
-    """,
-    # 5: the places of a job's images skipped while it ran (A1111's skip; a resumed job does not make them)
-    """
-    ALTER TABLE jobs ADD COLUMN skipped TEXT;
-    """,
-    # 6: claiming jobs under a lease (claims.py): who runs a job and until when its lease holds, the
-    # workers' heartbeats, and the fair queue's turn state (when each user was last served, how often
-    # passed over for model affinity)
-    """
-    ALTER TABLE jobs ADD COLUMN worker TEXT;
-    ALTER TABLE jobs ADD COLUMN lease_until TEXT;
-    ALTER TABLE jobs ADD COLUMN claimed_at TEXT;
-    CREATE INDEX jobs_lease ON jobs(state, lease_until);
-    CREATE INDEX jobs_queued ON jobs(user, priority DESC, seq) WHERE state = 'queued';
-    CREATE TABLE workers (
-        id TEXT PRIMARY KEY, host TEXT NOT NULL, device TEXT NOT NULL, models TEXT NOT NULL,
-        started_at TEXT NOT NULL, heartbeat_at TEXT NOT NULL);
-    CREATE TABLE user_turns (
-        user TEXT PRIMARY KEY, served INTEGER NOT NULL DEFAULT 0, skips INTEGER NOT NULL DEFAULT 0);
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
 
 # the JSON columns, seeds as two's complement, rows <-> records: storerows.py (shared with pgstore.py)
 
@@ -119,9 +58,15 @@ class Store(Protocol):
     def get_job(self, job_id: str) -> JobRecord | None: ...
     def update_job(self, job_id: str, **fields: Any) -> None: ...
     def list_jobs(self, session_id: str | None = None, states: Iterable[str] | None = None) -> list[JobRecord]: ...
-    def job_counts(self, session_id: str) -> dict[str, int]: ...
+    def job_counts(self, session_id: str | None = None) -> dict[str, int]: ...
+    def update_job_if(self, job_id: str, expect: str, **fields: Any) -> bool: ...
+    def request_stop(self, job_id: str, skip: bool = False) -> bool: ...
+    def set_preview(self, job_id: str, data: bytes | None) -> None: ...
+    def get_preview(self, job_id: str) -> bytes | None: ...
+    def queue_snapshot(self) -> tuple[list[QueuedJob], dict[str, int]]: ...
     def reserve_image(self, image: NewImage, worker: str | None = None) -> ImageRecord: ...
-    def complete_image(self, image_id: str, created_at: str, worker: str | None = None) -> None: ...
+    def complete_image(self, image_id: str, created_at: str, worker: str | None = None,
+                       publish: Callable[[], Any] | None = None) -> None: ...
     def get_image(self, image_id: str) -> ImageRecord | None: ...
     def list_images(self, session_id: str | None = None, job_id: str | None = None,
                     after: int | None = None, state: str | None = "done") -> list[ImageRecord]: ...
@@ -259,10 +204,42 @@ class SQLiteStore(Store):
             args.extend(states)
         return self._all_rows(JobRecord, f"SELECT * FROM jobs{where} ORDER BY seq", args)
 
-    def job_counts(self, session_id: str) -> dict[str, int]:
-        rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs WHERE session_id = ? GROUP BY state",
-                                    (session_id,)).fetchall()
+    def job_counts(self, session_id: str | None = None) -> dict[str, int]:
+        """Jobs by state, of one session or (None) of every session."""
+        where, args = self._where(session_id=session_id)
+        rows = self._conn().execute(f"SELECT state, COUNT(*) FROM jobs{where} GROUP BY state", args).fetchall()
         return {r[0]: r[1] for r in rows}
+
+    def update_job_if(self, job_id: str, expect: str, **fields: Any) -> bool:
+        """update_job, only while the job is in state ``expect`` (compare and set); False (nothing changed) if not."""
+        f = encode_fields(fields)
+        return self._write(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in f)} WHERE id = ? AND state = ?",
+                           [*f.values(), job_id, str(expect)]).rowcount == 1
+
+    def request_stop(self, job_id: str, skip: bool = False) -> bool:
+        """Ask whoever runs the job to cancel it (or skip its image being made); False when it is not running."""
+        change = "skip_requests = skip_requests + 1" if skip else "cancel_requested = 1"
+        return self._write(f"UPDATE jobs SET {change} WHERE id = ? AND state = 'running'", (job_id,)).rowcount == 1
+
+    def set_preview(self, job_id: str, data: bytes | None) -> None:
+        """Keep the latest preview of a running job (JPEG bytes); None deletes it."""
+        if data is None:
+            self._write("DELETE FROM job_previews WHERE job_id = ?", (job_id,))
+        else:
+            self._write("INSERT INTO job_previews (job_id, data, at) VALUES (?, ?, ?) ON CONFLICT (job_id) DO "
+                        "UPDATE SET data = excluded.data, at = excluded.at", (job_id, data, iso(utc_now())))
+
+    def get_preview(self, job_id: str) -> bytes | None:
+        row = self._conn().execute("SELECT data FROM job_previews WHERE job_id = ?", (job_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def queue_snapshot(self) -> tuple[list[QueuedJob], dict[str, int]]:
+        """The queued jobs (in arrival order) and the users' turns (``user_turns.served``): what a FairQueue
+        mirror of the shared queue is built from (scheduling.py)."""
+        conn = self._conn()
+        jobs = [QueuedJob(*r) for r in conn.execute("SELECT id, user, model, priority, seq FROM jobs WHERE "
+                                                    "state = 'queued' ORDER BY seq")]
+        return jobs, dict(conn.execute("SELECT user, served FROM user_turns").fetchall())
 
     # -- images -----------------------------------------------------------------------
     def reserve_image(self, image: NewImage, worker: str | None = None) -> ImageRecord:
@@ -291,14 +268,19 @@ class SQLiteStore(Store):
             raise
         return decode_row(row, ImageRecord)  # type: ignore[return-value]
 
-    def complete_image(self, image_id: str, created_at: str, worker: str | None = None) -> None:
-        """Mark a reserved image ``done``; with ``worker``, only while it holds the job's lease (else LeaseLost)."""
-        if worker is None:
+    def complete_image(self, image_id: str, created_at: str, worker: str | None = None,
+                       publish: Callable[[], Any] | None = None) -> None:
+        """Mark a reserved image ``done``; with ``worker``, only while it holds the job's lease (else LeaseLost).
+        ``publish()`` (the files' last rename) runs in the same transaction, after the lease check: a worker
+        whose lease was lost never puts a file in place."""
+        if worker is None and publish is None:
             self._write("UPDATE images SET state = 'done', created_at = ? WHERE id = ?", (created_at, image_id))
             return
         with self._immediate() as conn:
             row = conn.execute("SELECT job_id FROM images WHERE id = ?", (image_id,)).fetchone()
             self._check_lease(conn, row[0] if row else "", worker)
+            if publish is not None:
+                publish()
             conn.execute("UPDATE images SET state = 'done', created_at = ? WHERE id = ?", (created_at, image_id))
 
     def get_image(self, image_id: str) -> ImageRecord | None:

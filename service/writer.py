@@ -55,9 +55,9 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def atomic_write(path: Path, write, fsync: bool) -> None:
-    """Write ``path`` through a temporary file beside it (``write(file)``), fsynced when asked, then renamed over
-    it: readers see the old file or the whole new one, never a part."""
+def write_temp(path: Path, write, fsync: bool) -> Path:
+    """Write the temporary file beside ``path`` that :func:`atomic_write` renames over it (``write(file)``,
+    fsynced when asked); returns the temporary file's path. Nothing is left behind on an error."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
@@ -65,10 +65,39 @@ def atomic_write(path: Path, write, fsync: bool) -> None:
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: Path, write, fsync: bool) -> None:
+    """Write ``path`` through a temporary file beside it (``write(file)``), fsynced when asked, then renamed over
+    it: readers see the old file or the whole new one, never a part."""
+    tmp = write_temp(path, write, fsync)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class PendingImage:
+    """An image's two files written under temporary names: :meth:`publish` renames them into place (the
+    sidecar first, the PNG last), :meth:`discard` deletes them."""
+
+    def __init__(self, renames: list[tuple[Path, Path]]) -> None:
+        self.renames = renames
+        self.path = renames[-1][1]
+
+    def publish(self) -> Path:
+        for tmp, final in self.renames:
+            os.replace(tmp, final)
+        return self.path
+
+    def discard(self) -> None:
+        for tmp, _ in self.renames:
+            tmp.unlink(missing_ok=True)
 
 
 class ImageWriter:
@@ -89,18 +118,28 @@ class ImageWriter:
         Returns:
             the PNG path.
         """
+        return self.prepare(folder, index, image, meta).publish()
+
+    def prepare(self, folder: Path, index: int, image: Image.Image, meta: dict[str, Any]) -> PendingImage:
+        """:meth:`write` up to the renames: both files complete under temporary names (the caller publishes them,
+        e.g. only while it still holds its job's lease, or discards them)."""
         folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(meta, sort_keys=True, default=str)
-        png = folder / image_name(index)
-        atomic_write(folder / image_name(index, "json"), lambda f: f.write(text.encode()), self.fsync)
-        info = PngInfo()
-        info.add_text("parameters", a1111_parameters(meta))
-        info.add_text("multigen", text)
-        if image.mode not in ("RGB", "RGBA", "L"):
-            image = image.convert("RGB")
-        atomic_write(png, lambda f: image.save(f, format="PNG", pnginfo=info,
-                                                compress_level=self.compress_level), self.fsync)
-        return png
+        png, sidecar = folder / image_name(index), folder / image_name(index, "json")
+        renames = [(write_temp(sidecar, lambda f: f.write(text.encode()), self.fsync), sidecar)]
+        try:
+            info = PngInfo()
+            info.add_text("parameters", a1111_parameters(meta))
+            info.add_text("multigen", text)
+            if image.mode not in ("RGB", "RGBA", "L"):
+                image = image.convert("RGB")
+            renames.append((write_temp(png, lambda f: image.save(f, format="PNG", pnginfo=info,
+                                                                 compress_level=self.compress_level),
+                                       self.fsync), png))
+        except BaseException:
+            PendingImage(renames).discard()
+            raise
+        return PendingImage(renames)
 
     @staticmethod
     def remove_temp_files(folder: Path) -> int:

@@ -5,6 +5,7 @@ import contextlib
 import inspect
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -106,7 +107,9 @@ def test_metrics(make_api):
     for job in (first, second):
         assert wait_job(client, job["id"])["state"] == "succeeded"
     text = client.get("/metrics").get_data(as_text=True)
-    assert 'multigen_queue_jobs{state="queued"} 0.0' in text and 'multigen_workers{device="fake:0",state=' in text
+    host = socket.gethostname()
+    assert 'multigen_queue_jobs{state="queued"} 0.0' in text
+    assert f'multigen_workers{{device="fake:0",host="{host}",state=' in text
     assert 'multigen_jobs_finished_total{state="succeeded"} 2.0' in text
     assert 'multigen_jobs_finished_total{state="failed"} 0.0' in text
     assert "multigen_images_written_total 3.0" in text and "multigen_image_seconds_count 3.0" in text

@@ -82,18 +82,18 @@ def _no_temp_files(folder: Path) -> None:
 def test_a_full_disk_while_writing_fails_the_job_clearly_and_leaves_no_partial_file(svc, monkeypatch):
     from multigen.service import writer
 
-    real = writer.atomic_write
+    real = writer.write_temp
     full = {"on": True}
 
-    def filling(path: Path, write, fsync: bool) -> None:
+    def filling(path: Path, write, fsync: bool) -> Path:
         def partial(f) -> None:
             if full["on"] and path.suffix == ".png":
                 f.write(b"\x89PNG half an image")
                 raise OSError(errno.ENOSPC, "No space left on device")
             write(f)
-        real(path, partial, fsync)
+        return real(path, partial, fsync)
 
-    monkeypatch.setattr(writer, "atomic_write", filling)
+    monkeypatch.setattr(writer, "write_temp", filling)
     sid = open_fake_session(svc)
     other = open_fake_session(svc, user="bob")
     bad = svc.queue_gen(sid, prompt="x", count=2)

@@ -67,10 +67,16 @@ class ServiceCollector:
         depth.add_metric(["queued"], float(info["queued"]))
         depth.add_metric(["running"], float(info["running"]))
         yield depth
-        workers = GaugeMetricFamily("multigen_workers", "device workers by state", labels=["device", "state"])
+        workers = GaugeMetricFamily("multigen_workers", "device workers by host and state",
+                                    labels=["host", "device", "state"])
+        age = GaugeMetricFamily("multigen_worker_heartbeat_age_seconds", "seconds since a worker's last heartbeat "
+                                "(PostgreSQL store: every worker of the cluster)", labels=["host", "device", "worker"])
         for w in info["workers"]:
-            workers.add_metric([str(w["device"]), str(w["state"])], 1.0)
+            workers.add_metric([str(w.get("host")), str(w["device"]), str(w["state"])], 1.0)
+            if w.get("heartbeat_age_seconds") is not None:
+                age.add_metric([str(w.get("host")), str(w["device"]), str(w["id"])], float(w["heartbeat_age_seconds"]))
         yield workers
+        yield age
 
         stats = service.stats()
         finished = CounterMetricFamily("multigen_jobs_finished", "jobs finished since the service started",

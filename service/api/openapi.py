@@ -158,9 +158,16 @@ class Error(BaseModel):
 
 class Worker(_Open):
     device: str
-    state: str
+    state: str = Field(description="idle, running, stopped, dead (its loop died), or lost (another process's "
+                                   "worker whose heartbeat stopped: the lease of its job expires)")
     job_id: str | None = None
     model: str | None = None
+    id: str | None = Field(None, description="<host>:<pid>:<device>")
+    host: str | None = None
+    models: list[str] | None = Field(None, description="the models it holds (model affinity)")
+    heartbeat_at: str | None = Field(None, description="its last heartbeat (PostgreSQL store: every worker of "
+                                                       "the cluster is listed)")
+    heartbeat_age_seconds: float | None = None
 
 
 class Queue(_Open):
