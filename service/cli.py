@@ -106,10 +106,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from .workerproc import check_worker_config, run_worker
+
     config = load_config(args.config, check_models_exist=False)
+    check_worker_config(config)
     logfile = setup_logging(config.logging_folder)
     ensure_models(config)
-    from .workerproc import run_worker
 
     log.info("logging to %s", logfile)
     return run_worker(config)

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
 import re
 import threading
+import time
 from typing import Any, Callable, Collection, Iterable
 
 import psycopg
@@ -36,6 +38,7 @@ from psycopg_pool import ConnectionPool
 
 from .claims import HEADS_SQL, Head, LeaseLost, WorkerRecord, choose, worker_record
 from .errors import MultigenError
+from .pg_schema import PG_MIGRATIONS, PG_SCHEMA_VERSION  # noqa: F401 (importable from here too)
 from .records import DeliveryRecord, ImageRecord, JobRecord, NewImage, SessionRecord
 from .scheduling import DEFAULT_MAX_AFFINITY_SKIPS, QueuedJob
 from .store import Store
@@ -43,58 +46,6 @@ from .storerows import R, decode_row, encode_fields, new_image_columns, record_c
 
 log = logging.getLogger(__name__)
 
-PG_MIGRATIONS: list[str] = [
-    # 1: the SQLite schema's version 5: sessions, jobs (the queue: a lease column and SKIP LOCKED claims come
-    # with Step 11's workers), images, webhook deliveries
-    """
-    CREATE TABLE sessions (
-        id TEXT PRIMARY KEY, "user" TEXT NOT NULL, project TEXT NOT NULL, pipe TEXT NOT NULL,
-        model TEXT NOT NULL, loras JSON NOT NULL, state TEXT NOT NULL, folder TEXT NOT NULL,
-        created_at TEXT NOT NULL, closed_at TEXT,
-        arrival BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE);
-    CREATE INDEX sessions_user ON sessions("user", project);
-    CREATE TABLE jobs (
-        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, id TEXT NOT NULL UNIQUE,
-        session_id TEXT NOT NULL REFERENCES sessions(id), "user" TEXT NOT NULL, model TEXT NOT NULL,
-        state TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0, count INTEGER NOT NULL,
-        seeds JSON NOT NULL, prompt JSON NOT NULL, negative_prompt JSON, params JSON NOT NULL,
-        error JSON, device TEXT, created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT,
-        timings JSON, skipped JSON);
-    CREATE INDEX jobs_state ON jobs(state, seq);
-    CREATE INDEX jobs_session ON jobs(session_id, seq);
-    CREATE TABLE images (
-        id TEXT PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id),
-        job_id TEXT NOT NULL REFERENCES jobs(id), idx INTEGER NOT NULL, pos INTEGER NOT NULL,
-        seed NUMERIC(20, 0) NOT NULL CHECK (seed >= 0 AND seed < 18446744073709551616),
-        width INTEGER, height INTEGER, path TEXT NOT NULL, state TEXT NOT NULL, created_at TEXT,
-        UNIQUE (session_id, idx), UNIQUE (job_id, pos));
-    CREATE TABLE webhook_deliveries (
-        job_id TEXT PRIMARY KEY REFERENCES jobs(id), "user" TEXT NOT NULL, url TEXT NOT NULL,
-        event TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-        created_at TEXT NOT NULL, next_try_at TEXT, last_error TEXT, delivered_at TEXT);
-    CREATE INDEX webhook_deliveries_due ON webhook_deliveries(state, next_try_at);
-    """,
-    # 2: the SQLite schema's version 6: claiming jobs under a lease (claims.py): who runs a job and until
-    # when (the database's clock: one clock for every host), the workers' heartbeats, the turn state
-    """
-    ALTER TABLE jobs ADD COLUMN worker TEXT, ADD COLUMN lease_until TIMESTAMPTZ, ADD COLUMN claimed_at TIMESTAMPTZ;
-    CREATE INDEX jobs_lease ON jobs(lease_until) WHERE state = 'running';
-    CREATE INDEX jobs_queued ON jobs("user", priority DESC, seq) WHERE state = 'queued';
-    CREATE TABLE workers (
-        id TEXT PRIMARY KEY, host TEXT NOT NULL, device TEXT NOT NULL, models JSON NOT NULL,
-        started_at TIMESTAMPTZ NOT NULL DEFAULT now(), heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now());
-    CREATE TABLE user_turns (
-        "user" TEXT PRIMARY KEY, served BIGINT NOT NULL DEFAULT 0, skips INTEGER NOT NULL DEFAULT 0);
-    """,
-    # 3: the SQLite schema's version 7: cancels and skips asked of a job another process runs, previews
-    """
-    ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0,
-        ADD COLUMN skip_requests INTEGER NOT NULL DEFAULT 0;
-    CREATE TABLE job_previews (job_id TEXT PRIMARY KEY REFERENCES jobs(id), data BYTEA NOT NULL,
-        at TIMESTAMPTZ NOT NULL DEFAULT now());
-    """,
-]
-PG_SCHEMA_VERSION = len(PG_MIGRATIONS)
 #: the advisory lock the migrations run under (one key for every multigen database of a server)
 MIGRATION_LOCK = 0x6D756C7469676E  # "multign"
 #: the advisory lock around the fair queue's turn state: claims decide one at a time (claim_job)
@@ -160,6 +111,39 @@ def _configure(conn: psycopg.Connection) -> None:
     conn.adapters.register_loader("json", TextLoader)
 
 
+#: the Store methods retried while the database is away (a restart, a failover, a network cut): every one
+#: but close(). A call in flight when the connection broke is tried again on a new one; a statement that
+#: had committed unseen then meets its own result (a claim: the lease runs out; a job: a duplicate id error)
+RETRIED = ("create_session", "get_session", "list_sessions", "update_session", "count_sessions", "create_job",
+           "get_job", "update_job", "list_jobs", "job_counts", "update_job_if", "request_stop", "set_preview",
+           "get_preview", "queue_snapshot", "reserve_image", "complete_image", "get_image", "list_images",
+           "image_count", "image_by_index", "add_delivery", "get_delivery", "update_delivery", "due_deliveries",
+           "next_delivery_at", "jobs_awaiting_delivery", "claim_job", "renew_lease", "release_job",
+           "expire_leases", "heartbeat", "list_workers")
+
+
+def _retrying(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` tried again (after 0.1 s, doubling to 1 s) while the connection fails, for at most the
+    store's ``timeout`` seconds; then :class:`StoreUnavailable` (a 503), naming the database."""
+
+    @functools.wraps(method)
+    def call(self: PostgresStore, *args: Any, **kwargs: Any) -> Any:
+        deadline, wait = time.monotonic() + self.timeout, 0.1
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except psycopg.OperationalError as e:
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                if time.monotonic() + wait > deadline:
+                    raise StoreUnavailable(f"the store {self.where} did not answer for {self.timeout:.0f} s ({why}): "
+                                           "check that PostgreSQL is running and reachable, then retry") from e
+                log.warning("store %s: %s failed (%s); retrying in %.1f s", self.where, method.__name__, why, wait)
+                time.sleep(wait)
+                wait = min(wait * 2, 1.0)
+
+    return call
+
+
 class PostgresStore(Store):
     """The server store: PostgreSQL through a psycopg connection pool.
 
@@ -176,7 +160,7 @@ class PostgresStore(Store):
     def __init__(self, dsn: str, min_size: int = 1, max_size: int = 16, timeout: float = 30.0) -> None:
         self.dsn = dsn
         self.where = describe_dsn(dsn)
-        self._sizes, self._timeout = (min_size, max_size), timeout
+        self._sizes, self.timeout = (min_size, max_size), timeout
         self._lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         self._migrate()
@@ -186,7 +170,7 @@ class PostgresStore(Store):
         with self._lock:
             if self._pool is None:  # the first call, or the first after close(): reads after stop() still work
                 self._pool = ConnectionPool(
-                    self.dsn, min_size=self._sizes[0], max_size=self._sizes[1], timeout=self._timeout,
+                    self.dsn, min_size=self._sizes[0], max_size=self._sizes[1], timeout=self.timeout,
                     kwargs={"autocommit": True, "row_factory": dict_row}, configure=_configure,
                     check=ConnectionPool.check_connection, name="multigen-store", open=True)
             return self._pool
@@ -479,3 +463,6 @@ class PostgresStore(Store):
             self._exec(f"UPDATE {table} SET {', '.join(f'{_q(k)} = %s' for k in fields)} WHERE {_q(key)} = %s",
                        [*fields.values(), row_id])
 
+
+for _name in RETRIED:
+    setattr(PostgresStore, _name, _retrying(getattr(PostgresStore, _name)))

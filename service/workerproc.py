@@ -17,12 +17,9 @@ from .serviceThread import ServiceThread
 log = logging.getLogger(__name__)
 
 
-def run_worker(config: Config) -> int:
-    """Run this host's device workers until SIGTERM/SIGINT; returns the exit code.
-
-    Raises:
-        ConfigError: no PostgreSQL store (nothing to share work through), or ``workers: 0``.
-    """
+def check_worker_config(config: Config) -> None:
+    """Raise ConfigError when ``config`` cannot run a worker process: no PostgreSQL store (nothing to share work
+    through), or ``workers: 0``."""
     if config.store is None:
         raise ConfigError(str(config.file), "store", "multigen worker needs the PostgreSQL store the API host uses "
                           "(the embedded SQLite store is one process's)",
@@ -31,6 +28,15 @@ def run_worker(config: Config) -> int:
     if config.workers == 0:
         raise ConfigError(str(config.file), "workers", "0 leaves a worker process nothing to do",
                           "remove `workers: 0` from this host's config (it is for API-only hosts)")
+
+
+def run_worker(config: Config) -> int:
+    """Run this host's device workers until SIGTERM/SIGINT; returns the exit code.
+
+    Raises:
+        ConfigError: see :func:`check_worker_config`.
+    """
+    check_worker_config(config)
     service = ServiceThread(config)
     service.send_webhooks = False  # the API processes deliver them
     stopping = threading.Event()

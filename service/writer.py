@@ -91,8 +91,10 @@ class PendingImage:
         self.path = renames[-1][1]
 
     def publish(self) -> Path:
+        """Rename the files into place; again after a store call retried past a rename is a no-op."""
         for tmp, final in self.renames:
-            os.replace(tmp, final)
+            if tmp.exists() or not final.exists():
+                os.replace(tmp, final)
         return self.path
 
     def discard(self) -> None:

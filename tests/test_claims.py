@@ -290,3 +290,59 @@ def test_postgres_passes_over_a_job_another_transaction_holds_without_waiting(pg
         assert time.perf_counter() - t0 < 2
         other.execute("UPDATE jobs SET state = 'cancelled' WHERE id = 'a0'")
     assert store.claim_job("w", (), 60) is None and store.get_job("a0").state == "cancelled"
+
+
+# ---- what processes sharing a store tell each other through it (cluster.py) ------------------------------
+def test_compare_and_set_stop_requests_previews_and_the_queue_snapshot(store):
+    _sessions(store, ["alice", "bob"])
+    _push(store, None, "a0", "alice", priority=1)
+    _push(store, None, "b0", "bob")
+    _push(store, None, "a1", "alice", model="m2")
+    jobs, served = store.queue_snapshot()
+    assert [(j.job_id, j.user, j.model, j.priority) for j in jobs] == [("a0", "alice", "m", 1), ("b0", "bob", "m", 0),
+                                                                        ("a1", "alice", "m2", 0)]
+    assert [j.seq for j in jobs] == sorted(j.seq for j in jobs) and served == {}
+    assert store.claim_job("w1", (), 60).id == "a0"
+    assert store.queue_snapshot()[1] == {"alice": 1} and store.job_counts() == {"queued": 2, "running": 1}
+    # a queued job is cancelled only while it is still queued: a claim in between wins
+    assert store.update_job_if("a0", "queued", state="cancelled") is False and store.get_job("a0").state == "running"
+    assert store.update_job_if("b0", "queued", state="cancelled", finished_at="2026-01-01T00:00:01Z") is True
+    assert (store.get_job("b0").state, store.get_job("b0").finished_at) == ("cancelled", "2026-01-01T00:00:01Z")
+    # stop requests reach only a running job, for its worker to read
+    assert store.request_stop("a1") is False and store.request_stop("a1", skip=True) is False
+    assert store.request_stop("a0", skip=True) and store.request_stop("a0", skip=True)
+    assert store.request_stop("a0")
+    running = store.get_job("a0")
+    assert (running.cancel_requested, running.skip_requests, running.worker) == (1, 2, "w1")
+    # the latest preview of a running job, replaced, then deleted
+    assert store.get_preview("a0") is None
+    store.set_preview("a0", b"\xff\xd8one")
+    store.set_preview("a0", b"\xff\xd8two")
+    assert store.get_preview("a0") == b"\xff\xd8two"
+    store.set_preview("a0", None)
+    assert store.get_preview("a0") is None
+
+
+def test_an_image_is_put_in_place_only_under_a_live_lease(store, tmp_path):
+    _sessions(store, ["alice"])
+    job = _push(store, None, "j1", "alice", count=2)
+    assert store.claim_job("w1", (), 60).id == "j1"
+    published: list[int] = []
+    first = store.reserve_image(_image(job, 0), worker="w1")
+    store.complete_image(first.id, "2026-01-01T00:00:01Z", worker="w1", publish=lambda: published.append(0))
+    second = store.reserve_image(_image(job, 1), worker="w1")
+    store.expire_leases(dt.datetime.now(dt.timezone.utc) + LATER)
+    with pytest.raises(LeaseLost):
+        store.complete_image(second.id, "2026-01-01T00:00:02Z", worker="w1", publish=lambda: published.append(1))
+    assert published == [0] and [i.pos for i in store.list_images(job_id="j1")] == [0]
+    # a publish that fails leaves the image reserved, not done
+    assert store.claim_job("w2", (), 60).id == "j1"
+    with pytest.raises(OSError):
+        store.complete_image(second.id, "2026-01-01T00:00:03Z", worker="w2", publish=_disk_full)
+    assert [i.pos for i in store.list_images(job_id="j1")] == [0]
+    store.complete_image(second.id, "2026-01-01T00:00:04Z", worker="w2", publish=lambda: published.append(1))
+    assert published == [0, 1] and [i.pos for i in store.list_images(job_id="j1")] == [0, 1]
+
+
+def _disk_full() -> None:
+    raise OSError(28, "No space left on device")

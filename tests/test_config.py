@@ -178,3 +178,34 @@ def test_repository_config_names_its_top_level_folders():
     cfg = load_config(root / "config" / "config.yaml", check_models_exist=False)
     assert (cfg.model_dir, cfg.logging_folder, cfg.data_dir, cfg.output_dir) == (
         root / "models", root / "logs", root / "data", root / "outputs")
+
+
+# ---- the cluster section, workers: 0, and `multigen worker` ---------------------------------------------
+def test_the_cluster_section_and_workers_are_checked_naming_the_key(tmp_path):
+    from helpers_service import fake_config
+
+    cfg = fake_config(tmp_path, workers=0, cluster={"host": "gpu-07", "lease_seconds": 30, "heartbeat_seconds": 5})
+    assert (cfg.workers, cfg.cluster.host, cfg.cluster.lease_seconds, cfg.cluster.heartbeat_seconds) == (0, "gpu-07",
+                                                                                                          30.0, 5.0)
+    assert cfg.inputs_root == cfg.data_dir  # SQLite: one process, its own data folder
+    default = fake_config(tmp_path)
+    assert default.workers is None and default.cluster.host and default.cluster.max_affinity_skips == 2
+    for bad, key in (({"cluster": {"heartbeat_seconds": 40}}, "cluster.heartbeat_seconds"),
+                     ({"cluster": {"max_affinity_skips": -1}}, "cluster.max_affinity_skips"),
+                     ({"cluster": {"leases": 3}}, "cluster.leases"), ({"workers": 2}, "workers")):
+        with pytest.raises(ConfigError) as e:
+            fake_config(tmp_path, **bad)
+        assert e.value.key == key, e.value
+
+
+def test_multigen_worker_refuses_without_a_shared_store_naming_it(tmp_path):
+    from helpers_service import fake_config
+
+    from multigen.service.workerproc import check_worker_config
+
+    with pytest.raises(ConfigError) as e:
+        check_worker_config(fake_config(tmp_path))
+    assert e.value.key == "store" and "postgresql://" in e.value.fix
+    with pytest.raises(ConfigError) as e:
+        check_worker_config(fake_config(tmp_path, workers=0, store="postgresql://u@db/multigen"))
+    assert e.value.key == "workers"
