@@ -118,7 +118,7 @@ RETRIED = ("create_session", "get_session", "list_sessions", "update_session", "
            "get_job", "update_job", "list_jobs", "job_counts", "update_job_if", "request_stop", "set_preview",
            "get_preview", "queue_snapshot", "reserve_image", "complete_image", "get_image", "list_images",
            "image_count", "image_by_index", "add_delivery", "get_delivery", "update_delivery", "due_deliveries",
-           "next_delivery_at", "jobs_awaiting_delivery", "claim_job", "renew_lease", "release_job",
+           "claim_delivery", "next_delivery_at", "jobs_awaiting_delivery", "claim_job", "renew_lease", "release_job",
            "expire_leases", "heartbeat", "list_workers")
 
 
@@ -366,6 +366,12 @@ class PostgresStore(Store):
         """Pending deliveries whose next try is due at ``now`` (ISO text), the longest waiting first."""
         return self._all_rows(DeliveryRecord, "SELECT * FROM webhook_deliveries WHERE state = 'pending' AND "
                               "next_try_at <= %s ORDER BY next_try_at LIMIT %s", (now, int(limit)))
+
+    def claim_delivery(self, job_id: str, seen: str | None, until: str) -> bool:
+        """Take a due delivery for one attempt: its next try moves to ``until`` (when another process may try it,
+        should this one die mid-attempt) only if it is still ``seen``; False: another process took it."""
+        return self._exec("UPDATE webhook_deliveries SET next_try_at = %s WHERE job_id = %s AND state = 'pending' "
+                          "AND next_try_at = %s", (until, job_id, seen)) == 1
 
     def next_delivery_at(self) -> str | None:
         return self._value("SELECT MIN(next_try_at) FROM webhook_deliveries WHERE state = 'pending'")

@@ -76,6 +76,7 @@ class Store(Protocol):
     def get_delivery(self, job_id: str) -> DeliveryRecord | None: ...
     def update_delivery(self, job_id: str, **fields: Any) -> None: ...
     def due_deliveries(self, now: str, limit: int = 20) -> list[DeliveryRecord]: ...
+    def claim_delivery(self, job_id: str, seen: str | None, until: str) -> bool: ...
     def next_delivery_at(self) -> str | None: ...
     def jobs_awaiting_delivery(self) -> list[JobRecord]: ...
     # claiming jobs under a lease, across processes and hosts (claims.py)
@@ -322,6 +323,12 @@ class SQLiteStore(Store):
         """Pending deliveries whose next try is due at ``now`` (ISO text), the longest waiting first."""
         return self._all_rows(DeliveryRecord, "SELECT * FROM webhook_deliveries WHERE state = 'pending' AND "
                               "next_try_at <= ? ORDER BY next_try_at LIMIT ?", (now, limit))
+
+    def claim_delivery(self, job_id: str, seen: str | None, until: str) -> bool:
+        """Take a due delivery for one attempt: its next try moves to ``until`` (when another process may try it,
+        should this one die mid-attempt) only if it is still ``seen``; False: another process took it."""
+        return self._write("UPDATE webhook_deliveries SET next_try_at = ? WHERE job_id = ? AND state = 'pending' "
+                           "AND next_try_at = ?", (until, job_id, seen)).rowcount == 1
 
     def next_delivery_at(self) -> str | None:
         return self._conn().execute("SELECT MIN(next_try_at) FROM webhook_deliveries "

@@ -48,6 +48,8 @@ SIGNATURE_HEADER = "X-Multigen-Signature"
 SIGNATURE_TOLERANCE_SECONDS = 300
 #: longest wait of the sender between looks at the store (new events wake it sooner)
 POLL_SECONDS = 1.0
+#: an attempt claimed by a process that then died is tried again this long after its POST would have timed out
+CLAIM_MARGIN_SECONDS = 30
 #: most characters of a receiver's answer or an error kept on the job
 MAX_ERROR_CHARS = 300
 END_EVENTS = {EVENT_FOR_STATE[s]: s for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)}
@@ -307,7 +309,11 @@ class WebhookSender:
                 "delivered_at": now_iso()}
 
     def attempt(self, delivery: DeliveryRecord) -> None:
-        """One POST of a delivery; its outcome is stored (delivered, a retry later, or failed)."""
+        """One POST of a delivery; its outcome is stored (delivered, a retry later, or failed). Several API processes
+        may share the store: the attempt is first claimed (claim_delivery), so one of them makes it."""
+        if not self.store.claim_delivery(delivery.job_id, delivery.next_try_at,
+                                         iso_at(time.time() + self.settings.timeout_seconds + CLAIM_MARGIN_SECONDS)):
+            return
         job = self.store.get_job(delivery.job_id)
         attempts = delivery.attempts + 1
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -187,3 +188,22 @@ def test_job_inputs_live_on_the_shared_storage(start, tmp_path):
     settings = api.config.cluster
     assert isinstance(settings, ClusterSettings) and settings.host == "api"
     assert json.loads(json.dumps(api.queue_info()))["workers"] == []
+
+
+def test_two_api_processes_deliver_a_webhook_once(start):
+    from test_webhooks import FAST, Receiver
+
+    receiver = Receiver()
+    try:
+        first = start("api1", workers=0, webhooks=FAST)
+        start("api2", workers=0, webhooks=FAST)
+        start("gpu1")
+        sid = open_fake_session(first)
+        jobs = [first.queue_gen(sid, prompt="p", seeds=[i], steps=2, webhook_url=receiver.url)["job_id"]
+                for i in range(4)]
+        assert wait_for(lambda: all(first.get_job(j)["webhook"]["state"] == "delivered" for j in jobs), 20)
+        time.sleep(0.5)  # a second delivery would come within the senders' poll
+        posted = [json.loads(r["body"])["job"]["id"] for r in receiver.requests]
+        assert sorted(posted) == sorted(jobs)  # each job's webhook once, by either API process
+    finally:
+        receiver.close()
