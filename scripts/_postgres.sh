@@ -9,6 +9,7 @@
 # it is. Run as a script, it starts or stops one cluster for tests/pg_check.py (no install):
 #   bash scripts/_postgres.sh start      # prints: URL FOLDER
 #   bash scripts/_postgres.sh stop FOLDER
+#   bash scripts/_postgres.sh restart FOLDER   # an immediate (crash-like) restart, same port and options
 MULTIGEN_PG_USER="${MULTIGEN_PG_USER:-multigen-pg}"
 
 multigen_pg_bindir() {  # the folder of initdb and pg_ctl, or nothing
@@ -73,12 +74,24 @@ multigen_pg_stop() {  # stop and remove the cluster in folder $1
   rm -rf "$dir"
 }
 
+multigen_pg_restart() {  # restart the cluster in folder $1 at once, as a crash would (postmaster.opts keeps
+  # its port and options); returns when it accepts connections again
+  local bin dir="$1"
+  [ -n "$dir" ] && [ -d "$dir/data" ] || { echo "no cluster in '$dir'"; return 1; }
+  bin="$(multigen_pg_bindir)" || { echo "initdb/pg_ctl not found"; return 1; }
+  if ! multigen_pg_run "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m immediate -w -t 30 restart \
+       >/dev/null 2>&1; then
+    echo "pg_ctl restart failed: $(tail -n 3 "$dir/server.log" 2>/dev/null | tr '\n' ' ')"; return 1
+  fi
+}
+
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then  # run as a script
   set -u
   case "${1:-}" in
     start) multigen_pg_start ;;
     stop) multigen_pg_stop "${2:-}" ;;
-    *) echo "usage: bash scripts/_postgres.sh start | stop FOLDER" >&2; exit 2 ;;
+    restart) multigen_pg_restart "${2:-}" ;;
+    *) echo "usage: bash scripts/_postgres.sh start | stop FOLDER | restart FOLDER" >&2; exit 2 ;;
   esac
   exit $?
 fi

@@ -79,6 +79,7 @@ class SharedLedger(JobLedger):
         self._workers: dict[str, tuple[str, Callable[[], Collection[str]]]] = {}
         self._remote: dict[str, RunningJob] = {}  # jobs other processes run: their progress, from events
         self._mirror_at = 0.0
+        self._claiming = 0  # claims in flight (drain() waits for them too)
         self._keeper_stop = threading.Event()
         self._keeper: threading.Thread | None = None
         self.expired = 0
@@ -152,6 +153,8 @@ class SharedLedger(JobLedger):
         return local if local is not None else self.store.get_preview(job_id)
 
     def preview_ready(self, job: RunningJob) -> None:
+        if isinstance(self.notifier, NullNotifier):  # no other process to serve it: memory is enough
+            return
         try:
             self.store.set_preview(job.job_id, job.preview)
         except Exception:  # a preview is a nicety
@@ -219,34 +222,53 @@ class SharedLedger(JobLedger):
         if worker not in self._workers:
             self._workers[worker] = (device, prefer)
             self._heartbeat(worker)
-        if self._idle(stop):
-            return None
-        record = self._claim(worker, prefer)
-        if record is None:
+        job = self._take(worker, device, prefer, stop)
+        if job is None:
             with self._cv:
+                if self._idle(stop):
+                    return None
                 self._cv.wait(timeout)
+            job = self._take(worker, device, prefer, stop)
+        return job
+
+    def _take(self, worker: str, device: str, prefer: Callable[[], Collection[str]],
+              stop: threading.Event) -> RunningJob | None:
+        """Claim a job; counted as running from the claim on (drain() waits for it, stop() requeues it)."""
+        with self._cv:
             if self._idle(stop):
                 return None
+            self._claiming += 1
+        record = job = None
+        try:
             record = self._claim(worker, prefer)
-            if record is None:
-                return None
-        job = RunningJob(job_id=record.id, session_id=record.session_id, user=record.user, model=record.model,
-                         priority=record.priority, seq=record.seq, count=record.count, device=device,
-                         host=self.host, worker=worker, skips_seen=record.skip_requests)
+        finally:
+            with self._cv:
+                self._claiming -= 1
+                if record is not None:
+                    job = RunningJob(job_id=record.id, session_id=record.session_id, user=record.user,
+                                     model=record.model, priority=record.priority, seq=record.seq, count=record.count,
+                                     device=device, host=self.host, worker=worker, skips_seen=record.skip_requests)
+                    self._running[job.job_id] = job
+                    self._mirror_at = 0.0
+                self._cv.notify_all()
+        if record is None or job is None:
+            return None
         if record.cancel_requested:
             job.cancel_event.set()
-        with self._cv:
-            self._running[job.job_id] = job
-            self._mirror_at = 0.0
         try:
             self.store.update_job(job.job_id, device=device)
             self.announce(dataclasses.replace(record, state=JobState.QUEUED.value), JobState.RUNNING, device=device)
         except Exception:  # the store broke right after the claim: the lease runs out and the job is requeued
             log.exception("session=%s job=%s: could not record its start", record.session_id, record.id)
-        if self._idle(stop):  # stopped while claiming: give it straight back
+        if self._closed.is_set() or stop.is_set():  # stopped while claiming: give it straight back
             self.requeue(job)
             return None
         return job
+
+    def drain(self, timeout: float | None) -> None:
+        with self._cv:
+            self._draining = True
+            self._cv.wait_for(lambda: not self._running and not self._claiming, timeout)
 
     def _claim(self, worker: str, prefer: Callable[[], Collection[str]]) -> JobRecord | None:
         try:
@@ -293,13 +315,26 @@ class SharedLedger(JobLedger):
                 self.announce(dataclasses.replace(record, state=JobState.RUNNING.value), new, **fields)
             if new == JobState.QUEUED:
                 self.notifier.notify(JOBS, {"job_id": job.job_id})
-        except Exception:  # the store is away: the lease runs out and the job is resumed (never lost)
-            log.exception("session=%s job=%s: could not record its end (%s); its lease will expire and it will "
-                          "be resumed", job.session_id, job.job_id, new.value)
+        except Exception as e:  # e.g. the store is locked: record it failed if that can be, so it does not stay running
+            log.exception("session=%s job=%s: could not record its end (%s)", job.session_id, job.job_id, new.value)
+            self._fail_unreleased(job, e)
         finally:
             with self._cv:
                 self._mirror_at = 0.0
                 self._cv.notify_all()
+
+    def _fail_unreleased(self, job: RunningJob, e: Exception) -> None:
+        fields = {"finished_at": now_iso(), "timings": job.timings or None,
+                  "error": job_error(e, job.job_id, bad_input=False)}
+        try:
+            if self.store.release_job(job.job_id, job.worker or "", JobState.FAILED.value, **fields):
+                record = self.store.get_job(job.job_id)
+                if record is not None:
+                    self.announce(dataclasses.replace(record, state=JobState.RUNNING.value), JobState.FAILED,
+                                  **fields)
+        except Exception:  # the store itself is away: the lease runs out and the job is resumed (never lost)
+            log.exception("session=%s job=%s: could not record it failed either; its lease will expire and it "
+                          "will be resumed", job.session_id, job.job_id)
 
     # ---- the keeper: leases, stop requests, heartbeats, expiry --------------------------------
     def _keep(self) -> None:
@@ -431,16 +466,20 @@ class SharedLedger(JobLedger):
 
 
 def build_ledger(config: Any, store: Store, events: EventBus, counters: ServiceStats, queue: FairQueue,
-                 writer: Any) -> JobLedger:
-    """The service's ledger: a :class:`SharedLedger` on a PostgreSQL store (several processes may share it), else
-    a :class:`JobLedger` after the start-up recovery (the SQLite store is this process's alone: recovery.py)."""
+                 writer: Any) -> SharedLedger:
+    """The service's ledger. On a PostgreSQL store, several processes may share the queue (LISTEN/NOTIFY between
+    them). The embedded SQLite store is this process's alone (its data folder is locked): no one else can hold
+    a lease on it, so the leases an earlier run left are expired at once, and the start-up recovery
+    (recovery.py) adopts the images that run wrote and removes its temporary files: a crash is put right by
+    the same mechanism as a lost host, a lease that nobody renews."""
     if config.store is None:
         from .recovery import recover
 
-        ledger = JobLedger(store, events, counters, queue, config.inputs_root)
-        ledger.host = config.cluster.host
-        recover(store, queue, writer)  # jobs stored by an earlier run are queued again
-        return ledger
+        for job_id in store.expire_leases(utc_now() + dt.timedelta(days=36500)):  # the earlier run's leases
+            job = store.get_job(job_id)
+            log.info("session=%s job=%s running -> queued (resumed after a restart)", job and job.session_id, job_id)
+        recover(store, queue, writer)  # (also jobs run without a lease by an older multigen)
+        return SharedLedger(store, events, counters, queue, config.inputs_root, config.cluster, NullNotifier())
     from .pgstore import describe_dsn
 
     return SharedLedger(store, events, counters, queue, config.inputs_root, config.cluster,

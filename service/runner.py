@@ -156,6 +156,13 @@ class JobRunner:
                         continue
                     self._one_image(device, job, record, session, pipe, lease.model_type, pos, len(done))
                     done.add(pos)
+                # the store's word, not this loop's: a database that lost commits it had acknowledged (a crash
+                # with synchronous_commit off, a failover to an asynchronous standby) lacks an image: make it again
+                for pos in sorted(set(range(record.count)) - set(job.skipped) -
+                                  {img.pos for img in self.store.list_images(job_id=job.job_id)}):
+                    log.warning("session=%s job=%s image %d is not in the store after it was written: making it "
+                                "again", job.session_id, job.job_id, pos + 1)
+                    self._one_image(device, job, record, session, pipe, lease.model_type, pos, record.count - 1)
             if record.params.get("grid") and record.count > 1:  # the images side by side (grid.py)
                 write_grid(self.store, record, session, fsync=getattr(self.writer, "fsync", True))
         except Exception as e:  # the job boundary: a failing job never kills the loop

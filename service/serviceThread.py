@@ -338,10 +338,9 @@ class ServiceThread:
         return self.events.subscribe(session_id=session_id, last_event_id=last_event_id)
 
     def stats(self) -> dict[str, Any]:
-        """Counters for metrics: images, jobs, model loads and cache hits, generation times."""
+        """Counters for metrics: images, jobs, model loads and cache hits, generation times (the queue: queue_info)."""
         out = self.counters.snapshot()
         out["cache"] = dict(self.cache.counters, bytes=self.cache.used_bytes(), models=self.cache.entries())
-        out["queue"] = self.queue_info()
         return out
 
 

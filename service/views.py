@@ -92,12 +92,14 @@ def job_view(rec: JobRecord, images: list[ImageRecord], position: int | None,
     count = rec.count
     done = len(images)
     progress, eta = _progress(rec, done, live)
+    live = live if state == JobState.RUNNING else None  # a process's live state may lag the store's end
     return {"id": rec.id, "session_id": rec.session_id, "user": rec.user, "state": state,
             "position": position if state == JobState.QUEUED else None, "count": count, "done": done,
             "seeds": rec.seeds, "prompt": rec.prompt, "negative_prompt": rec.negative_prompt,
             "priority": rec.priority, "params": public_params(rec.params), "progress": progress,
             "eta_seconds": eta, "error": rec.error, "device": rec.device,
-            "cancel_requested": bool(live is not None and live.cancel_requested),
+            "cancel_requested": state == JobState.RUNNING and bool(rec.cancel_requested or
+                                                                   (live is not None and live.cancel_requested)),
             "skip_requested": bool(live is not None and live.skip_event.is_set()), "skipped": list(rec.skipped or []),
             "timings": dict(live.timings) if live is not None else rec.timings,
             "images": [image_view(i) for i in images], "created_at": rec.created_at,

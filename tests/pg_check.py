@@ -10,7 +10,8 @@ cluster of its own through the same script when PostgreSQL is installed. When th
 * elsewhere they are skipped with that message.
 
 ``postgres_url`` (a session fixture) applies the rule; ``fresh_schema_url(url)`` gives each test a
-schema of its own (created in milliseconds, dropped after).
+schema of its own (created in milliseconds, dropped after). ``own_cluster()`` starts a cluster that only
+its caller uses (same rule), for tests that restart PostgreSQL without disturbing the others.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import contextlib
 import os
 import secrets
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import quote
@@ -56,13 +58,8 @@ def postgres_url() -> Iterator[str]:
         return
     if os.environ.get("MULTIGEN_TEST_PG_ERROR"):  # scripts/test tried and said why
         _refuse(os.environ["MULTIGEN_TEST_PG_ERROR"])
-    url, folder = _start_cluster()
-    if url is None:
-        _refuse(folder)
-    try:
-        yield url
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", folder], capture_output=True, timeout=60)
+    with own_cluster() as cluster:
+        yield cluster.url
 
 
 @contextlib.contextmanager
@@ -79,3 +76,39 @@ def fresh_schema_url(url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A PostgreSQL cluster of scripts/_postgres.sh: its URL and folder."""
+
+    url: str
+    folder: str
+
+    def restart(self) -> None:
+        """An immediate restart (``pg_ctl restart -m immediate``: every connection is cut, as in a crash),
+        same port; returns once it accepts connections again."""
+        out = subprocess.run(["bash", str(SCRIPT), "restart", self.folder], capture_output=True, text=True,
+                             timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"scripts/_postgres.sh restart {self.folder}: {(out.stdout + out.stderr).strip()}")
+
+
+@contextlib.contextmanager
+def own_cluster(durable: bool = False) -> Iterator[Cluster]:
+    """A cluster of the caller's own (stopped and removed at exit), whatever ``MULTIGEN_TEST_PG`` says;
+    without PostgreSQL the module's rule applies (skip, or fail under CI).
+
+    ``durable``: the URL's sessions commit synchronously, as on a production server. scripts/_postgres.sh
+    turns ``synchronous_commit`` off for speed, and then a crash (``Cluster.restart``) loses the
+    transactions of the last fraction of a second that had already answered COMMIT.
+    """
+    url, folder = _start_cluster()
+    if url is None:
+        _refuse(folder)
+    if durable:
+        url += ("&" if "?" in url else "?") + "options=" + quote("-csynchronous_commit=on")
+    try:
+        yield Cluster(url, folder)
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop", folder], capture_output=True, timeout=60)

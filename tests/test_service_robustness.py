@@ -159,16 +159,16 @@ def test_a_job_whose_end_state_could_not_be_stored_is_not_left_running(svc, capl
     # storing "succeeded" fails once: the job must not stay "running" in the store for ever, and the
     # worker loop must not die for it
     calls = {"n": 0}
-    original = svc.store.update_job
+    original = svc.store.release_job  # how a worker ends its claim on a job (cluster.py)
 
-    def flaky(job_id, **fields):
-        if fields.get("state") == "succeeded":
+    def flaky(job_id, worker, state="queued", **fields):
+        if state == "succeeded":
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("database is locked")
-        return original(job_id, **fields)
+        return original(job_id, worker, state, **fields)
 
-    svc.store.update_job = flaky
+    svc.store.release_job = flaky
     sid = _open(svc)
     out = svc.queue_gen(sid, prompt="x")
     assert svc.wait_idle(5)
