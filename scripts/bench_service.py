@@ -19,20 +19,39 @@ Prints three measurements (targets from the Step 3 issue):
    same settings. Target: under 2 % (the runner makes at most one per step and one per
    ``PREVIEW_INTERVAL_SECONDS``; tests/test_service_fakes.py counts them).
 
+5. **peer comparison**: metafusion's README example (its ServiceThread: 5 images of SDXL with a 4-step
+   LoRA, 1024x1024, 4 steps, guidance 0, Euler a with trailing timesteps), here on the tiny SDXL and its
+   LoRA, each side in a fresh process, rounds alternating: our ServiceThread; plain diffusers doing what
+   metafusion's worker does (``StableDiffusionXLPipeline``, the LoRA loaded unfused, a PNG + JSON per image);
+   and metafusion itself when a checkout of it is given (``--metafusion DIR`` or ``$METAFUSION_PATH``: the
+   folder holding its ``multigen`` package, which has our import name, so it runs in its own process with
+   that folder first on ``sys.path``); otherwise that side says it skipped. Both servers run at ``--dtype``
+   (metafusion's worker loads bfloat16 whatever it is told; for another dtype its loader's ``torch_dtype``
+   is replaced, nothing else). Per side: seconds per image once running (first image to last), the job
+   (queue to last image: model load included), the process (start to last image: imports included) and
+   the CPU seconds per image once running (all threads; other load on the machine sways it less than wall
+   time); ratios ours/peer (target: at most 1.0x metafusion).
+
 Usage: ``python scripts/bench_service.py [--size 512] [--steps 10] [--images 3] [--rounds 3]``
-(defaults are the issue's settings: tiny SD, 512x512, 10 steps).
+(defaults are the issue's settings: tiny SD, 512x512, 10 steps); ``--parts peer`` for the peer comparison
+alone, e.g. ``METAFUSION_PATH=~/metafusion python scripts/bench_service.py --parts peer --dtype float32``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+STARTED = time.perf_counter()  # the peer sides count their imports from here
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,6 +93,313 @@ def preview_cost(pipe, model_type, repeats: int = 20) -> tuple[float, float]:
     return (time.perf_counter() - t0) / repeats, step
 
 
+# ---- 5. peer comparison: metafusion's README example ----------------------------------------------
+
+PEER_SIDES = ("ours", "plain", "metafusion")
+#: metafusion's README example (its ServiceThread section), as queued there
+PEER_JOB = {"lpw": True, "width": 1024, "height": 1024, "steps": 4, "timestep_spacing": "trailing",
+            "guidance_scale": 0, "scheduler": "EulerAncestralDiscreteScheduler"}
+PEER_PROMPT = "bio-tech lab with computers and exotic flowers, artwork"
+PEER_SEED = 42
+#: the negative prompt metafusion's worker gives every job (unused at guidance 0, encoded all the same)
+METAFUSION_NPROMPT = ("jpeg artifacts, blur, distortion, watermark, signature, extra fingers, fewer fingers, lowres, "
+                      "nude, bad hands, duplicate heads, bad anatomy, bad crop")
+#: metafusion keeps LoRAs under <model_dir>/Lora, we under the models.yaml id
+PEER_LORA = {"ours": "Lora/sdxl-lora.safetensors", "metafusion": "sdxl-lora.safetensors"}
+
+
+def write_peer_folder(folder: Path, models_dir: Path, side: str, dtype: str) -> Path:
+    """config.yaml and models.yaml in metafusion's format (its three keys, ours adds ``dtype``), naming the
+    tiny SDXL as ``sdxl1`` and its LoRA as ``hypersd4steps``, as the README's do."""
+    models = folder / "models"
+    (models / "Lora").mkdir(parents=True)
+    (models / "sdxl").symlink_to(models_dir / "tiny-sdxl")
+    (models / "Lora" / "sdxl-lora.safetensors").symlink_to(models_dir / "loras" / "tiny-sdxl-lora.safetensors")
+    extra = f"dtype: {dtype}\n" if side == "ours" else ""
+    (folder / "config.yaml").write_text(
+        f"model_list: models.yaml\nmodel_dir: ./models/\nlogging_folder: ./logs/\n{extra}")
+    (folder / "models.yaml").write_text(
+        "base:\n  sdxl1: {id: sdxl, type: SDXL}\n"
+        f"lora:\n  hypersd4steps: {{id: {PEER_LORA.get(side, '')}, type: SDXL}}\n"
+        "pipes:\n  prompt2image: {name: Prompt to Image, classname: Prompt2ImPipe, need_imgs: false, "
+        "needs_cnet: false}\n")
+    return folder
+
+
+def _force_metafusion_dtype(dtype: str) -> None:
+    """metafusion's worker loads every pipeline as bfloat16: give its loader ``dtype`` instead."""
+    import torch
+    from multigen.loader import Loader  # metafusion's
+
+    load = Loader.load_pipeline
+
+    def load_pipeline(self, cls, path, torch_dtype=None, *args, **kwargs):
+        return load(self, cls, path, getattr(torch, dtype), *args, **kwargs)
+
+    Loader.load_pipeline = load_pipeline
+
+
+def run_peer_side(side: str, folder: Path, images: int, dtype: str) -> dict[str, float]:
+    """Run the README example on one side (in this fresh process); times of each written image."""
+    seeds = [PEER_SEED + i for i in range(images)]
+    written: list[float] = []
+    cpu: list[float] = []  # this process's CPU seconds (all threads) at each image: less swayed by other load
+    finished = threading.Event()
+
+    def on_image(*_args, **_kwargs) -> None:
+        written.append(time.perf_counter())
+        cpu.append(time.process_time())
+        if len(written) == images:
+            finished.set()
+
+    if side == "plain":
+        import torch
+        from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+        torch.set_num_threads(_cores())
+        out = folder / "outputs"
+        out.mkdir(exist_ok=True)
+        queued = time.perf_counter()
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(folder / "models" / "sdxl"), dtype=getattr(torch, dtype))
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(str(folder / "models" / "Lora" / "sdxl-lora.safetensors"))  # unfused, as metafusion
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                     timestep_spacing=PEER_JOB["timestep_spacing"])
+        for i, seed in enumerate(seeds):
+            with torch.inference_mode():
+                image = pipe(prompt=PEER_PROMPT, num_inference_steps=PEER_JOB["steps"],
+                             guidance_scale=PEER_JOB["guidance_scale"], width=PEER_JOB["width"],
+                             height=PEER_JOB["height"], generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+            image.save(out / f"{i:05d}.png")
+            (out / f"{i:05d}.json").write_text(json.dumps({"prompt": PEER_PROMPT, "seed": seed, **PEER_JOB}))
+            on_image()
+    else:
+        os.chdir(folder)  # metafusion writes its _projects folder here
+        from multigen.worker import ServiceThread  # ours, or metafusion's (its folder first on sys.path)
+
+        if side == "metafusion" and dtype != "bfloat16":
+            _force_metafusion_dtype(dtype)
+        worker = ServiceThread(str(folder / "config.yaml"))
+        worker.start()
+        result = worker.open_session(user="bench", project="peer", model="sdxl1", pipe="prompt2image",
+                                     loras=["hypersd4steps"])
+        assert "error" not in result, result
+        queued = time.perf_counter()
+        worker.queue_gen(session_id=result["session_id"], images=None, prompt=PEER_PROMPT, image_callback=on_image,
+                         count=images, seeds=seeds, **PEER_JOB)
+        ok = finished.wait(1800)
+        worker.stop()
+        assert ok, f"{side}: {len(written)} of {images} images after 1800 s"
+    return {"per_image": (written[-1] - written[0]) / max(1, images - 1), "job": written[-1] - queued,
+            "process": written[-1] - STARTED, "cpu_per_image": (cpu[-1] - cpu[0]) / max(1, images - 1)}
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def metafusion_path(given: str | None) -> tuple[Path | None, str]:
+    """The metafusion checkout to run, or None and why not."""
+    if not given:
+        return None, "no metafusion checkout given (--metafusion DIR or $METAFUSION_PATH)"
+    path = Path(given).expanduser().resolve()
+    if not (path / "multigen" / "worker_base.py").is_file():
+        return None, f"{path} holds no metafusion multigen/ package (multigen/worker_base.py)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")]))
+    probe = subprocess.run([sys.executable, "-c", "import multigen.worker, multigen.worker_base"], env=env,
+                           capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if probe.returncode:
+        return None, f"metafusion at {path} does not import: {probe.stderr.strip().splitlines()[-1]}"
+    return path, ""
+
+
+def peer_comparison(args: argparse.Namespace) -> None:
+    """Part 5: each side of the README example in a fresh process, rounds alternating, medians."""
+    mf, why = metafusion_path(args.metafusion)
+    sides = ["ours", "plain"] + (["metafusion"] if mf else [])
+    runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_peer_"))
+    print(f"5b. peer comparison: metafusion's README example, {args.peer_images} images of the tiny SDXL + LoRA, "
+          f"1024x1024, 4 steps, {args.dtype}, {_cores()} cores, {args.peer_rounds} fresh-process rounds per side",
+          flush=True)
+    try:
+        for r in range(args.peer_rounds):
+            for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # each side leads in turn
+                folder = write_peer_folder(tmp / f"{side}-{r}", Path(args.models_dir).resolve(), side, args.dtype)
+                env = dict(os.environ)
+                if side == "metafusion":
+                    env["PYTHONPATH"] = os.pathsep.join([str(mf), os.environ.get("PYTHONPATH", "")])
+                done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--peer-side", side,
+                                       "--peer-folder", str(folder), "--peer-images", str(args.peer_images),
+                                       "--dtype", args.dtype], env=env, capture_output=True, text=True,
+                                      cwd=str(folder))
+                if done.returncode:
+                    raise RuntimeError(f"the {side} side failed:\n{done.stderr[-3000:]}")
+                runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"   round {r + 1} {side:10s} " + ", ".join(f"{k} {v:.2f} s" for k, v in runs[side][-1].items()),
+                      flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {side: {k: statistics.median(run[k] for run in runs[side]) for k in runs[side][0]} for side in sides}
+    for side in sides:
+        print(f"   {side:10s} median: " + ", ".join(f"{k} {v:.2f} s" for k, v in med[side].items()))
+    for peer in sides[1:]:
+        ratios = {k: med["ours"][k] / med[peer][k] for k in med["ours"]}
+        over = [k for k in ("per_image", "process", "cpu_per_image") if ratios[k] > 1.0]
+        target = (f" (target <= 1.0x) {'OVER: ' + ', '.join(over) if over else 'OK'}"
+                  if peer == "metafusion" else "")
+        print(f"   ours / {peer}: " + ", ".join(f"{k} {v:.3f}x" for k, v in ratios.items()) + target)
+    if not mf:
+        print(f"   metafusion: skipped ({why})")
+
+
+def import_metafusion(given: str | None) -> tuple[Any, str]:
+    """metafusion's package: ``import metafusion`` where it is installed under that name, else the
+    ``multigen/`` package of the checkout ``given`` loaded under the name ``metafusion`` (it imports
+    itself relatively, so the name it has does not matter); or None and why not."""
+    import importlib
+    import importlib.util
+
+    try:
+        return importlib.import_module("metafusion"), ""
+    except ImportError:
+        pass
+    path, why = metafusion_path(given)
+    if path is None:
+        return None, why
+    spec = importlib.util.spec_from_file_location("metafusion", path / "multigen" / "__init__.py",
+                                                  submodule_search_locations=[str(path / "multigen")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["metafusion"] = module
+    spec.loader.exec_module(module)
+    return module, ""
+
+
+class StageClock:
+    """Seconds a diffusers pipeline spends in its denoiser, VAE decode and text encoders (wrapped in place)."""
+
+    STAGES = {"unet": "forward", "vae": "decode", "text_encoder": "forward", "text_encoder_2": "forward"}
+
+    def __init__(self, pipe: Any):
+        self.seconds = {name: 0.0 for name in self.STAGES}
+        for name, method in self.STAGES.items():
+            module = getattr(pipe, name)
+            setattr(module, method, self._timed(name, getattr(module, method)))
+
+    def _timed(self, name: str, fn: Any) -> Any:
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+        return run
+
+
+def peer_sides_in_process(args: argparse.Namespace, folder: Path) -> dict[str, tuple[Any, Any]]:
+    """Each side of the example as its pipe path makes one image: ``name -> (make_image(seed), pipeline)``.
+
+    ours: the pipe as our model cache builds it (``load_base``, the LoRA, ``setup`` with the README's job),
+    through our ``GenSession`` (PNG + JSON per image); ours-nchw: the same with the VAE in NCHW memory, as
+    before the channels_last change; plain: ``StableDiffusionXLPipeline`` with the LoRA loaded unfused, a PNG
+    and a JSON per image; metafusion: its loader, ``Prompt2ImPipe`` and ``GenSession``, as its worker runs them.
+    """
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+    from multigen.pipes import Cfgen, GenSession, Prompt2ImPipe, load_base
+
+    models = Path(args.models_dir).resolve()
+    sdxl, lora = models / "tiny-sdxl", models / "loras" / "tiny-sdxl-lora.safetensors"
+    dtype = getattr(torch, args.dtype)
+    sides: dict[str, tuple[Any, Any]] = {}
+    for name in ("ours", "ours-nchw"):
+        base, _ = load_base(sdxl, device="cpu", dtype=args.dtype)
+        if name == "ours-nchw":
+            base.vae.to(memory_format=torch.contiguous_format)
+        pipe = Prompt2ImPipe(pipe=base)
+        pipe.set_loras([(str(lora), 1.0)])
+        pipe.setup(**PEER_JOB)
+        sides[name] = (lambda seed, pipe=pipe, name=name: GenSession(
+            str(folder / name), pipe, Cfgen(PEER_PROMPT, METAFUSION_NPROMPT, seeds=[seed])).gen_sess(add_count=1),
+                       pipe.pipe)
+    plain = StableDiffusionXLPipeline.from_pretrained(str(sdxl), dtype=dtype)
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(str(lora))
+    plain.scheduler = EulerAncestralDiscreteScheduler.from_config(plain.scheduler.config,
+                                                                  timestep_spacing=PEER_JOB["timestep_spacing"])
+    (folder / "plain").mkdir()
+
+    def plain_image(seed: int) -> None:
+        with torch.inference_mode():
+            image = plain(prompt=PEER_PROMPT, negative_prompt=METAFUSION_NPROMPT, num_inference_steps=PEER_JOB["steps"],
+                          guidance_scale=PEER_JOB["guidance_scale"], width=PEER_JOB["width"],
+                          height=PEER_JOB["height"], generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        image.save(folder / "plain" / f"{seed}.png")
+        (folder / "plain" / f"{seed}.json").write_text(json.dumps({"prompt": PEER_PROMPT, "seed": seed, **PEER_JOB}))
+
+    sides["plain"] = (plain_image, plain)
+    mf, why = import_metafusion(args.metafusion)
+    if mf is None:
+        print(f"   metafusion: skipped ({why})")
+        return sides
+    from metafusion.loader import Loader
+    from metafusion.pipes import Prompt2ImPipe as MetafusionPrompt2ImPipe
+    from metafusion.prompting import Cfgen as MetafusionCfgen
+    from metafusion.sessions import GenSession as MetafusionGenSession
+
+    pipeline = Loader().load_pipeline(StableDiffusionXLPipeline, str(sdxl), torch_dtype=dtype,
+                                      device=torch.device("cpu"))
+    theirs = MetafusionPrompt2ImPipe(str(sdxl), pipe=pipeline, device=torch.device("cpu"))
+    theirs.setup(**PEER_JOB, loras=[str(lora)])
+    sides["metafusion"] = (lambda seed: MetafusionGenSession(
+        str(folder / "metafusion"), theirs, MetafusionCfgen(PEER_PROMPT, METAFUSION_NPROMPT, seeds=[seed])
+    ).gen_sess(add_count=1), theirs.pipe)
+    return sides
+
+
+def peer_in_process(args: argparse.Namespace) -> None:
+    """Part 5a: one image at a time from each side, sides rotating, ``--peer-images`` rounds; medians."""
+    import torch
+
+    torch.set_num_threads(_cores())
+    tmp = Path(tempfile.mkdtemp(prefix="bench_peer_"))
+    print(f"5a. peer comparison per image, in this process: the README example's settings on the tiny SDXL + LoRA "
+          f"(1024x1024, 4 steps, {args.dtype}, {torch.get_num_threads()} threads), one image per side in turn, "
+          f"{args.peer_images * 3} rounds", flush=True)
+    try:
+        sides = peer_sides_in_process(args, tmp)
+        clocks = {name: StageClock(pipeline) for name, (_, pipeline) in sides.items()}
+        names = list(sides)
+        for name in names:  # warm-up
+            sides[name][0](1)
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        stages: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+        for r in range(args.peer_images * 3):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                for key in clocks[name].seconds:
+                    clocks[name].seconds[key] = 0.0
+                t0 = time.perf_counter()
+                sides[name][0](PEER_SEED + r)
+                seconds[name].append(time.perf_counter() - t0)
+                stages[name].append(dict(clocks[name].seconds))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    med = {name: statistics.median(seconds[name]) for name in names}
+    print(f"   {'side':11s} {'s/image':>8s} {'UNet':>7s} {'VAE dec':>8s} {'text enc':>9s} {'rest':>7s}  (medians)")
+    for name in names:
+        st = {k: statistics.median(x[k] for x in stages[name]) for k in StageClock.STAGES}
+        text = st["text_encoder"] + st["text_encoder_2"]
+        print(f"   {name:11s} {med[name]:8.3f} {st['unet']:7.3f} {st['vae']:8.3f} {text:9.3f} "
+              f"{med[name] - st['unet'] - st['vae'] - text:7.3f}")
+    for peer in names[1:]:
+        verdict = f" (target <= 1.0x) {'OK' if med['ours'] <= med[peer] else 'OVER'}" if peer == "metafusion" else ""
+        print(f"   ours / {peer}: {med['ours'] / med[peer]:.3f}x{verdict}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny-sd", help="base model name in config/models.yaml")
@@ -82,8 +408,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=3, help="images per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating direct/service rounds")
     p.add_argument("--models-dir", default=str(ROOT / "models"))
+    p.add_argument("--parts", default="service,peer,peer-processes",
+                   help="comma-separated: service (1-4), peer (5a: per image, this process), peer-processes (5b)")
+    p.add_argument("--peer-images", type=int, default=5, help="images of the peer example")
+    p.add_argument("--peer-rounds", type=int, default=3, help="fresh-process runs per peer side, alternating")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of every peer side (metafusion's own: bfloat16)")
+    p.add_argument("--metafusion", default=os.environ.get("METAFUSION_PATH"),
+                   help="a metafusion checkout (the folder with its multigen/ package); default $METAFUSION_PATH")
+    p.add_argument("--peer-side", choices=PEER_SIDES, help=argparse.SUPPRESS)  # one side, in its own process
+    p.add_argument("--peer-folder", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.peer_side:
+        print(json.dumps(run_peer_side(args.peer_side, args.peer_folder, args.peer_images, args.dtype)))
+        return 0
+    parts = {x.strip() for x in args.parts.split(",")}
+    if "service" in parts:
+        service_parts(args)
+    if "peer" in parts:
+        peer_in_process(args)
+    if "peer-processes" in parts:
+        peer_comparison(args)
+    return 0
 
+
+def service_parts(args: argparse.Namespace) -> None:
+    """Parts 1-4: the service against direct pipe calls, memory, previews."""
     import logging
 
     import torch
@@ -192,7 +541,6 @@ def main(argv: list[str] | None = None) -> int:
     svc.stop()
     svc.store.close()
     shutil.rmtree(tmp, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

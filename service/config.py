@@ -58,6 +58,9 @@ class ServerConfig:
     auth_failures_per_minute: int = 10
     #: reverse proxies whose X-Forwarded-For names the client (docs/security.md); IP addresses
     trusted_proxies: list[str] = field(default_factory=list)
+    #: how much lower (nice) a lone CPU worker runs than the HTTP threads under `multigen serve`, so polls are
+    #: answered while it generates (devices.py, docs/performance.md); 0 = the same; $MULTIGEN_WORKER_NICE wins
+    worker_nice: int = 10
 
 
 @dataclass
@@ -218,6 +221,9 @@ def read_server(data: dict[str, Any], file: Path) -> ServerConfig:
     if not server.sync_call_timeout > 0:
         raise ConfigError(str(file), "server.sync_call_timeout", f"{server.sync_call_timeout} is not above 0",
                           "set server.sync_call_timeout to the seconds an A1111/OpenAI call may wait, e.g. 600")
+    if not 0 <= server.worker_nice <= 19:
+        raise ConfigError(str(file), "server.worker_nice", f"{server.worker_nice} is not within 0..19",
+                          "use 0 (workers at the HTTP threads' priority) up to 19 (lowest); 10 is the default")
     for key in ("max_event_streams", "max_event_streams_per_user", "threads"):
         if getattr(server, key) < 1:
             raise ConfigError(str(file), f"server.{key}", f"{getattr(server, key)} is below 1",

@@ -29,6 +29,7 @@ from waitress.utilities import RequestEntityTooLarge
 from .api import create_app
 from .api.guards import ANONYMOUS_ALLOWED, auth_mode, is_loopback
 from .config import Config
+from .devices import run_lowered, worker_nice
 from .errors import ConfigError, MultigenError, TooLarge
 from .serviceThread import ServiceThread
 
@@ -181,7 +182,11 @@ def wasyncore_close_all(server: Any) -> None:
 def run_server(config: Config) -> int:
     """Start the service and serve HTTP until SIGTERM/SIGINT; returns the exit code."""
     mode = check_bind_auth(config)
-    service = ServiceThread(config).start()
+    service = ServiceThread(config)
+    # a CPU worker runs below the HTTP threads, so that polls are answered while it generates (devices.py);
+    # an API-only process (`workers: 0`) has none, and need not see the devices its config names
+    run_lowered(service.start, worker_nice(service.worker_devices() if config.workers != 0 else [],
+                                           config.server.worker_nice))
     try:
         app = create_app(config, service)
         server = make_server(app, config)
