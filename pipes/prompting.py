@@ -44,6 +44,10 @@ ROUND_BRACKET_MULTIPLIER = 1.1
 SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
 #: The weight ``parse_prompt_attention`` gives a BREAK marker (as in A1111).
 BREAK_WEIGHT = -1.0
+#: Brackets of one kind open at once that still weigh (1.1**32 is 21x); deeper ones are ignored, with their
+#: closing brackets: this bounds the parser's work by the prompt's length times 2 x 32, where A1111's grows
+#: with the square of the number of brackets (seconds for a prompt at the length limit).
+MAX_ATTENTION_DEPTH = 32
 #: Below this fraction of the mean absolute value, a chunk mean counts as zero (see _apply_weights).
 MEAN_EPSILON = 1e-3
 
@@ -92,6 +96,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     res: list[list[Any]] = []
     round_brackets: list[int] = []
     square_brackets: list[int] = []
+    ignored = {"(": 0, "[": 0}  # brackets opened past MAX_ATTENTION_DEPTH, not yet closed
 
     def multiply_range(start: int, multiplier: float) -> None:
         for p in range(start, len(res)):
@@ -103,10 +108,16 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         weight = m.group(1)
         if token.startswith("\\"):
             res.append([token[1:], 1.0])
+        elif token in ("(", "[") and len(round_brackets if token == "(" else square_brackets) >= MAX_ATTENTION_DEPTH:
+            ignored[token] += 1
         elif token == "(":
             round_brackets.append(len(res))
         elif token == "[":
             square_brackets.append(len(res))
+        elif (weight is not None or token == ")") and ignored["("]:
+            ignored["("] -= 1
+        elif token == "]" and ignored["["]:
+            ignored["["] -= 1
         elif weight is not None and round_brackets:
             multiply_range(round_brackets.pop(), _to_float(weight))
         elif token == ")" and round_brackets:

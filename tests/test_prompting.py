@@ -307,3 +307,27 @@ def test_tokenizers_with_short_windows_get_short_chunks():
     assert [len(c.tokens) for c in chunks] == [14, 6]
     ids, weights, mask = _chunk_ids(Tok(), chunks[1])
     assert len(ids) == len(weights) == len(mask) == 16 and ids[:2] == [0, 5] and ids[7] == 1
+
+
+def test_brackets_past_the_depth_limit_weigh_nothing_and_the_parse_stays_linear():
+    from multigen.pipes.prompting import MAX_ATTENTION_DEPTH
+
+    def nested(n: int) -> float:
+        w = 1.0
+        for _ in range(n):
+            w *= 1.1
+        return w
+
+    deep = MAX_ATTENTION_DEPTH + 8
+    # the 8 innermost brackets are ignored with their closing ones; the text after them is outside them all
+    assert parse_prompt_attention("(" * deep + "x" + ")" * deep + " y") == [("x", nested(MAX_ATTENTION_DEPTH)),
+                                                                          (" y", 1.0)]
+    assert parse_prompt_attention("(" * deep + "x:2)" + ")" * (deep - 1)) == [("x", nested(MAX_ATTENTION_DEPTH))]
+    assert parse_prompt_attention("[" * deep + "x" + "]" * deep) == parse_prompt_attention(
+        "[" * MAX_ATTENTION_DEPTH + "x" + "]" * MAX_ATTENTION_DEPTH)
+    # within the limit nothing changed: A1111's weights, exactly
+    assert parse_prompt_attention("((a:1.5) b)") == [("a", 1.5 * 1.1), (" b", 1.1)]
+    # what took seconds (every bracket multiplying the fragments after it) is bounded by 2 x 32 per fragment
+    worst = ("(" * 5000 + "a(" * 5000 + ")" * 10000)[:20000]
+    parts = parse_prompt_attention(worst)
+    assert len(parts) == 1 and parts[0][0] == "a" * 5000 and parts[0][1] == nested(MAX_ATTENTION_DEPTH)
