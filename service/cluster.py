@@ -80,6 +80,7 @@ class SharedLedger(JobLedger):
         self._remote: dict[str, RunningJob] = {}  # jobs other processes run: their progress, from events
         self._mirror_at = 0.0
         self._claiming = 0  # claims in flight (drain() waits for them too)
+        self._releasing = 0  # ends being recorded (wait_idle() waits for them)
         self._keeper_stop = threading.Event()
         self._keeper: threading.Thread | None = None
         self.expired = 0
@@ -138,7 +139,7 @@ class SharedLedger(JobLedger):
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.counts() != (0, 0):
+        while self._running or self._claiming or self._releasing or self.counts() != (0, 0):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             with self._cv:
@@ -301,7 +302,7 @@ class SharedLedger(JobLedger):
         with self._cv:
             self._running.pop(job.job_id, None)
             self._callbacks.pop(job.job_id, None)
-            self._cv.notify_all()
+            self._releasing += 1  # wait_idle() waits for the bookkeeping below too (inputs removed, events out)
         new = check_transition(job.job_id, JobState.RUNNING.value, state)
         try:
             if job.lease_lost.is_set() or not self.store.release_job(job.job_id, job.worker or "", new.value,
@@ -320,6 +321,7 @@ class SharedLedger(JobLedger):
             self._fail_unreleased(job, e)
         finally:
             with self._cv:
+                self._releasing -= 1
                 self._mirror_at = 0.0
                 self._cv.notify_all()
 
