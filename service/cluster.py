@@ -70,9 +70,8 @@ class SharedLedger(JobLedger):
 
     def __init__(self, store: Store, events: EventBus, counters: ServiceStats, queue: FairQueue, data_dir: Path,
                  settings: ClusterSettings, notifier: Notifier) -> None:
-        super().__init__(store, events, counters, queue, data_dir)
+        super().__init__(store, events, counters, queue, data_dir, settings.host)
         self.settings = settings
-        self.host = settings.host
         self.notifier = notifier
         #: this process, in the events it forwards (its own come back to it and are ignored)
         self.origin = f"{self.host}:{os.getpid()}:{secrets.token_hex(3)}"

@@ -4,22 +4,22 @@ One lock (a condition variable) guards them together, so that a job is always in
 one place: stored and queued, taken by one worker (``running``), or finished. Every state
 change goes through :meth:`JobLedger.transition`, which checks it (jobs.py), stores it, logs
 one line and announces it. The worker side (:meth:`next_job`, :meth:`finish`,
-:meth:`requeue`, :meth:`abandon`) never raises: a transition the store refuses, or a
+:meth:`requeue`, :meth:`abandon`) is where the queue lives: cluster.SharedLedger claims jobs from
+the store under a lease (both stores); it never raises: a transition the store refuses, or a
 user's callback that raises, is logged and the worker loop goes on.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import os
-import socket
 import threading
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator
 
 from .errors import Conflict, NotFound
 from .events import EventBus
-from .failures import job_error
 from .inputs import remove_job_inputs
 from .jobs import EVENT_FOR_STATE, JobState, check_transition
 from .records import JobRecord
@@ -27,14 +27,14 @@ from .running import RunningJob
 from .scheduling import FairQueue, QueuedJob
 from .stats import ServiceStats
 from .store import Store
-from .views import job_event_view, job_view, now_iso
+from .views import job_event_view, job_view
 
 log = logging.getLogger(__name__)
 
 ImageCallback = Callable[[str], Any]
 
 
-class JobLedger:
+class JobLedger(abc.ABC):
     """Where every job is, under one lock.
 
     Args:
@@ -43,10 +43,11 @@ class JobLedger:
         counters: finished jobs are counted there.
         queue: the fair queue of queued jobs.
         data_dir: the data folder, whose ``inputs/<job>`` a job's input images leave when it ends.
+        host: the machine's name, recorded with each image (config.yaml ``cluster.host``).
     """
 
     def __init__(self, store: Store, events: EventBus, counters: ServiceStats, queue: FairQueue,
-                 data_dir: Path) -> None:
+                 data_dir: Path, host: str) -> None:
         self.data_dir = data_dir
         self.store = store
         self.events = events
@@ -56,8 +57,7 @@ class JobLedger:
         self._running: dict[str, RunningJob] = {}
         self._callbacks: dict[str, ImageCallback] = {}
         self._closed = threading.Event()  # stop(): workers take nothing more
-        #: the machine's name, recorded with each image (cluster.host in config.yaml)
-        self.host = socket.gethostname()
+        self.host = host
         self._draining = False  # stop(finish_running=True): running jobs finish, nothing new starts
 
     @contextlib.contextmanager
@@ -143,11 +143,9 @@ class JobLedger:
             return
         self._cancel_elsewhere(job)
 
+    @abc.abstractmethod
     def _cancel_elsewhere(self, job: JobRecord) -> None:
-        """Cancel a job no worker of this process runs: here, a queued one (cancelled at once)."""
-        self.queue.remove(job.id)
-        self._callbacks.pop(job.id, None)
-        self.transition(job, JobState.CANCELLED, finished_at=now_iso())
+        """Cancel a job no worker of this process runs."""
 
     # ---- reading -------------------------------------------------------------------------------
     def view(self, job_id: str, job: JobRecord | None = None) -> dict[str, Any]:
@@ -193,29 +191,26 @@ class JobLedger:
         with self._cv:
             return any(job.session_id == session_id for job in self._running.values())
 
+    @abc.abstractmethod
     def counts(self) -> tuple[int, int]:
         """(queued, running) jobs."""
-        with self._cv:
-            return len(self.queue), len(self._running)
 
+    @abc.abstractmethod
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no job is queued or running; False on timeout."""
-        with self._cv:
-            return self._cv.wait_for(lambda: not len(self.queue) and not self._running, timeout)
 
     # ---- life cycle ----------------------------------------------------------------------------
+    @abc.abstractmethod
     def start(self) -> JobLedger:
-        """Nothing to start for a ledger of one process (cluster.SharedLedger listens to the others)."""
-        return self
+        """Start what the ledger runs beside the workers; returns self."""
 
+    @abc.abstractmethod
     def shutdown(self, timeout: float | None = 5.0) -> None:
-        """Nothing to stop (see :meth:`start`)."""
+        """Stop it (after the workers ended)."""
 
+    @abc.abstractmethod
     def drain(self, timeout: float | None) -> None:
         """Start nothing new and wait (up to ``timeout``) for the running jobs to end."""
-        with self._cv:
-            self._draining = True
-            self._cv.wait_for(lambda: not self._running, timeout)
 
     def close(self) -> None:
         """Workers take nothing more; running jobs stop at their next step and go back to ``queued``."""
@@ -226,6 +221,7 @@ class JobLedger:
             self._cv.notify_all()
 
     # ---- worker side (never raises past a log line) --------------------------------------------
+    @abc.abstractmethod
     def next_job(self, device: str, prefer: Callable[[], Collection[str]], stop: threading.Event,
                  timeout: float) -> RunningJob | None:
         """Take the next job for a worker on ``device`` (waiting up to ``timeout``), or None.
@@ -236,32 +232,6 @@ class JobLedger:
             stop: the worker's own stop flag.
             timeout: seconds to wait for work.
         """
-        with self._cv:
-            if self._idle(stop):
-                return None
-            queued = self.queue.pop(prefer())
-            if queued is None:
-                self._cv.wait(timeout)
-                if self._idle(stop):
-                    return None
-                queued = self.queue.pop(prefer())
-                if queued is None:
-                    return None
-            record = self.store.get_job(queued.job_id)
-            if record is None:  # pragma: no cover - queued jobs are stored first
-                log.error("job=%s was queued but is not in the store: dropped", queued.job_id)
-                return None
-            job = RunningJob(job_id=record.id, session_id=record.session_id, user=record.user, model=record.model,
-                             priority=record.priority, seq=record.seq, count=record.count, device=device,
-                             host=self.host)
-            self._running[job.job_id] = job
-            try:
-                self.transition(record, JobState.RUNNING, started_at=now_iso(), device=device)
-            except Exception:  # its state changed under us: leave it alone rather than run it
-                self._running.pop(job.job_id, None)
-                log.exception("session=%s job=%s could not start", record.session_id, record.id)
-                return None
-            return job
 
     def _idle(self, stop: threading.Event) -> bool:
         return self._closed.is_set() or self._draining or stop.is_set()
@@ -277,8 +247,9 @@ class JobLedger:
         """The workers for GET /api/v1/queue and /metrics: here, this process's (``local``: their info())."""
         return [{**w, "id": self.worker_id(w["device"]), "host": self.host} for w in local]
 
+    @abc.abstractmethod
     def preview_ready(self, job: RunningJob) -> None:
-        """The runner made a new preview of ``job`` (``job.preview``): kept in memory here, where views read it."""
+        """The runner made a new preview of ``job`` (``job.preview``)."""
 
     def image_written(self, job: RunningJob, path: str) -> None:
         """Call the job's ``image_callback`` (the user's code: its exceptions are logged, never raised)."""
@@ -290,76 +261,18 @@ class JobLedger:
         except Exception:
             log.exception("session=%s job=%s: image_callback raised", job.session_id, job.job_id)
 
+    @abc.abstractmethod
     def finish(self, job: RunningJob, state: JobState, error: dict[str, Any] | None = None) -> None:
         """End a running job in ``state`` (succeeded, failed or cancelled)."""
-        with self._cv:
-            self._running.pop(job.job_id, None)
-            self._callbacks.pop(job.job_id, None)
-            record = None
-            try:
-                record = self.store.get_job(job.job_id)
-                if record is None:
-                    raise NotFound(f"job {job.job_id} vanished from the store")
-                self.transition(record, state, finished_at=now_iso(), error=error, timings=job.timings or None)
-            except Exception as e:  # e.g. the store is locked, or the job changed under us: the loop goes on
-                log.exception("session=%s job=%s: could not record its end (%s)", job.session_id, job.job_id, state)
-                self._fail_unrecorded(record, job, e)
-            finally:
-                self._cv.notify_all()
 
-    def _fail_unrecorded(self, record: JobRecord | None, job: RunningJob, e: Exception) -> None:
-        """A job whose end could not be stored must not stay ``running``: record it failed if it still is."""
-        try:
-            current = self.store.get_job(job.job_id) if record is not None else None
-            if current is not None and current.state == JobState.RUNNING.value:
-                self.transition(current, JobState.FAILED, finished_at=now_iso(), timings=job.timings or None,
-                                error=job_error(e, job.job_id, bad_input=False))
-        except Exception:  # the store itself is broken: the next start's recovery puts the job back
-            log.exception("session=%s job=%s: could not record it failed either", job.session_id, job.job_id)
-
+    @abc.abstractmethod
     def requeue(self, job: RunningJob) -> None:
         """Put a job stopped by stop() back to ``queued`` (resumed at its first unwritten image)."""
-        with self._cv:
-            self._running.pop(job.job_id, None)
-            try:
-                record = self.store.get_job(job.job_id)
-                if record is None:
-                    raise NotFound(f"job {job.job_id} vanished from the store")
-                self.transition(record, JobState.QUEUED)
-                if not self._closed.is_set():
-                    self.queue.push(QueuedJob(job.job_id, job.user, job.model, job.priority, seq=job.seq),
-                                    force=True)
-            except Exception:
-                log.exception("session=%s job=%s: could not requeue it", job.session_id, job.job_id)
-            finally:
-                self._cv.notify_all()
 
+    @abc.abstractmethod
     def abandon(self, job: RunningJob, exc: BaseException) -> None:
-        """End a job whose run broke out of the job boundary (a bug in the runner).
-
-        Without this the job would stay ``running`` until the next restart, and ``wait_idle``
-        and ``drain_on_exit`` would wait for it for ever.
-        """
-        with self._cv:
-            current = self._running.get(job.job_id)
-            if current is not None and current is not job:  # requeued and taken again meanwhile
-                return
-            self._running.pop(job.job_id, None)
-            self._callbacks.pop(job.job_id, None)
-            try:
-                record = self.store.get_job(job.job_id)
-                if record is not None and record.state == JobState.RUNNING.value and job.job_id not in self.queue:
-                    if job.requeue_event.is_set():  # stop(): resumed at the next start
-                        self.transition(record, JobState.QUEUED)
-                    else:
-                        state = JobState.CANCELLED if job.cancel_event.is_set() else JobState.FAILED
-                        error = None if state == JobState.CANCELLED else job_error(exc, job.job_id, bad_input=False)
-                        self.transition(record, state, finished_at=now_iso(), error=error,
-                                        timings=job.timings or None)
-            except Exception:  # the store itself may be what broke: the restart's recovery puts it right
-                log.exception("session=%s job=%s: could not record the end of the job", job.session_id, job.job_id)
-            finally:
-                self._cv.notify_all()
+        """End a job whose run broke out of the job boundary (a bug in the runner): without this it would stay
+        ``running``, and ``wait_idle`` and ``drain_on_exit`` would wait for it for ever."""
 
     # ---- the one transition --------------------------------------------------------------------
     def transition(self, job: JobRecord, new: JobState, **fields: Any) -> None:
